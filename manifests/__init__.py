@@ -1,0 +1,25 @@
+"""Formats shared by the control side (stctl) and the device (st-agent).
+
+Rule: bytes in, objects out, objects to bytes; no file or network I/O, no torch.
+"""
+from manifests.errors import ManifestError
+from manifests.model_manifest import (
+    CONFIG_KEYS,
+    MANIFEST_FORMAT,
+    HealthSpec,
+    GoldenPrompt,
+    ModelManifest,
+    ShardEntry,
+    TokenizerSpec,
+)
+
+__all__ = [
+    "CONFIG_KEYS",
+    "MANIFEST_FORMAT",
+    "GoldenPrompt",
+    "HealthSpec",
+    "ManifestError",
+    "ModelManifest",
+    "ShardEntry",
+    "TokenizerSpec",
+]

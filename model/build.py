@@ -1,0 +1,155 @@
+"""`stctl model build`: float weights in, a verified, quantized model package out.
+
+Rule: the package appears complete or not at all (PackageWriter), every tensor is checked
+against the config's shape before it is written, and the manifest's golden outputs come from
+loading the package just written, not from the float weights.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from manifests import ModelManifest, TokenizerSpec
+from manifests.errors import ManifestError
+from manifests.model_manifest import check_name, parse_version
+from model.checkpoint import HFCheckpoint, RandomWeights, demo_changed_experts, expected_shape
+from model.config import ModelConfig
+from model.errors import CheckpointError, ConfigError, PackageError
+from model.health import DEFAULT_PROMPTS, record_golden
+from model.package import (
+    EMBED_SHARD, EMBED_TENSOR, HEAD_SHARD, LM_HEAD_TENSOR, NORM_TENSOR, PackageWriter, expert_shard,
+    expert_tensor_names, layer_shard, layer_tensor_names,
+)
+from model.quant import quantize_q4_0
+from model.tokenizer import BYTE_BOS, BYTE_EOS, ByteTokenizer
+
+DEMO_SEED = 20250701
+_FP32_SUFFIXES = ("layernorm.weight", "norm.weight", "primary_router.weight")
+
+Progress = Callable[[int, int, str], None]  # (done, total, label)
+
+
+def _convert(name: str, t: torch.Tensor, quant: str) -> torch.Tensor:
+    if name.endswith(_FP32_SUFFIXES):
+        return t.to(torch.float32)
+    return quantize_q4_0(t) if quant == "q4_0" else t.to(torch.bfloat16)
+
+
+def _shard_plan(cfg: ModelConfig, source) -> list[tuple[str, str, list[str], dict]]:
+    """(shard name, kind, HF tensor names, extra entry fields) in a fixed order."""
+    head = [NORM_TENSOR] + ([lm] if (lm := source.lm_head_name()) else [])
+    plan = [(EMBED_SHARD, "dense", [EMBED_TENSOR], {}), (HEAD_SHARD, "dense", head, {})]
+    for i in range(cfg.num_hidden_layers):
+        plan.append((layer_shard(i), "dense", list(layer_tensor_names(i).values()), {"layer": i}))
+        for e in range(cfg.moe_num_primary_experts):
+            plan.append((expert_shard(i, e), "expert", list(expert_tensor_names(i, e).values()), {"layer": i, "expert": e}))
+    return plan
+
+
+def build_package(source, out: str | Path, *, quant: str = "q4_0", name: str, version: str,
+                  progress: Progress | None = None, health_min_tokens_per_s: float = 0.0,
+                  health_max_rss_bytes: int | None = None) -> ModelManifest:
+    """Quantize `source` (HFCheckpoint or RandomWeights) into a package at `out`."""
+    from model.engine import Engine  # the engine loads the package we just wrote
+
+    if quant not in ("q4_0", "bf16"):
+        raise ConfigError(f"quant {quant!r}: expected q4_0 or bf16")
+    try:
+        check_name(name)
+        parse_version(version)
+    except ManifestError as e:
+        raise PackageError(str(e)) from None
+    cfg = source.config
+    if quant == "q4_0":
+        cfg.check_quantizable()
+    if cfg.vocab_size < BYTE_EOS + 1 and source.tokenizer_file is None:
+        raise ConfigError(f"vocab_size {cfg.vocab_size} is too small for the byte tokenizer (needs {BYTE_EOS + 1})")
+    plan = _shard_plan(cfg, source)
+    total = len(plan) + 2
+    report = progress or (lambda done, total, label: None)
+    writer = PackageWriter(out)
+    try:
+        for n, (shard, kind, names, fields) in enumerate(plan):
+            report(n, total, shard)
+            tensors = {}
+            for tname in names:
+                t = source.tensor(tname)
+                shape = expected_shape(cfg, tname)
+                if tuple(t.shape) != shape:
+                    raise CheckpointError(f"{tname}: shape {tuple(t.shape)}, config expects {shape}")
+                tensors[tname] = _convert(tname, t, quant)
+            writer.add_shard(shard, kind, tensors, **fields)
+        if source.tokenizer_file is not None:
+            sha, size = writer.add_file(source.tokenizer_file, "tokenizer.json")
+            tok = TokenizerSpec("hf", "tokenizer.json", sha, size, *_special_ids(source))
+        else:
+            tok = TokenizerSpec("byte", bos_id=BYTE_BOS, eos_id=BYTE_EOS)
+        manifest = ModelManifest(name=name, version=version, config=cfg.to_hf_dict(), quant=quant,
+                                 tokenizer=tok, shards=tuple(writer.shards))
+        writer.write_manifest(manifest)
+        report(len(plan), total, "golden outputs")
+        engine = Engine.load(writer.tmp)
+        prompts = [_golden_prompt(engine, text) for text in DEFAULT_PROMPTS]
+        health = record_golden(engine, prompts, min_decode_tokens_per_s=health_min_tokens_per_s,
+                               max_peak_rss_bytes=health_max_rss_bytes)
+        del engine
+        manifest = replace(manifest, health=health)
+        writer.write_manifest(manifest)
+        report(total - 1, total, "commit")
+        writer.commit()
+        report(total, total, "done")
+        return manifest
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _golden_prompt(engine, text: str) -> list[int]:
+    ids = engine.tokenizer.encode(text)
+    return [i for i in ids if i < engine.config.vocab_size] or [0]
+
+
+def _special_ids(source: HFCheckpoint) -> tuple[int | None, int | None]:
+    raw = source.raw_config
+    bos, eos = raw.get("bos_token_id"), raw.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return (bos if isinstance(bos, int) else None, eos if isinstance(eos, int) else None)
+
+
+# ---- the three ways `stctl model build` gets weights -----------------------------------------
+def build_from_hf(checkpoint_dir: str | Path, out: str | Path, *, name: str | None = None,
+                  version: str = "1.0.0", **kw) -> ModelManifest:
+    source = HFCheckpoint(checkpoint_dir)
+    return build_package(source, out, name=name or _name_from(Path(checkpoint_dir)), version=version, **kw)
+
+
+def build_demo(out: str | Path, *, variant: int = 1, version: str | None = None, name: str = "st-demo",
+               **kw) -> ModelManifest:
+    if variant < 1:
+        raise ConfigError("demo variant must be >= 1")
+    cfg = ModelConfig.from_preset("st-demo")
+    source = RandomWeights(cfg, DEMO_SEED, variant, demo_changed_experts(cfg, variant))
+    return build_package(source, out, name=name, version=version or f"{variant}.0.0", **kw)
+
+
+def build_random(preset: str, out: str | Path, *, seed: int = 0, name: str | None = None,
+                 version: str = "1.0.0", **kw) -> ModelManifest:
+    cfg = ModelConfig.from_preset(preset)
+    return build_package(RandomWeights(cfg, seed), out, name=name or preset, version=version, **kw)
+
+
+def _name_from(path: Path) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in path.resolve().name.lower())
+    return cleaned.strip("-._")[:64] or "model"
+
+
+def config_json(manifest: ModelManifest) -> str:
+    return json.dumps(manifest.config, indent=2)
+
+
+__all__ = ["build_demo", "build_from_hf", "build_package", "build_random", "ByteTokenizer"]

@@ -1,0 +1,150 @@
+"""Where a package's float weights come from: an HF checkpoint directory, or seeded random weights.
+
+Rule: a source hands out float tensors by HF name and checks nothing about shapes (the builder
+does); an HF source reads lazily, one tensor at a time, so a model larger than RAM still builds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from model.config import ModelConfig
+from model.errors import CheckpointError, ConfigError
+from model.package import EMBED_TENSOR, LM_HEAD_TENSOR
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class HFCheckpoint:
+    """config.json + model.safetensors, or shards listed in model.safetensors.index.json."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{path}: not a directory")
+        try:
+            raw = json.loads((self.path / "config.json").read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no config.json") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}/config.json: not valid JSON ({e})") from None
+        try:
+            self.config = ModelConfig.from_hf_dict(raw)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}/config.json: {e}") from None
+        self.raw_config = raw
+        self._where = self._index()
+        self._handles: dict[str, object] = {}
+        tok = self.path / "tokenizer.json"
+        self.tokenizer_file = tok if tok.is_file() else None
+
+    def _index(self) -> dict[str, str]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: malformed index ({e})") from None
+            return {name: file for name, file in weight_map.items()}
+        single = self.path / "model.safetensors"
+        if not single.is_file():
+            raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+        return {name: "model.safetensors" for name in self._open("model.safetensors").keys()}
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            path = self.path / file
+            if path.resolve().parent != self.path.resolve():
+                raise CheckpointError(f"{file}: shard outside the checkpoint directory")
+            try:
+                self._handles[file] = safe_open(str(path), framework="pt")
+            except FileNotFoundError:
+                raise CheckpointError(f"{file}: missing shard of the checkpoint") from None
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{file}: unreadable safetensors ({e})") from None
+        return self._handles[file]
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise CheckpointError(f"checkpoint has no tensor {name}")
+        try:
+            t = self._open(self._where[name]).get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{name}: cannot read ({e})") from None
+        if t.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{name}: unsupported dtype {t.dtype} (fp32, fp16 or bf16 expected)")
+        return t
+
+    def lm_head_name(self) -> str | None:
+        """lm_head.weight when the checkpoint has it and the config does not tie it to the embedding."""
+        return LM_HEAD_TENSOR if self.has(LM_HEAD_TENSOR) and not self.config.tie_word_embeddings else None
+
+
+def _seed_for(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+class RandomWeights:
+    """Shape-true seeded weights: embedding N(0, 1), matrices N(0, 0.02), norms 1.
+
+    Each tensor has its own generator seeded from (seed, name), so a tensor never depends on the
+    order of generation. `changed_experts` (layer, expert) pairs draw from a variant seed instead:
+    that is how demo variants re-initialise a quarter of the experts and nothing else.
+    """
+
+    def __init__(self, config: ModelConfig, seed: int, variant: int = 1, changed_experts: frozenset = frozenset()):
+        self.config, self.seed, self.variant, self.changed_experts = config, seed, variant, changed_experts
+        self.tokenizer_file = None
+
+    def has(self, name: str) -> bool:
+        return name != LM_HEAD_TENSOR or not self.config.tie_word_embeddings
+
+    def lm_head_name(self) -> str | None:
+        return None if self.config.tie_word_embeddings else LM_HEAD_TENSOR
+
+    def tensor(self, name: str) -> torch.Tensor:
+        shape = expected_shape(self.config, name)
+        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            return torch.ones(shape)
+        key: tuple = (self.seed, name)
+        parts = name.split(".")
+        if "experts" in parts:
+            layer, expert = int(parts[2]), int(parts[parts.index("experts") + 1])
+            if (layer, expert) in self.changed_experts:
+                key = (self.seed, name, "variant", self.variant)
+        gen = torch.Generator().manual_seed(_seed_for(*key))
+        std = 1.0 if name == EMBED_TENSOR else 0.02
+        return torch.randn(shape, generator=gen) * std
+
+
+def demo_changed_experts(config: ModelConfig, variant: int) -> frozenset:
+    """The quarter of (layer, expert) pairs that demo variant N >= 2 re-initialises."""
+    if variant < 2:
+        return frozenset()
+    pairs = [(layer, e) for layer in range(config.num_hidden_layers) for e in range(config.moe_num_primary_experts)]
+    return frozenset(random.Random(variant).sample(pairs, len(pairs) // 4))
+
+
+def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    D = cfg.hidden_size
+    if name == EMBED_TENSOR or name == LM_HEAD_TENSOR:
+        return (cfg.vocab_size, D)
+    if name.endswith("norm.weight"):
+        return (D,)
+    suffix = name.split(".")[-2]
+    shapes = {
+        "q_proj": (cfg.q_dim, D), "k_proj": (cfg.kv_dim, D), "v_proj": (cfg.kv_dim, D), "o_proj": (D, cfg.q_dim),
+        "primary_router": (cfg.moe_num_primary_experts, D),
+        "gate": (cfg.moe_ffn_hidden_size, D), "up": (cfg.moe_ffn_hidden_size, D), "down": (D, cfg.moe_ffn_hidden_size),
+    }
+    if suffix not in shapes:
+        raise CheckpointError(f"no shape known for {name}")
+    return shapes[suffix]

@@ -1,0 +1,25 @@
+"""The one exception family of `model`: callers catch ModelError and print its one-line message."""
+
+
+class ModelError(Exception):
+    """Base of every error the inference library raises on bad input or bad files."""
+
+
+class ConfigError(ModelError):
+    """A config is missing fields or holds values the engine cannot run."""
+
+
+class CheckpointError(ModelError):
+    """An HF checkpoint directory cannot be read: missing files, wrong shapes, unknown dtype."""
+
+
+class PackageError(ModelError):
+    """A model package is malformed, incomplete, or would be overwritten."""
+
+
+class IntegrityError(PackageError):
+    """A shard's bytes do not match the hash or size its manifest records."""
+
+
+class BudgetError(ModelError):
+    """A memory budget is too small for what must stay resident."""

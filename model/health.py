@@ -1,0 +1,84 @@
+"""Golden outputs: recorded by the builder, reproduced by every device before a release serves.
+
+Rule: a device passes when, teacher-forced along the recorded greedy continuation, each recorded
+top logit matches within `logit_tolerance * (1 + |logit|)` and the recorded token is within the
+same tolerance of the device's best logit (so a near-tie broken differently on another CPU still
+passes, a different model does not); then decode speed and peak RSS must meet the thresholds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from manifests import GoldenPrompt, HealthSpec
+
+DEFAULT_PROMPTS = ("The quick brown fox jumps over the lazy dog on the factory floor.", "Line 4 torque check:")
+DEFAULT_STEPS = 8
+DEFAULT_TOP_N = 5
+DEFAULT_TOLERANCE = 0.1
+
+
+def record_golden(engine, prompts: list[list[int]], steps: int = DEFAULT_STEPS, top_n: int = DEFAULT_TOP_N,
+                  tolerance: float = DEFAULT_TOLERANCE, min_decode_tokens_per_s: float = 0.0,
+                  max_peak_rss_bytes: int | None = None) -> HealthSpec:
+    golden = []
+    for prompt in prompts:
+        expected = list(engine.generate(prompt, steps))
+        logits = engine.logits(prompt + expected[:-1])[len(prompt) - 1:]  # [steps, V]
+        tops = []
+        for row in logits:
+            values, ids = row.topk(top_n)
+            tops.append(tuple((int(i), float(v)) for i, v in zip(ids, values)))
+        golden.append(GoldenPrompt(tuple(prompt), tuple(expected), tuple(tops)))
+    return HealthSpec(tuple(golden), tolerance, min_decode_tokens_per_s, max_peak_rss_bytes)
+
+
+@dataclass
+class HealthReport:
+    passed: bool
+    max_logit_error: float
+    decode_tokens_per_s: float
+    peak_rss_bytes: int
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def detail(self) -> str:
+        return "ok" if self.passed else "; ".join(self.failures)
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "max_logit_error": self.max_logit_error,
+                "decode_tokens_per_s": self.decode_tokens_per_s, "peak_rss_bytes": self.peak_rss_bytes,
+                "detail": self.detail}
+
+
+def check_golden(engine, spec: HealthSpec) -> HealthReport:
+    failures: list[str] = []
+    worst = 0.0
+    tps, rss = [], 0
+    for n, golden in enumerate(spec.prompts):
+        prompt, expected = list(golden.prompt_ids), list(golden.expected_ids)
+        if max(prompt + expected) >= engine.config.vocab_size:
+            failures.append(f"prompt {n}: token ids outside the vocabulary")
+            continue
+        logits = engine.logits(prompt + expected[:-1])[len(prompt) - 1:]
+        for step, (row, token, tops) in enumerate(zip(logits, expected, golden.top_logits)):
+            for tid, value in tops:
+                err = abs(float(row[tid]) - value) / (1 + abs(value))
+                worst = max(worst, err)
+            best = float(row.max())
+            gap = (best - float(row[token])) / (1 + abs(best))
+            worst = max(worst, gap)
+            if worst > spec.logit_tolerance:
+                failures.append(f"prompt {n} step {step}: logits differ by {worst:.3g} (tolerance {spec.logit_tolerance})")
+                break
+        for _ in engine.generate(prompt, len(expected)):
+            pass
+        tps.append(engine.last_stats["decode_tokens_per_s"])
+        rss = max(rss, engine.last_stats["peak_rss_bytes"])
+    speed = float(torch.tensor(tps).median()) if tps else 0.0
+    if spec.min_decode_tokens_per_s and speed < spec.min_decode_tokens_per_s:
+        failures.append(f"decode {speed:.1f} tok/s below the {spec.min_decode_tokens_per_s} minimum")
+    if spec.max_peak_rss_bytes and rss > spec.max_peak_rss_bytes:
+        failures.append(f"peak RSS {rss} bytes above the {spec.max_peak_rss_bytes} maximum")
+    return HealthReport(not failures, worst, speed, rss, failures)

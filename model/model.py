@@ -1,0 +1,221 @@
+"""The SmallThinker forward pass on CPU, in one file.
+
+Rules this file keeps (DESIGN.md, "SmallThinker forward pass"):
+- the router reads the layer's residual *before* `input_layernorm`, so the experts a layer
+  needs are known (and handed to the expert store to fetch) before its attention runs;
+- top-k of the router logits; weights = softmax over the top-k logits, or sigmoid of them
+  normalized to sum 1, as `moe_primary_router_apply_softmax` says;
+- attention is GQA without biases or QK-norm; RoPE (NeoX rotate-half, full head dim) only on
+  layers whose `rope_layout` entry is 1; layers whose `sliding_window_layout` entry is 1 see only
+  keys with 0 <= i - j < sliding_window_size, and cache only that many;
+- experts are ReGLU: down(relu(gate(y)) * up(y)), weighted and summed;
+- final RMSNorm, then lm_head, or the tied embedding.
+
+Shape letters: T tokens in this call, S key positions visible, D hidden, H query heads,
+G key/value heads, Hd head dim, E experts, K active experts, F expert FFN dim, V vocab.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+
+
+class Matrix(Protocol):
+    """A weight matrix [out, in] that multiplies float32 activations: [T, in] -> [T, out]."""
+
+    out_features: int
+    nbytes: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class ExpertWeights:
+    gate: Matrix  # [F, D]
+    up: Matrix  # [F, D]
+    down: Matrix  # [D, F]
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+
+class ExpertSource(Protocol):
+    """Where a layer gets its experts: `prefetch` is a hint given before attention, `get` blocks."""
+
+    def prefetch(self, layer: int, expert_ids: list[int]) -> None: ...
+
+    def get(self, layer: int, expert: int) -> ExpertWeights: ...
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, Hd] for NeoX-style RoPE over the full head dim."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [Hd/2]
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # [T, Hd/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [T, Hd]
+    return angles.cos().to(torch.float32), angles.sin().to(torch.float32)
+
+
+class KVCache:
+    """Keys and values of one layer: all positions for global layers, a ring of `window` for SWA."""
+
+    def __init__(self, capacity: int, kv_heads: int, head_dim: int, window: int | None):
+        self.window = window
+        size = window if window is not None else capacity
+        self.capacity = capacity
+        self.k = torch.zeros(size, kv_heads, head_dim)  # [S_max, G, Hd]
+        self.v = torch.zeros(size, kv_heads, head_dim)
+        self.length = 0  # positions written so far
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def update(self, pos0: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store k, v [T, G, Hd] at positions pos0..; return (keys, values, key positions) to attend."""
+        t = k.shape[0]
+        if pos0 != self.length or pos0 + t > self.capacity:
+            raise ValueError(f"KV cache: write at {pos0}+{t} but {self.length} written, capacity {self.capacity}")
+        if self.window is None:
+            self.k[pos0:pos0 + t] = k
+            self.v[pos0:pos0 + t] = v
+            self.length += t
+            return self.k[:pos0 + t], self.v[:pos0 + t], torch.arange(pos0 + t)
+        w = self.window
+        old_pos = torch.arange(max(0, pos0 - w + 1), pos0)  # cached positions a new query can still see
+        keys = torch.cat([self.k[old_pos % w], k])  # [S, G, Hd]
+        values = torch.cat([self.v[old_pos % w], v])
+        new_pos = torch.arange(pos0, pos0 + t)
+        keep = new_pos[-w:]
+        self.k[keep % w] = k[-w:]
+        self.v[keep % w] = v[-w:]
+        self.length += t
+        return keys, values, torch.cat([old_pos, new_pos])
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [D]
+    post_norm: torch.Tensor  # [D]
+    router: torch.Tensor  # [E, D] fp32
+    q: Matrix  # [H*Hd, D]
+    k: Matrix  # [G*Hd, D]
+    v: Matrix  # [G*Hd, D]
+    o: Matrix  # [D, H*Hd]
+
+    @property
+    def nbytes(self) -> int:
+        norms = (self.input_norm.numel() + self.post_norm.numel() + self.router.numel()) * 4
+        return norms + self.q.nbytes + self.k.nbytes + self.v.nbytes + self.o.nbytes
+
+
+class Block:
+    def __init__(self, index: int, cfg: ModelConfig, w: LayerWeights):
+        self.index, self.cfg, self.w = index, cfg, w
+        self.rope = cfg.uses_rope(index)
+        self.window = cfg.sliding_window_size if cfg.uses_sliding_window(index) else None
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k experts and their weights [T, K] from the pre-norm residual h [T, D]."""
+        logits = h @ self.w.router.t()  # [T, E]
+        top, ids = logits.topk(self.cfg.moe_num_active_primary_experts, dim=-1)  # [T, K]
+        if self.cfg.moe_primary_router_apply_softmax:
+            weights = top.softmax(dim=-1)
+        else:
+            weights = top.sigmoid()
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights
+
+    def attention(self, x: torch.Tensor, pos0: int, cache: KVCache, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cfg, t = self.cfg, x.shape[0]
+        q = self.w.q(x).view(t, cfg.num_attention_heads, cfg.head_dim)  # [T, H, Hd]
+        k = self.w.k(x).view(t, cfg.num_key_value_heads, cfg.head_dim)  # [T, G, Hd]
+        v = self.w.v(x).view(t, cfg.num_key_value_heads, cfg.head_dim)
+        if self.rope:
+            cos, sin = (r[:, None, :] for r in rope)  # [T, 1, Hd]
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        keys, values, kpos = cache.update(pos0, k, v)  # [S, G, Hd], [S]
+        qpos = torch.arange(pos0, pos0 + t)
+        delta = qpos[:, None] - kpos[None, :]  # [T, S]
+        mask = delta >= 0
+        if self.window is not None:
+            mask &= delta < self.window
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),  # [H|G, T|S, Hd]
+            attn_mask=mask, enable_gqa=True,
+        )  # [H, T, Hd]
+        return self.w.o(out.transpose(0, 1).reshape(t, cfg.q_dim))  # [T, D]
+
+    def moe(self, y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertSource) -> torch.Tensor:
+        out = torch.zeros_like(y)  # [T, D]
+        if y.shape[0] == 1:
+            for e, wk in zip(ids[0].tolist(), weights[0]):
+                out += wk * expert_ffn(experts.get(self.index, e), y)
+            return out
+        for e in ids.unique().tolist():
+            rows, slot = (ids == e).nonzero(as_tuple=True)
+            contrib = expert_ffn(experts.get(self.index, e), y[rows]) * weights[rows, slot, None]
+            out.index_add_(0, rows, contrib)
+        return out
+
+    def forward(self, h: torch.Tensor, pos0: int, cache: KVCache, rope, experts: ExpertSource) -> torch.Tensor:
+        ids, weights = self.route(h)  # router before attention ...
+        experts.prefetch(self.index, ids.unique().tolist())  # ... so the expert reads overlap it
+        h = h + self.attention(rms_norm(h, self.w.input_norm, self.cfg.rms_norm_eps), pos0, cache, rope)
+        y = rms_norm(h, self.w.post_norm, self.cfg.rms_norm_eps)
+        return h + self.moe(y, ids, weights, experts)
+
+
+def expert_ffn(ex: ExpertWeights, y: torch.Tensor) -> torch.Tensor:
+    """ReGLU expert: down(relu(gate(y)) * up(y)); y [T, D] -> [T, D]."""
+    return ex.down(torch.relu(ex.gate(y)) * ex.up(y))
+
+
+class Transformer:
+    """Embedding -> blocks -> final norm -> head; `forward` consumes tokens at the next positions."""
+
+    def __init__(self, cfg: ModelConfig, embed_rows: Callable[[torch.Tensor], torch.Tensor], blocks: list[Block],
+                 final_norm: torch.Tensor, head: Matrix, experts: ExpertSource):
+        self.cfg, self.embed_rows, self.blocks = cfg, embed_rows, blocks
+        self.final_norm, self.head, self.experts = final_norm, head, experts
+        self.caches: list[KVCache] = []
+        self.pos = 0
+
+    def setup_caches(self, max_seq_len: int) -> None:
+        cfg = self.cfg
+        self.caches = [KVCache(max_seq_len, cfg.num_key_value_heads, cfg.head_dim, b.window) for b in self.blocks]
+        self.pos = 0
+
+    @staticmethod
+    def kv_cache_bytes(cfg: ModelConfig, context_len: int) -> int:
+        per_pos = 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+        return sum(per_pos * (min(context_len, cfg.sliding_window_size) if cfg.uses_sliding_window(i) else context_len)
+                   for i in range(cfg.num_hidden_layers))
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """tokens [T] at positions pos..pos+T-1 -> logits [T, V] (or [1, V] for the last token)."""
+        t, pos0 = tokens.shape[0], self.pos
+        h = self.embed_rows(tokens)  # [T, D]
+        rope = rope_tables(torch.arange(pos0, pos0 + t), self.cfg.head_dim, self.cfg.rope_theta)
+        for block, cache in zip(self.blocks, self.caches):
+            h = block.forward(h, pos0, cache, rope, self.experts)
+        self.pos += t
+        if not all_logits:
+            h = h[-1:]
+        return self.head(rms_norm(h, self.final_norm, self.cfg.rms_norm_eps))  # [T, V]
