@@ -13,7 +13,7 @@ import torch
 
 from model.config import ModelConfig
 from model.errors import BudgetError, ConfigError, PackageError
-from model.experts import ResidentExperts
+from model.expert_store import ExpertStore, StorageSim
 from model.kernels import backend
 from model.matrices import EmbeddingRows, make_matrix
 from model.memory import format_size, peak_rss_bytes, reset_peak_rss
@@ -24,6 +24,9 @@ from model.package import (
 )
 from model.sampling import sample
 from model.tokenizer import load_tokenizer
+
+
+DEFAULT_MAX_CONTEXT = 4096
 
 
 class Engine:
@@ -38,8 +41,13 @@ class Engine:
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
     def load(cls, package_dir: str | Path, *, memory_budget_bytes: int | None = None, threads: int | None = None,
-             kernel: str | None = None, progress=None) -> Engine:
-        """Load a verified package. `progress(n)` is called as shards load (for progress bars)."""
+             kernel: str | None = None, prefetch: bool = True, policy: str = "lru",
+             storage: StorageSim | None = None, max_context: int = DEFAULT_MAX_CONTEXT, progress=None) -> Engine:
+        """Load a verified package.
+
+        `memory_budget_bytes` covers dense weights + expert cache + a KV cache of `max_context`
+        tokens; None keeps every expert resident. `progress()` is called as dense shards load.
+        """
         if threads is not None:
             if threads < 1:
                 raise ConfigError("threads must be >= 1")
@@ -69,12 +77,15 @@ class Engine:
                 raise PackageError(f"{name}: shape {tuple(t.shape)}, expected {shape}")
             return t
 
-        def mat(tensors: dict, name: str, out_f: int, in_f: int):
+        def stored(tensors: dict, name: str, out_f: int, in_f: int) -> torch.Tensor:
             t = pick(tensors, name)
             expected = (out_f, in_f // 32 * 18) if manifest.quant == "q4_0" else (out_f, in_f)
             if tuple(t.shape) != expected:
                 raise PackageError(f"{name}: shape {tuple(t.shape)}, expected {expected}")
-            return make_matrix(t, manifest.quant, name, kernel)
+            return t
+
+        def mat(tensors: dict, name: str, out_f: int, in_f: int):
+            return make_matrix(stored(tensors, name, out_f, in_f), manifest.quant, name, kernel)
 
         D, E = cfg.hidden_size, cfg.moe_num_primary_experts
         embed_t = dense(EMBED_SHARD)
@@ -82,10 +93,9 @@ class Engine:
         embed_rows = EmbeddingRows(embed_table, manifest.quant)
         head_t = dense(HEAD_SHARD)
         final_norm = pick(head_t, NORM_TENSOR, (D,)).to(torch.float32)
-        if cfg.tie_word_embeddings or LM_HEAD_TENSOR not in head_t:
-            head = mat(embed_t, EMBED_TENSOR, cfg.vocab_size, D)
-        else:
-            head = mat(head_t, LM_HEAD_TENSOR, cfg.vocab_size, D)
+        tied = cfg.tie_word_embeddings or LM_HEAD_TENSOR not in head_t
+        head = mat(embed_t, EMBED_TENSOR, cfg.vocab_size, D) if tied else mat(head_t, LM_HEAD_TENSOR, cfg.vocab_size, D)
+        head_shares_embedding = tied and manifest.quant == "q4_0" and kernel in ("c", "reference")
         blocks = []
         for i in range(cfg.num_hidden_layers):
             t = dense(layer_shard(i))
@@ -94,22 +104,29 @@ class Engine:
                 input_norm=pick(t, n["input_layernorm"], (D,)).to(torch.float32),
                 post_norm=pick(t, n["post_attention_layernorm"], (D,)).to(torch.float32),
                 router=pick(t, n["router"], (E, D)).to(torch.float32),
-                q=mat(t, n["q_proj"], cfg.q_dim, D), k=mat(t, n["k_proj"], cfg.kv_dim, D),
-                v=mat(t, n["v_proj"], cfg.kv_dim, D), o=mat(t, n["o_proj"], D, cfg.q_dim),
+                qkv=make_matrix(torch.cat([stored(t, n["q_proj"], cfg.q_dim, D), stored(t, n["k_proj"], cfg.kv_dim, D),
+                                           stored(t, n["v_proj"], cfg.kv_dim, D)]), manifest.quant, n["q_proj"], kernel),
+                o=mat(t, n["o_proj"], D, cfg.q_dim),
             )
             blocks.append(Block(i, cfg, w))
         dense_bytes = embed_rows.nbytes + final_norm.numel() * 4 + sum(b.w.nbytes for b in blocks)
-        if head is not None and not (cfg.tie_word_embeddings or LM_HEAD_TENSOR not in head_t):
+        if not head_shares_embedding:
             dense_bytes += head.nbytes
-        if memory_budget_bytes is not None and memory_budget_bytes < dense_bytes:
-            raise BudgetError(
-                f"memory budget {format_size(memory_budget_bytes)} is below the {format_size(dense_bytes)} "
-                "the dense weights need"
-            )
-        experts = ResidentExperts(package_dir, manifest, kernel, tick)
+        expert_budget = None
+        if memory_budget_bytes is not None:
+            kv = Transformer.kv_cache_bytes(cfg, max_context)
+            expert_budget = memory_budget_bytes - dense_bytes - kv
+            if expert_budget <= 0:
+                raise BudgetError(
+                    f"memory budget {format_size(memory_budget_bytes)} is below the {format_size(dense_bytes + kv)} "
+                    f"that dense weights ({format_size(dense_bytes)}) and a {max_context}-token KV cache need"
+                )
+        experts = ExpertStore(package_dir, manifest, cfg, budget_bytes=expert_budget, kernel=kernel,
+                              policy=policy, prefetch=prefetch, storage=storage)
         transformer = Transformer(cfg, embed_rows, blocks, final_norm, head, experts)
         tokenizer = load_tokenizer(package_dir, manifest.tokenizer)
         engine = cls(package_dir, manifest, cfg, transformer, tokenizer, dense_bytes, memory_budget_bytes)
+        engine.max_context = max_context if memory_budget_bytes is not None else None
         engine.kernel = kernel or "dense"
         return engine
 
@@ -131,9 +148,14 @@ class Engine:
             raise ConfigError(f"token ids must lie in [0, {self.config.vocab_size})")
         return ids
 
+    def _check_context(self, n: int) -> None:
+        if self.max_context is not None and n > self.max_context:
+            raise ConfigError(f"{n} tokens exceed the {self.max_context}-token context the memory budget reserved")
+
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """One fresh prefill: logits [len(token_ids), vocab] float32."""
         ids = self._check_ids(token_ids)
+        self._check_context(ids.numel())
         self.transformer.setup_caches(ids.numel())
         start = time.perf_counter()
         out = self.transformer.forward(ids, all_logits=True)
@@ -147,6 +169,7 @@ class Engine:
         ids = self._check_ids(token_ids)
         if max_new_tokens < 0:
             raise ConfigError("max_new_tokens must be >= 0")
+        self._check_context(ids.numel() + max_new_tokens)
         return self._generate(ids, max_new_tokens, temperature, seed, top_p, frozenset(stop_ids))
 
     def _generate(self, ids, max_new_tokens, temperature, seed, top_p, stop_ids) -> Iterator[int]:

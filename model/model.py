@@ -17,7 +17,7 @@ G key/value heads, Hd head dim, E experts, K active experts, F expert FFN dim, V
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, ContextManager, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,21 +36,23 @@ class Matrix(Protocol):
 
 @dataclass
 class ExpertWeights:
-    gate: Matrix  # [F, D]
-    up: Matrix  # [F, D]
+    gate_up: Matrix  # [2F, D]: gate rows, then up rows (one product per expert)
     down: Matrix  # [D, F]
 
     @property
     def nbytes(self) -> int:
-        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+        return self.gate_up.nbytes + self.down.nbytes
 
 
 class ExpertSource(Protocol):
-    """Where a layer gets its experts: `prefetch` is a hint given before attention, `get` blocks."""
+    """Where a layer gets its experts: `prefetch` is told the router's choice before attention;
+    `use` yields an expert's weights (waiting for its read) and keeps them resident meanwhile."""
 
     def prefetch(self, layer: int, expert_ids: list[int]) -> None: ...
 
-    def get(self, layer: int, expert: int) -> ExpertWeights: ...
+    def use(self, layer: int, expert: int) -> ContextManager[ExpertWeights]: ...
+
+    def settle(self) -> None: ...
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -85,8 +87,11 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    def update(self, pos0: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store k, v [T, G, Hd] at positions pos0..; return (keys, values, key positions) to attend."""
+    def update(self, pos0: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store k, v [T, G, Hd] at positions pos0..; return (keys, values, key positions) to attend.
+
+        For a single new token every returned key is visible to it and the positions are None.
+        """
         t = k.shape[0]
         if pos0 != self.length or pos0 + t > self.capacity:
             raise ValueError(f"KV cache: write at {pos0}+{t} but {self.length} written, capacity {self.capacity}")
@@ -94,8 +99,13 @@ class KVCache:
             self.k[pos0:pos0 + t] = k
             self.v[pos0:pos0 + t] = v
             self.length += t
-            return self.k[:pos0 + t], self.v[:pos0 + t], torch.arange(pos0 + t)
+            return self.k[:pos0 + t], self.v[:pos0 + t], None if t == 1 else torch.arange(pos0 + t)
         w = self.window
+        if t == 1:  # decode: write into the ring, attend to everything it holds (all in the window)
+            self.k[pos0 % w], self.v[pos0 % w] = k[0], v[0]
+            self.length += 1
+            n = min(self.length, w)
+            return self.k[:n], self.v[:n], None
         old_pos = torch.arange(max(0, pos0 - w + 1), pos0)  # cached positions a new query can still see
         keys = torch.cat([self.k[old_pos % w], k])  # [S, G, Hd]
         values = torch.cat([self.v[old_pos % w], v])
@@ -112,15 +122,13 @@ class LayerWeights:
     input_norm: torch.Tensor  # [D]
     post_norm: torch.Tensor  # [D]
     router: torch.Tensor  # [E, D] fp32
-    q: Matrix  # [H*Hd, D]
-    k: Matrix  # [G*Hd, D]
-    v: Matrix  # [G*Hd, D]
+    qkv: Matrix  # [(H + 2G)*Hd, D]: q_proj, k_proj, v_proj rows stacked, one product per step
     o: Matrix  # [D, H*Hd]
 
     @property
     def nbytes(self) -> int:
         norms = (self.input_norm.numel() + self.post_norm.numel() + self.router.numel()) * 4
-        return norms + self.q.nbytes + self.k.nbytes + self.v.nbytes + self.o.nbytes
+        return norms + self.qkv.nbytes + self.o.nbytes
 
 
 class Block:
@@ -128,10 +136,12 @@ class Block:
         self.index, self.cfg, self.w = index, cfg, w
         self.rope = cfg.uses_rope(index)
         self.window = cfg.sliding_window_size if cfg.uses_sliding_window(index) else None
+        self.router_t = w.router.t().contiguous()  # [D, E]
+        self.scale = cfg.head_dim ** -0.5
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts and their weights [T, K] from the pre-norm residual h [T, D]."""
-        logits = h @ self.w.router.t()  # [T, E]
+        logits = h @ self.router_t  # [T, E]
         top, ids = logits.topk(self.cfg.moe_num_active_primary_experts, dim=-1)  # [T, K]
         if self.cfg.moe_primary_router_apply_softmax:
             weights = top.softmax(dim=-1)
@@ -142,14 +152,19 @@ class Block:
 
     def attention(self, x: torch.Tensor, pos0: int, cache: KVCache, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         cfg, t = self.cfg, x.shape[0]
-        q = self.w.q(x).view(t, cfg.num_attention_heads, cfg.head_dim)  # [T, H, Hd]
-        k = self.w.k(x).view(t, cfg.num_key_value_heads, cfg.head_dim)  # [T, G, Hd]
-        v = self.w.v(x).view(t, cfg.num_key_value_heads, cfg.head_dim)
+        H, G, Hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q, k, v = self.w.qkv(x).split([H * Hd, G * Hd, G * Hd], dim=-1)
+        q, k, v = q.view(t, H, Hd), k.view(t, G, Hd), v.view(t, G, Hd)  # [T, H|G, Hd]
         if self.rope:
-            cos, sin = (r[:, None, :] for r in rope)  # [T, 1, Hd]
+            cos, sin = rope  # [T, 1, Hd]
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-        keys, values, kpos = cache.update(pos0, k, v)  # [S, G, Hd], [S]
+        keys, values, kpos = cache.update(pos0, k, v)  # [S, G, Hd], [S] or None
+        if kpos is None:  # one query that sees every returned key: grouped matmuls, no mask
+            qg = q.view(G, H // G, Hd)  # [G, H/G, Hd]
+            scores = torch.bmm(qg, keys.permute(1, 2, 0)) * self.scale  # [G, H/G, S]
+            out = torch.bmm(scores.softmax(dim=-1), values.transpose(0, 1))  # [G, H/G, Hd]
+            return self.w.o(out.reshape(1, H * Hd))  # [1, D]
         qpos = torch.arange(pos0, pos0 + t)
         delta = qpos[:, None] - kpos[None, :]  # [T, S]
         mask = delta >= 0
@@ -159,31 +174,38 @@ class Block:
             q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),  # [H|G, T|S, Hd]
             attn_mask=mask, enable_gqa=True,
         )  # [H, T, Hd]
-        return self.w.o(out.transpose(0, 1).reshape(t, cfg.q_dim))  # [T, D]
+        return self.w.o(out.transpose(0, 1).reshape(t, H * Hd))  # [T, D]
 
-    def moe(self, y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertSource) -> torch.Tensor:
-        out = torch.zeros_like(y)  # [T, D]
+    def moe(self, y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertSource,
+            id_list: list[int]) -> torch.Tensor:
         if y.shape[0] == 1:
-            for e, wk in zip(ids[0].tolist(), weights[0]):
-                out += wk * expert_ffn(experts.get(self.index, e), y)
+            out = None
+            for e, wk in zip(id_list, weights[0].tolist()):
+                with experts.use(self.index, e) as ex:
+                    contrib = expert_ffn(ex, y).mul_(wk)
+                out = contrib if out is None else out.add_(contrib)
             return out
-        for e in ids.unique().tolist():
+        out = torch.zeros_like(y)  # [T, D]
+        for e in id_list:
             rows, slot = (ids == e).nonzero(as_tuple=True)
-            contrib = expert_ffn(experts.get(self.index, e), y[rows]) * weights[rows, slot, None]
+            with experts.use(self.index, e) as ex:
+                contrib = expert_ffn(ex, y[rows]) * weights[rows, slot, None]
             out.index_add_(0, rows, contrib)
         return out
 
     def forward(self, h: torch.Tensor, pos0: int, cache: KVCache, rope, experts: ExpertSource) -> torch.Tensor:
         ids, weights = self.route(h)  # router before attention ...
-        experts.prefetch(self.index, ids.unique().tolist())  # ... so the expert reads overlap it
+        id_list = ids[0].tolist() if h.shape[0] == 1 else ids.unique().tolist()
+        experts.prefetch(self.index, id_list)  # ... so the expert reads overlap it
         h = h + self.attention(rms_norm(h, self.w.input_norm, self.cfg.rms_norm_eps), pos0, cache, rope)
         y = rms_norm(h, self.w.post_norm, self.cfg.rms_norm_eps)
-        return h + self.moe(y, ids, weights, experts)
+        return h.add_(self.moe(y, ids, weights, experts, id_list))
 
 
 def expert_ffn(ex: ExpertWeights, y: torch.Tensor) -> torch.Tensor:
     """ReGLU expert: down(relu(gate(y)) * up(y)); y [T, D] -> [T, D]."""
-    return ex.down(torch.relu(ex.gate(y)) * ex.up(y))
+    gate, up = ex.gate_up(y).chunk(2, dim=-1)  # [T, F] each
+    return ex.down(gate.relu_().mul_(up))
 
 
 class Transformer:
@@ -199,6 +221,8 @@ class Transformer:
     def setup_caches(self, max_seq_len: int) -> None:
         cfg = self.cfg
         self.caches = [KVCache(max_seq_len, cfg.num_key_value_heads, cfg.head_dim, b.window) for b in self.blocks]
+        cos, sin = rope_tables(torch.arange(max_seq_len), cfg.head_dim, cfg.rope_theta)
+        self.rope = (cos[:, None, :], sin[:, None, :])  # [S_max, 1, Hd]
         self.pos = 0
 
     @staticmethod
@@ -212,9 +236,12 @@ class Transformer:
         """tokens [T] at positions pos..pos+T-1 -> logits [T, V] (or [1, V] for the last token)."""
         t, pos0 = tokens.shape[0], self.pos
         h = self.embed_rows(tokens)  # [T, D]
-        rope = rope_tables(torch.arange(pos0, pos0 + t), self.cfg.head_dim, self.cfg.rope_theta)
-        for block, cache in zip(self.blocks, self.caches):
-            h = block.forward(h, pos0, cache, rope, self.experts)
+        rope = (self.rope[0][pos0:pos0 + t], self.rope[1][pos0:pos0 + t])
+        try:
+            for block, cache in zip(self.blocks, self.caches):
+                h = block.forward(h, pos0, cache, rope, self.experts)
+        finally:
+            self.experts.settle()
         self.pos += t
         if not all_logits:
             h = h[-1:]

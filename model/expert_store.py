@@ -1,0 +1,386 @@
+"""Experts on a memory budget: a fixed pool of slots, a replacement policy, a background reader.
+
+Rules this module keeps:
+- Memory is allocated once: `slots` buffers of one expert each, sized from the budget. Loading an
+  expert is a `pread` of its three tensors straight into a free slot; nothing is allocated per
+  load, and the matrices the forward pass uses are views of the slot.
+- An expert is used only from a slot whose read completed; a shard file is checked against the
+  manifest's sha256 the first time it is read in this process (reads after that trust the file,
+  which the agent re-verifies at install and in every health check).
+- A slot in use (`use` context) or waiting for its read is never evicted; the policy picks the
+  victim among the rest.
+- `prefetch` (called right after a layer's router, before its attention) queues the missing
+  experts to the reader thread, so reads overlap attention; `use` waits only for what has not
+  arrived.
+- Counters: a lookup is a hit when the expert was resident when the router asked for it, a miss
+  otherwise; a prefetch hit is a miss whose read finished before the expert was needed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import struct
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from manifests import ModelManifest, ShardEntry
+from model.errors import BudgetError, IntegrityError, PackageError
+from model.matrices import make_matrix
+from model.model import ExpertWeights
+from model.package import expert_tensor_names
+
+_PARTS = ("gate", "up", "down")
+_READ_TIMEOUT_S = 60.0
+
+
+# ---- replacement policies ---------------------------------------------------------------------
+class LRUPolicy:
+    """Evict the expert used least recently."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self.order: OrderedDict = OrderedDict()
+
+    def touch(self, key) -> None:
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def remove(self, key) -> None:
+        self.order.pop(key, None)
+
+    def victim(self, candidates: set):
+        return next((k for k in self.order if k in candidates), None)
+
+
+class LFUPolicy:
+    """Evict the expert with the lowest decayed use count (hot experts stay; ties go to the oldest)."""
+
+    name = "lfu"
+
+    def __init__(self, decay: float = 0.98) -> None:
+        self.decay, self.clock = decay, 0
+        self.score: dict = {}
+        self.last: dict = {}
+
+    def touch(self, key) -> None:
+        self.clock += 1
+        age = self.clock - self.last.get(key, self.clock)
+        self.score[key] = self.score.get(key, 0.0) * self.decay ** age + 1.0
+        self.last[key] = self.clock
+
+    def remove(self, key) -> None:
+        self.score.pop(key, None)
+        self.last.pop(key, None)
+
+    def victim(self, candidates: set):
+        def current(k):
+            return self.score.get(k, 0.0) * self.decay ** (self.clock - self.last.get(k, self.clock))
+
+        return min(candidates, key=lambda k: (current(k), self.last.get(k, 0)), default=None)
+
+
+POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}
+
+
+# ---- storage ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StorageSim:
+    """Throttles reads to `mbps` MB/s after `latency_us` per read: a simulation of eMMC or SATA SSD."""
+
+    mbps: float
+    latency_us: float = 0.0
+
+    def wait(self, nbytes: int, started: float) -> None:
+        target = self.latency_us / 1e6 + nbytes / (self.mbps * 1e6)
+        left = target - (time.perf_counter() - started)
+        if left > 0:
+            time.sleep(left)
+
+
+@dataclass
+class _Layout:
+    """Where an expert file's tensors sit: (file offset, length) per part, in slot order."""
+
+    path: Path
+    ranges: tuple[tuple[int, int], ...]
+    header: bytes
+
+
+def _read_layout(package_dir: Path, entry: ShardEntry, part_bytes: tuple[int, ...]) -> _Layout:
+    path = package_dir / entry.file
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise IntegrityError(f"{entry.file}: truncated shard")
+            n = struct.unpack("<Q", head)[0]
+            if n > 1 << 20:
+                raise IntegrityError(f"{entry.file}: implausible safetensors header length {n}")
+            header_json = f.read(n)
+    except FileNotFoundError:
+        raise IntegrityError(f"{entry.file}: missing from package {package_dir}") from None
+    try:
+        header = json.loads(header_json)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise IntegrityError(f"{entry.file}: corrupt safetensors header") from None
+    ranges = []
+    for part, expected in zip(_PARTS, part_bytes):
+        name = expert_tensor_names(entry.layer, entry.expert)[part]
+        info = header.get(name)
+        if not isinstance(info, dict) or "data_offsets" not in info:
+            raise PackageError(f"{entry.file}: missing tensor {name}")
+        start, end = info["data_offsets"]
+        if end - start != expected:
+            raise PackageError(f"{entry.file}: {name} has {end - start} bytes, expected {expected}")
+        ranges.append((8 + n + start, end - start))
+    return _Layout(path, tuple(ranges), head + header_json)
+
+
+# ---- the store --------------------------------------------------------------------------------
+class _Slot:
+    def __init__(self, index: int, buf: torch.Tensor, weights: ExpertWeights):
+        self.index, self.buf, self.weights = index, buf, weights
+        self.key = None
+        self.ready = threading.Event()
+        self.error: Exception | None = None
+        self.pins = 0
+        self.prefetched = False  # loaded by prefetch and not used yet
+
+
+class ExpertStore:
+    """Expert cache with a byte budget over a package's expert shards (q4_0 or bf16)."""
+
+    def __init__(self, package_dir: Path, manifest: ModelManifest, config, *, budget_bytes: int | None,
+                 kernel: str | None = None, policy: str = "lru", prefetch: bool = True,
+                 storage: StorageSim | None = None):
+        self.package_dir, self.manifest, self.cfg = package_dir, manifest, config
+        self.entries = {(e.layer, e.expert): e for e in manifest.expert_shards()}
+        expected = {(i, e) for i in range(config.num_hidden_layers) for e in range(config.moe_num_primary_experts)}
+        if set(self.entries) != expected:
+            missing = sorted(expected - set(self.entries))[:1]
+            raise PackageError(f"manifest lacks expert shards, e.g. layer {missing[0][0]} expert {missing[0][1]}"
+                               if missing else "manifest lists experts the config does not have")
+        D, Fh = config.hidden_size, config.moe_ffn_hidden_size
+        if manifest.quant == "q4_0":
+            self.shapes = ((Fh, D // 32 * 18), (Fh, D // 32 * 18), (D, Fh // 32 * 18))
+            dtype, itemsize = torch.uint8, 1
+        else:
+            self.shapes = ((Fh, D), (Fh, D), (D, Fh))
+            dtype, itemsize = torch.bfloat16, 2
+        self.part_bytes = tuple(r * c * itemsize for r, c in self.shapes)
+        self.expert_bytes = sum(self.part_bytes)
+        total = len(self.entries)
+        n_slots = total if budget_bytes is None else min(total, budget_bytes // self.expert_bytes)
+        minimum = config.moe_num_active_primary_experts
+        if n_slots < minimum:
+            raise BudgetError(f"expert budget {budget_bytes} bytes holds {n_slots} experts; "
+                              f"a layer needs {minimum} ({minimum * self.expert_bytes} bytes)")
+        self.kernel, self.dtype = kernel, dtype
+        self.slots = [self._make_slot(i) for i in range(n_slots)]
+        self.free = list(reversed(self.slots))
+        self.where: dict = {}  # (layer, expert) -> slot
+        self.policy = POLICIES[policy]()
+        self.prefetch_enabled, self.storage = prefetch, storage
+        self.layouts: dict = {}
+        self.verified: set = set()
+        self.lock = threading.Lock()
+        self.hits = self.misses = self.prefetch_hits = self.bytes_read = self.outstanding = 0
+        self.read_seconds = 0.0
+        self.queue: queue.Queue = queue.Queue()
+        self.reader = threading.Thread(target=self._reader_loop, name="expert-reader", daemon=True)
+        self.reader.start()
+        if budget_bytes is None:
+            self.preload()
+
+    def _make_slot(self, index: int) -> _Slot:
+        buf = torch.empty(self.expert_bytes // (1 if self.dtype == torch.uint8 else 2), dtype=self.dtype)
+        views, offset = [], 0
+        for rows, cols in self.shapes:
+            views.append(buf[offset:offset + rows * cols].view(rows, cols))
+            offset += rows * cols
+        gate_up = buf[: views[0].numel() + views[1].numel()].view(2 * self.shapes[0][0], self.shapes[0][1])
+        quant = self.manifest.quant
+        weights = ExpertWeights(gate_up=make_matrix(gate_up, quant, "gate_up", self.kernel),
+                                down=make_matrix(views[2], quant, "down", self.kernel))
+        return _Slot(index, buf, weights)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.slots) * self.expert_bytes
+
+    @property
+    def capacity(self) -> int:
+        return len(self.slots)
+
+    # ---- reading ----------------------------------------------------------------------------
+    def _layout(self, key) -> _Layout:
+        layout = self.layouts.get(key)
+        if layout is None:
+            layout = self.layouts[key] = _read_layout(self.package_dir, self.entries[key], self.part_bytes)
+        return layout
+
+    def _read_into(self, key, slot: _Slot) -> None:
+        layout = self._layout(key)
+        started = time.perf_counter()
+        raw = slot.buf.view(torch.uint8).numpy()
+        offset = 0
+        fd = os.open(layout.path, os.O_RDONLY)
+        try:
+            for file_offset, length in layout.ranges:
+                got = os.preadv(fd, [memoryview(raw[offset:offset + length])], file_offset)
+                if got != length:
+                    raise IntegrityError(f"{self.entries[key].file}: truncated shard")
+                offset += length
+        finally:
+            os.close(fd)
+        if self.storage:
+            self.storage.wait(self.expert_bytes, started)
+        if key not in self.verified:
+            self._verify(key, layout)
+        self.bytes_read += self.expert_bytes
+        self.read_seconds += time.perf_counter() - started
+
+    def _verify(self, key, layout: _Layout) -> None:
+        entry = self.entries[key]
+        path = layout.path
+        h = hashlib.sha256()
+        size = 0
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+                size += len(block)
+        if size != entry.size or h.hexdigest() != entry.sha256:
+            raise IntegrityError(f"{entry.file}: sha256 mismatch (corrupt or tampered shard)")
+        self.verified.add(key)
+
+    def _reader_loop(self) -> None:
+        while (job := self.queue.get()) is not None:
+            key, slot = job
+            try:
+                self._read_into(key, slot)
+            except Exception as e:  # handed to the thread that waits for this slot
+                slot.error = e
+            slot.ready.set()
+
+    # ---- slots ------------------------------------------------------------------------------
+    def _claim_slot(self, key) -> _Slot | None:
+        """A slot for `key`, evicting by policy; None when every slot is pinned. Caller holds lock."""
+        if self.free:
+            slot = self.free.pop()
+        else:
+            candidates = {k for k, s in self.where.items() if s.pins == 0 and s.ready.is_set()}
+            victim = self.policy.victim(candidates)
+            if victim is None:
+                return None
+            slot = self.where.pop(victim)
+            self.policy.remove(victim)
+        slot.key, slot.error, slot.prefetched = key, None, False
+        slot.ready.clear()
+        self.where[key] = slot
+        return slot
+
+    def _drop(self, slot: _Slot) -> None:
+        """Forget a slot whose read failed. Caller holds lock."""
+        if self.where.get(slot.key) is slot:
+            del self.where[slot.key]
+        self.policy.remove(slot.key)
+        slot.key = None
+        self.free.append(slot)
+
+    def preload(self) -> None:
+        """Read every expert now (unlimited budget): no reads during decode."""
+        for key in self.entries:
+            with self.lock:
+                slot = self._claim_slot(key)
+            self._read_into(key, slot)
+            slot.ready.set()
+        self.bytes_read = 0
+
+    def prefetch(self, layer: int, expert_ids: list[int]) -> None:
+        """Count the router's lookups and queue reads for the missing experts (if prefetch is on)."""
+        with self.lock:
+            for e in expert_ids:
+                key = (layer, e)
+                if key in self.where:
+                    self.hits += 1
+                    continue
+                self.misses += 1
+                if not self.prefetch_enabled:
+                    continue
+                slot = self._claim_slot(key)
+                if slot is None:
+                    continue  # every slot busy: `use` reads it when needed
+                slot.prefetched = True
+                slot.pins += 1  # held until `use` takes it
+                self.outstanding += 1
+                self.queue.put((key, slot))
+
+    @contextmanager
+    def use(self, layer: int, expert: int):
+        """The expert's weights, pinned (never evicted) for the duration of the block."""
+        key = (layer, expert)
+        with self.lock:
+            slot = self.where.get(key)
+            must_read = slot is None
+            if must_read:
+                slot = self._claim_slot(key)
+                if slot is None:
+                    raise BudgetError("every expert slot is pinned; the budget is too small for this batch")
+                slot.pins += 1
+            elif slot.prefetched:  # the prefetch's pin becomes this use's pin
+                slot.prefetched = False
+                self.outstanding -= 1
+                if slot.ready.is_set():
+                    self.prefetch_hits += 1
+            else:
+                slot.pins += 1
+        try:
+            if must_read:
+                try:
+                    self._read_into(key, slot)
+                except Exception as e:
+                    slot.error = e
+                slot.ready.set()
+            elif not slot.ready.wait(_READ_TIMEOUT_S):
+                raise IntegrityError(f"reading {self.entries[key].file} timed out")
+            if slot.error is not None:
+                raise slot.error
+            with self.lock:
+                self.policy.touch(key)
+            yield slot.weights
+        finally:
+            with self.lock:
+                slot.pins -= 1
+                if slot.error is not None and slot.pins == 0 and slot.key == key:
+                    self._drop(slot)
+
+    def settle(self) -> None:
+        """Release prefetch pins a forward pass did not consume (e.g. it stopped on an error)."""
+        if not self.outstanding:
+            return
+        with self.lock:
+            for slot in self.slots:
+                if slot.prefetched:
+                    slot.ready.wait(_READ_TIMEOUT_S)
+                    slot.prefetched = False
+                    slot.pins -= 1
+                    if slot.error is not None and slot.pins == 0:
+                        self._drop(slot)
+            self.outstanding = 0
+
+    def close(self) -> None:
+        """Stop the reader thread."""
+        self.queue.put(None)
+
+    def stats(self) -> dict:
+        return {"expert_cache_hits": self.hits, "expert_cache_misses": self.misses,
+                "prefetch_hits": self.prefetch_hits, "bytes_read": self.bytes_read}
