@@ -1,0 +1,1 @@
+"""The operator's side of SmallThinker Fleet: build, sign, publish, roll out, watch."""

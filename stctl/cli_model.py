@@ -1,0 +1,133 @@
+"""`stctl model ...`: build, run, benchmark and export model packages (the `model` library)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from stctl.cli_common import console, fail, handles_errors, print_json, progress_bar
+
+app = typer.Typer(help="Build, run, benchmark and export model packages.", no_args_is_help=True)
+
+
+@app.command("build")
+@handles_errors
+def build(
+    out: Path = typer.Option(..., "--out", "-o", help="Package directory to create (must not exist)."),
+    from_hf: Optional[Path] = typer.Option(None, "--from-hf", help="HF checkpoint dir (config.json + safetensors)."),
+    demo: bool = typer.Option(False, "--demo", help="Build the tiny built-in st-demo model."),
+    demo_variant: int = typer.Option(1, "--demo-variant", help="Demo variant N>=2 re-initialises a quarter of the experts."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Preset shape: smallthinker-4b-a0.6b, smallthinker-21b-a3b, st-demo."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="With --preset: seeded random weights."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --random-weights."),
+    quant: str = typer.Option("q4_0", "--quant", help="q4_0 or bf16."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name in the manifest."),
+    version: Optional[str] = typer.Option(None, "--version", help="Semantic version, e.g. 1.0.0."),
+    health_min_tps: float = typer.Option(0.0, "--health-min-tokens-per-s", help="Health gate: minimum decode tokens/s."),
+    health_max_rss: Optional[str] = typer.Option(None, "--health-max-rss", help="Health gate: maximum peak RSS, e.g. 1GiB."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Build a quantized model package.
+
+    Example: stctl model build --demo --out demo-v1
+    """
+    from model.build import build_demo, build_from_hf, build_random
+    from model.memory import format_size, parse_size
+
+    sources = sum([from_hf is not None, demo, preset is not None])
+    if sources != 1:
+        fail("choose exactly one source: --from-hf DIR, --demo, or --preset NAME --random-weights")
+    if preset is not None and not random_weights:
+        fail("--preset needs --random-weights (presets have no released weights here)")
+    kw = dict(quant=quant, health_min_tokens_per_s=health_min_tps,
+              health_max_rss_bytes=parse_size(health_max_rss) if health_max_rss else None)
+    if name:
+        kw["name"] = name
+    with progress_bar("building", enabled=not as_json) as update:
+        kw["progress"] = update
+        if demo:
+            manifest = build_demo(out, variant=demo_variant, version=version, **kw)
+        elif from_hf is not None:
+            manifest = build_from_hf(from_hf, out, version=version or "1.0.0", **kw)
+        else:
+            manifest = build_random(preset, out, seed=seed, version=version or "1.0.0", **kw)
+    summary = {"package": str(out), "name": manifest.name, "version": manifest.version, "quant": manifest.quant,
+               "shards": len(manifest.shards), "expert_shards": len(manifest.expert_shards()),
+               "bytes": manifest.total_bytes}
+    if as_json:
+        print_json(summary)
+    else:
+        console.print(f"built [bold]{manifest.name} {manifest.version}[/] ({manifest.quant}) at {out}: "
+                      f"{summary['shards']} shards, {format_size(manifest.total_bytes)}")
+
+
+def _prompt_ids(engine, prompt: Optional[str], prompt_ids: Optional[str]) -> list[int]:
+    if (prompt is None) == (prompt_ids is None):
+        fail("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    if prompt_ids is not None:
+        try:
+            return [int(p) for p in prompt_ids.split(",") if p.strip()]
+        except ValueError:
+            fail(f"--prompt-ids {prompt_ids!r}: expected comma-separated integers")
+    return engine.tokenizer.encode(prompt)
+
+
+@app.command("run")
+@handles_errors
+def run(
+    package: Path = typer.Argument(..., help="Model package directory."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text."),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Prompt token ids, comma-separated."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Memory budget, e.g. 512MiB or 1GiB."),
+    as_json: bool = typer.Option(False, "--json", help="Print tokens, text and figures as JSON."),
+) -> None:
+    """Generate text from a package and report speed and memory.
+
+    Example: stctl model run demo-v1 --prompt "Torque check" --max-new-tokens 16 --json
+    """
+    from model import Engine
+    from model.memory import parse_size
+
+    budget = parse_size(memory_budget) if memory_budget else None
+    engine = Engine.load(package, memory_budget_bytes=budget, threads=threads)
+    ids = _prompt_ids(engine, prompt, prompt_ids)
+    eos = [engine.tokenizer.eos_id] if engine.tokenizer.eos_id is not None else []
+    tokens = []
+    for token in engine.generate(ids, max_new_tokens, temperature=temperature, seed=seed, top_p=top_p, stop_ids=eos):
+        tokens.append(token)
+        if not as_json:
+            console.print(engine.tokenizer.decode([token]), end="", markup=False, highlight=False)
+    stats = engine.last_stats
+    if as_json:
+        print_json({"tokens": tokens, "text": engine.tokenizer.decode(tokens), **stats})
+    else:
+        console.print()
+        console.print(f"[dim]prefill {stats['prefill_ms']:.1f} ms, decode {stats['decode_tokens_per_s']:.1f} tok/s, "
+                      f"peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB[/]")
+
+
+@app.command("export-gguf")
+@handles_errors
+def export_gguf(
+    package: Path = typer.Argument(..., help="Model package directory (q4_0)."),
+    out: Path = typer.Argument(..., help="GGUF file to write (must not exist)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Export a package as a GGUF file that llama.cpp loads as `smallthinker`.
+
+    Example: stctl model export-gguf demo-v1 demo-v1.gguf
+    """
+    from model.gguf_export import export_gguf as export
+
+    with progress_bar("exporting", enabled=not as_json) as update:
+        info = export(package, out, progress=update)
+    if as_json:
+        print_json(info)
+    else:
+        console.print(f"wrote {out} ({info['tensors']} tensors, {info['bytes']} bytes)")
