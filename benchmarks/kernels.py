@@ -1,9 +1,10 @@
 """Speed and accuracy of the Q4_0 matrix-product backends (`model.kernels`), printed as JSON.
 
 For each weight shape [out, in] and activation row count m it reports, per backend, the time of
-one call (median over several batches), the weight bytes streamed per second (the backend's
-own storage: Q4_0 blocks for `c`, the repacked int4 + bf16 scales for `torch-int4`) and the
-relative error ||y - ref|| / ||ref|| against float32 `x @ dequantize(w).T`.
+one call (best of several timed batches: on a shared host the best batch is the least disturbed
+one), the weight bytes streamed per second (the backend's own storage: Q4_0 blocks for `c`, the
+repacked int4 + bf16 scales for `torch-int4`) and the relative error ||y - ref|| / ||ref||
+against float32 `x @ dequantize(w).T`.
 
     PYTHONPATH=. python benchmarks/kernels.py --threads 2
 """
@@ -37,7 +38,7 @@ def cpu_model() -> str:
 
 
 def time_call(fn, x: torch.Tensor, min_seconds: float, batches: int = 5) -> float:
-    """Median seconds per call over `batches` batches each lasting about min_seconds / batches."""
+    """Seconds per call: the best of `batches` batches each lasting about min_seconds / batches."""
     fn(x)  # warm up: compile, first-touch the output and scratch buffers
     t0 = time.perf_counter()
     fn(x)
@@ -49,8 +50,7 @@ def time_call(fn, x: torch.Tensor, min_seconds: float, batches: int = 5) -> floa
         for _ in range(reps):
             fn(x)
         samples.append((time.perf_counter() - t0) / reps)
-    samples.sort()
-    return samples[len(samples) // 2]
+    return min(samples)
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -16,14 +16,12 @@
  *
  * Built at first use by model/kernels/__init__.py with the host's own flags (-march=native);
  * threads come from the OpenMP runtime torch already loaded, so torch.set_num_threads applies.
- * Without AVX2 the same tiling runs on portable scalar code (same quantization, same sums up to
- * float rounding).
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -39,20 +37,6 @@ typedef struct {
 } block_q8;
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
-
-static inline float fp16_to_fp32(uint16_t h) {
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
-    if (exp == 0) {
-        if (mant == 0) { bits = sign; }
-        else { exp = 127 - 15 + 1; while (!(mant & 0x400)) { mant <<= 1; exp--; } mant &= 0x3FF; bits = sign | (exp << 23) | (mant << 13); }
-    } else if (exp == 31) { bits = sign | 0x7F800000 | (mant << 13); }
-    else { bits = sign | ((exp + 127 - 15) << 23) | (mant << 13); }
-    float f; memcpy(&f, &bits, 4); return f;
-#endif
-}
 
 static inline uint16_t load_u16(const uint8_t *p) {
     uint16_t v;
@@ -135,7 +119,12 @@ static ALWAYS_INLINE void gemv_rows(const uint8_t *w, int64_t row_bytes, const b
     const __m256i ones = _mm256_set1_epi16(1), shift_hi = _mm256_setr_epi64x(0, 0, 4, 4);
     __m256 acc[GEMV_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    /* The R rows are one contiguous span; stream the next span into cache meanwhile (the
+       hardware prefetcher does not follow R interleaved streams well when W comes from DRAM). */
+    const char *next = (const char *)w + R * row_bytes;
     for (int64_t b = 0; b < nb; b++) {
+        _mm_prefetch(next + b * R * Q4_BYTES, _MM_HINT_T0);
+        _mm_prefetch(next + b * R * Q4_BYTES + 64, _MM_HINT_T0);
         const __m256i xq = _mm256_loadu_si256((const __m256i *)x[b].qs);
         const __m256i xc = _mm256_maddubs_epi16(eight, xq);
         const __m256 xd = _mm256_broadcast_ss(&x[b].d);
@@ -253,6 +242,20 @@ static void packed_rows(const uint8_t *w, int64_t row_bytes, int nrows, const bl
     }
 }
 #else
+static inline float fp16_to_fp32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (mant == 0) { bits = sign; }
+        else { exp = 127 - 15 + 1; while (!(mant & 0x400)) { mant <<= 1; exp--; } mant &= 0x3FF; bits = sign | (exp << 23) | (mant << 13); }
+    } else if (exp == 31) { bits = sign | 0x7F800000 | (mant << 13); }
+    else { bits = sign | ((exp + 127 - 15) << 23) | (mant << 13); }
+    float f; memcpy(&f, &bits, 4); return f;
+#endif
+}
+
 /* Portable fallback: one weight row against all m activation rows. */
 static void scalar_row(const uint8_t *w, const block_q8 *xq, int64_t nb, int64_t m, float *y, int64_t n) {
     for (int64_t t = 0; t < m; t++) {
