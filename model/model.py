@@ -138,10 +138,14 @@ class Block:
         self.window = cfg.sliding_window_size if cfg.uses_sliding_window(index) else None
         self.router_t = w.router.t().contiguous()  # [D, E]
         self.scale = cfg.head_dim ** -0.5
+        self.router_bias: torch.Tensor | None = None  # [E], benchmarks only (see model/bench.py)
+        self.expert_log: set | None = None  # experts used, when a benchmark tracks them
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts and their weights [T, K] from the pre-norm residual h [T, D]."""
         logits = h @ self.router_t  # [T, E]
+        if self.router_bias is not None:
+            logits = logits + self.router_bias
         top, ids = logits.topk(self.cfg.moe_num_active_primary_experts, dim=-1)  # [T, K]
         if self.cfg.moe_primary_router_apply_softmax:
             weights = top.softmax(dim=-1)
@@ -196,6 +200,8 @@ class Block:
     def forward(self, h: torch.Tensor, pos0: int, cache: KVCache, rope, experts: ExpertSource) -> torch.Tensor:
         ids, weights = self.route(h)  # router before attention ...
         id_list = ids[0].tolist() if h.shape[0] == 1 else ids.unique().tolist()
+        if self.expert_log is not None:
+            self.expert_log.update(id_list)
         experts.prefetch(self.index, id_list)  # ... so the expert reads overlap it
         h = h + self.attention(rms_norm(h, self.w.input_norm, self.cfg.rms_norm_eps), pos0, cache, rope)
         y = rms_norm(h, self.w.post_norm, self.cfg.rms_norm_eps)

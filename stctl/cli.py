@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from stctl.cli_common import console, handles_errors, print_json
 from stctl.cli_model import app as model_app
 
 app = typer.Typer(
@@ -15,7 +16,31 @@ app = typer.Typer(
 )
 app.add_typer(model_app, name="model")
 
+
+@app.command("demo")
+@handles_errors
+def demo(
+    tokens: int = typer.Option(24, "--tokens", help="Tokens to generate per completion."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Run the main job on the built-in demo model, end to end, in a temporary directory.
+
+    Example: stctl demo --json
+    """
+    from stctl.demo import run_demo
+
+    say = (lambda _msg: None) if as_json else console.print
+    result = run_demo(tokens=tokens, say=say)
+    if as_json:
+        print_json(result)
+
 # Sub-apps and commands of other nouns register below (one module each).
+from stctl import cli_release  # noqa: E402  (also registers `model publish` and `model diff`)
+
+app.command("init")(cli_release.init)
+app.add_typer(cli_release.repo_app, name="repo")
+app.add_typer(cli_release.keys_app, name="keys")
+app.add_typer(cli_release.bundle_app, name="bundle")
 
 
 def main() -> None:

@@ -131,3 +131,46 @@ def export_gguf(
         print_json(info)
     else:
         console.print(f"wrote {out} ({info['tensors']} tensors, {info['bytes']} bytes)")
+
+
+@app.command("bench")
+@handles_errors
+def bench(
+    package: Path = typer.Argument(..., help="Model package directory."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Budget for dense + experts + KV, e.g. 1GiB."),
+    no_prefetch: bool = typer.Option(False, "--no-prefetch", help="Read experts only when a layer needs them."),
+    storage_mbps: Optional[float] = typer.Option(None, "--storage-mbps", help="Simulate storage at N MB/s (eMMC/SATA SSD)."),
+    storage_latency_us: float = typer.Option(0.0, "--storage-latency-us", help="Simulated latency per read."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
+    tokens: int = typer.Option(64, "--tokens", help="Tokens to decode."),
+    prompt_tokens: int = typer.Option(32, "--prompt-tokens", help="Prompt length."),
+    policy: str = typer.Option("lru", "--policy", help="Expert cache policy: lru or lfu."),
+    router_skew: float = typer.Option(0.0, "--router-skew", help="Zipf skew of router logits (stand-in for hot experts)."),
+    as_json: bool = typer.Option(False, "--json", help="Print all figures as JSON."),
+) -> None:
+    """Measure decode/prefill speed, peak RSS and expert-cache counters of a package.
+
+    Example: stctl model bench demo-v1 --memory-budget 8MiB --storage-mbps 500 --json
+    """
+    from model.bench import run_bench
+    from model.expert_store import POLICIES
+    from model.memory import parse_size
+
+    if policy not in POLICIES:
+        fail(f"--policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    if tokens < 2 or prompt_tokens < 1:
+        fail("--tokens must be >= 2 and --prompt-tokens >= 1")
+    result = run_bench(package, memory_budget_bytes=parse_size(memory_budget) if memory_budget else None,
+                       prefetch=not no_prefetch, storage_mbps=storage_mbps, storage_latency_us=storage_latency_us,
+                       threads=threads, tokens=tokens, prompt_tokens=prompt_tokens, policy=policy,
+                       router_skew=router_skew)
+    if as_json:
+        print_json(result)
+        return
+    console.print(f"{result['model']} on {result['machine']['cpu']} ({result['machine']['threads']} threads, "
+                  f"{result['machine']['kernel']} kernel)")
+    console.print(f"decode {result['decode_tokens_per_s']:.2f} tok/s, prefill {result['prefill_tokens_per_s']:.1f} tok/s, "
+                  f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB")
+    console.print(f"experts: {result['expert_slots']}/{result['experts_total']} slots, hits {result['expert_cache_hits']}, "
+                  f"misses {result['expert_cache_misses']}, prefetch hits {result['prefetch_hits']}, "
+                  f"read {result['bytes_read'] / 2**20:.1f} MiB")
