@@ -1,0 +1,196 @@
+"""Decode/prefill speed and memory of the engine, side by side with llama.cpp in the same run.
+
+    python benchmarks/engine_decode.py --preset smallthinker-4b-a0.6b --threads 2 --json
+    python benchmarks/engine_decode.py --package DIR --scenarios in-memory,budget --json
+
+Scenarios (each engine run is a separate `stctl model bench` process, so RSS figures are its own):
+- in-memory: every weight resident; llama.cpp on the exported GGUF with its defaults.
+- budget: `--budget` (default 1GiB) for dense + experts + KV, page cache dropped first;
+  llama.cpp in a memory cgroup of the same size (cgroup v1, root), with its repacked copy off.
+- prefetch: simulated `--storage-mbps` storage, a budget holding ~25% of the experts, prefetch
+  on vs off; reports compute and read time per token and the overlap efficiency.
+- skew: the budget scenario again with `--router-skew` (a Zipf stand-in for hot experts).
+Prints one JSON document; never asserts speed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from llama_cpp_peer import llama_cpp_available, measure_llama_cpp  # noqa: E402
+
+CACHE = ROOT / "benchmarks" / ".cache"
+CGROUP = Path("/sys/fs/cgroup/memory")
+SCENARIOS = ("in-memory", "budget", "prefetch", "skew")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def stctl(*args: str, timeout: float = 7200) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "stctl.cli", *args], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"stctl {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout)
+
+
+def ensure_package(args) -> Path:
+    if args.package:
+        return Path(args.package)
+    pkg = CACHE / f"{args.preset}-seed{args.seed}"
+    if not (pkg / "manifest.json").exists():
+        log(f"building {pkg} (one-off)")
+        stctl("model", "build", "--preset", args.preset, "--random-weights", "--seed", str(args.seed),
+              "--out", str(pkg), "--json")
+    return pkg
+
+
+def ensure_gguf(pkg: Path) -> Path:
+    gguf = CACHE / f"{pkg.name}.gguf"
+    if not gguf.exists():
+        log(f"exporting {gguf}")
+        stctl("model", "export-gguf", str(pkg), str(gguf), "--json")
+    return gguf
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def memory_cgroup(limit_bytes: int):
+    """Run children of this block inside a cgroup-v1 memory limit (this process joins it meanwhile)."""
+    group = CGROUP / f"st-bench-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+        try:
+            yield group
+        finally:
+            (CGROUP / "cgroup.procs").write_text(str(os.getpid()))
+    finally:
+        time.sleep(0.2)
+        group.rmdir()
+
+
+def engine_run(pkg: Path, args, *extra: str) -> dict:
+    return stctl("model", "bench", str(pkg), "--threads", str(args.threads), "--tokens", str(args.tokens),
+                 "--prompt-tokens", str(args.prompt_tokens), "--json", *extra)
+
+
+def peer_run(gguf: Path, args, cgroup_bytes: int | None = None, **kw) -> dict | None:
+    if args.skip_llama or not llama_cpp_available():
+        return None
+    prompt = list(range(10, 10 + args.prompt_tokens))
+    try:
+        if cgroup_bytes and CGROUP.is_dir() and os.geteuid() == 0:
+            drop_caches()
+            with memory_cgroup(cgroup_bytes):
+                result = measure_llama_cpp(gguf, args.threads, prompt, args.tokens, **kw)
+            result["cgroup_limit_bytes"] = cgroup_bytes
+            return result
+        return measure_llama_cpp(gguf, args.threads, prompt, args.tokens, **kw)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        return {"error": str(e)}
+
+
+def ratio(ours: dict, peer: dict | None, key: str = "decode_tokens_per_s") -> float | None:
+    if not peer or key not in peer or not peer[key]:
+        return None
+    return round(ours[key] / peer[key], 3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="smallthinker-4b-a0.6b")
+    ap.add_argument("--package", help="use this package instead of building the preset")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--budget", default="1GiB")
+    ap.add_argument("--storage-mbps", type=float, default=500.0)
+    ap.add_argument("--router-skew", type=float, default=1.0)
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--skip-llama", action="store_true", help="do not run the llama.cpp peer")
+    ap.add_argument("--json", action="store_true", help="print JSON (the only output format)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from model.memory import parse_size
+
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        ap.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    pkg = ensure_package(args)
+    gguf = ensure_gguf(pkg) if not args.skip_llama and llama_cpp_available() else None
+    budget = parse_size(args.budget)
+    report: dict = {"package": str(pkg), "threads": args.threads, "tokens": args.tokens,
+                    "prompt_tokens": args.prompt_tokens, "llama_cpp": llama_cpp_available() and not args.skip_llama}
+
+    if "in-memory" in scenarios:
+        log("in-memory: engine")
+        ours = engine_run(pkg, args)
+        log("in-memory: llama.cpp")
+        peer = peer_run(gguf, args) if gguf else None
+        peer_fa = peer_run(gguf, args, flash_attn=True) if gguf else None
+        report["in_memory"] = {"engine": ours, "llama_cpp": peer, "llama_cpp_flash_attn": peer_fa,
+                               "decode_ratio": ratio(ours, peer)}
+        report["machine"] = ours["machine"]
+
+    if "budget" in scenarios:
+        log(f"budget {args.budget}: engine")
+        drop_caches()
+        ours = engine_run(pkg, args, "--memory-budget", str(budget))
+        log(f"budget {args.budget}: llama.cpp in a memory cgroup")
+        peer = peer_run(gguf, args, cgroup_bytes=budget, extra_kwargs={"use_mmap": True}) if gguf else None
+        report["budget"] = {"budget_bytes": budget, "engine": ours, "llama_cpp": peer, "decode_ratio": ratio(ours, peer)}
+        report.setdefault("machine", ours["machine"])
+
+    if "prefetch" in scenarios:
+        probe = engine_run(pkg, args, "--tokens", "2")
+        quarter = probe["dense_bytes"] + probe["expert_cache_bytes"] // 4 + probe["kv_cache_bytes"] + (64 << 20)
+        runs = {}
+        for mode in ("on", "off"):
+            log(f"prefetch {mode}: simulated {args.storage_mbps} MB/s, budget {quarter}")
+            flags = ["--memory-budget", str(quarter), "--storage-mbps", str(args.storage_mbps)]
+            runs[mode] = engine_run(pkg, args, *flags, *([] if mode == "on" else ["--no-prefetch"]))
+        off, on = runs["off"], runs["on"]
+        read = off["read_ms_per_token"]
+        compute = off["decode_ms_per_token"] - read
+        saved = off["decode_ms_per_token"] - on["decode_ms_per_token"]
+        report["prefetch"] = {
+            "storage_mbps_simulated": args.storage_mbps, "budget_bytes": quarter,
+            "on": on, "off": off, "compute_ms_per_token": compute, "read_ms_per_token": read,
+            "overlap_efficiency": round(saved / min(compute, read), 3) if min(compute, read) > 0 else None,
+        }
+
+    if "skew" in scenarios:
+        log(f"skew {args.router_skew}: engine under {args.budget}")
+        drop_caches()
+        report["skew"] = {"router_skew": args.router_skew,
+                          "engine": engine_run(pkg, args, "--memory-budget", str(budget),
+                                               "--router-skew", str(args.router_skew)),
+                          "engine_lfu": engine_run(pkg, args, "--memory-budget", str(budget),
+                                                   "--router-skew", str(args.router_skew), "--policy", "lfu")}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
