@@ -12,19 +12,15 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-from model.errors import BudgetError, ConfigError, PackageError
-from model.expert_store import ExpertStore, StorageSim
+from model.errors import ConfigError
+from model.expert_store import StorageSim
 from model.kernels import backend
-from model.matrices import EmbeddingRows, make_matrix
-from model.memory import format_size, peak_rss_bytes, reset_peak_rss
-from model.model import Block, LayerWeights, Transformer
-from model.package import (
-    EMBED_SHARD, EMBED_TENSOR, HEAD_SHARD, LM_HEAD_TENSOR, NORM_TENSOR, layer_shard, layer_tensor_names,
-    load_shard, read_manifest,
-)
+from model.loader import load_transformer
+from model.memory import peak_rss_bytes, reset_peak_rss
+from model.model import Transformer
+from model.package import read_manifest
 from model.sampling import sample
 from model.tokenizer import load_tokenizer
-
 
 DEFAULT_MAX_CONTEXT = 4096
 
@@ -58,74 +54,11 @@ class Engine:
         if manifest.quant == "q4_0":
             cfg.check_quantizable()
         kernel = kernel or (backend() if manifest.quant == "q4_0" else None)
-        tick = progress or (lambda: None)
-
-        def dense(name: str) -> dict[str, torch.Tensor]:
-            try:
-                entry = manifest.shard(name)
-            except Exception:
-                raise PackageError(f"{package_dir}: manifest lists no shard {name!r}") from None
-            tensors = load_shard(package_dir, entry)
-            tick()
-            return tensors
-
-        def pick(tensors: dict, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-            if name not in tensors:
-                raise PackageError(f"{package_dir}: tensor {name} missing")
-            t = tensors[name]
-            if shape is not None and tuple(t.shape) != shape:
-                raise PackageError(f"{name}: shape {tuple(t.shape)}, expected {shape}")
-            return t
-
-        def stored(tensors: dict, name: str, out_f: int, in_f: int) -> torch.Tensor:
-            t = pick(tensors, name)
-            expected = (out_f, in_f // 32 * 18) if manifest.quant == "q4_0" else (out_f, in_f)
-            if tuple(t.shape) != expected:
-                raise PackageError(f"{name}: shape {tuple(t.shape)}, expected {expected}")
-            return t
-
-        def mat(tensors: dict, name: str, out_f: int, in_f: int):
-            return make_matrix(stored(tensors, name, out_f, in_f), manifest.quant, name, kernel)
-
-        D, E = cfg.hidden_size, cfg.moe_num_primary_experts
-        embed_t = dense(EMBED_SHARD)
-        embed_table = pick(embed_t, EMBED_TENSOR)
-        embed_rows = EmbeddingRows(embed_table, manifest.quant)
-        head_t = dense(HEAD_SHARD)
-        final_norm = pick(head_t, NORM_TENSOR, (D,)).to(torch.float32)
-        tied = cfg.tie_word_embeddings or LM_HEAD_TENSOR not in head_t
-        head = mat(embed_t, EMBED_TENSOR, cfg.vocab_size, D) if tied else mat(head_t, LM_HEAD_TENSOR, cfg.vocab_size, D)
-        head_shares_embedding = tied and manifest.quant == "q4_0" and kernel in ("c", "reference")
-        blocks = []
-        for i in range(cfg.num_hidden_layers):
-            t = dense(layer_shard(i))
-            n = layer_tensor_names(i)
-            w = LayerWeights(
-                input_norm=pick(t, n["input_layernorm"], (D,)).to(torch.float32),
-                post_norm=pick(t, n["post_attention_layernorm"], (D,)).to(torch.float32),
-                router=pick(t, n["router"], (E, D)).to(torch.float32),
-                qkv=make_matrix(torch.cat([stored(t, n["q_proj"], cfg.q_dim, D), stored(t, n["k_proj"], cfg.kv_dim, D),
-                                           stored(t, n["v_proj"], cfg.kv_dim, D)]), manifest.quant, n["q_proj"], kernel),
-                o=mat(t, n["o_proj"], D, cfg.q_dim),
-            )
-            blocks.append(Block(i, cfg, w))
-        dense_bytes = embed_rows.nbytes + final_norm.numel() * 4 + sum(b.w.nbytes for b in blocks)
-        if not head_shares_embedding:
-            dense_bytes += head.nbytes
-        expert_budget = None
-        if memory_budget_bytes is not None:
-            kv = Transformer.kv_cache_bytes(cfg, max_context)
-            expert_budget = memory_budget_bytes - dense_bytes - kv
-            if expert_budget <= 0:
-                raise BudgetError(
-                    f"memory budget {format_size(memory_budget_bytes)} is below the {format_size(dense_bytes + kv)} "
-                    f"that dense weights ({format_size(dense_bytes)}) and a {max_context}-token KV cache need"
-                )
-        experts = ExpertStore(package_dir, manifest, cfg, budget_bytes=expert_budget, kernel=kernel,
-                              policy=policy, prefetch=prefetch, storage=storage)
-        transformer = Transformer(cfg, embed_rows, blocks, final_norm, head, experts)
+        loaded = load_transformer(package_dir, manifest, cfg, kernel=kernel, memory_budget_bytes=memory_budget_bytes,
+                                  max_context=max_context, prefetch=prefetch, policy=policy, storage=storage,
+                                  progress=progress)
         tokenizer = load_tokenizer(package_dir, manifest.tokenizer)
-        engine = cls(package_dir, manifest, cfg, transformer, tokenizer, dense_bytes, memory_budget_bytes)
+        engine = cls(package_dir, manifest, cfg, loaded.transformer, tokenizer, loaded.dense_bytes, memory_budget_bytes)
         engine.max_context = max_context if memory_budget_bytes is not None else None
         engine.kernel = kernel or "dense"
         return engine

@@ -145,6 +145,20 @@ def _read_layout(package_dir: Path, entry: ShardEntry, part_bytes: tuple[int, ..
     return _Layout(path, tuple(ranges), head + header_json)
 
 
+def _part_shapes(cfg, quant: str) -> tuple[tuple[int, int], ...]:
+    """Stored shapes of gate, up, down: Q4_0 blocks (uint8) or bf16 elements."""
+    D, Fh = cfg.hidden_size, cfg.moe_ffn_hidden_size
+    if quant == "q4_0":
+        return ((Fh, D // 32 * 18), (Fh, D // 32 * 18), (D, Fh // 32 * 18))
+    return ((Fh, D), (Fh, D), (D, Fh))
+
+
+def expert_bytes(cfg, quant: str) -> int:
+    """Bytes one expert occupies in a slot."""
+    itemsize = 1 if quant == "q4_0" else 2
+    return sum(r * c * itemsize for r, c in _part_shapes(cfg, quant))
+
+
 # ---- the store --------------------------------------------------------------------------------
 class _Slot:
     def __init__(self, index: int, buf: torch.Tensor, weights: ExpertWeights):
@@ -169,15 +183,10 @@ class ExpertStore:
             missing = sorted(expected - set(self.entries))[:1]
             raise PackageError(f"manifest lacks expert shards, e.g. layer {missing[0][0]} expert {missing[0][1]}"
                                if missing else "manifest lists experts the config does not have")
-        D, Fh = config.hidden_size, config.moe_ffn_hidden_size
-        if manifest.quant == "q4_0":
-            self.shapes = ((Fh, D // 32 * 18), (Fh, D // 32 * 18), (D, Fh // 32 * 18))
-            dtype, itemsize = torch.uint8, 1
-        else:
-            self.shapes = ((Fh, D), (Fh, D), (D, Fh))
-            dtype, itemsize = torch.bfloat16, 2
+        self.shapes = _part_shapes(config, manifest.quant)
+        dtype, itemsize = (torch.uint8, 1) if manifest.quant == "q4_0" else (torch.bfloat16, 2)
         self.part_bytes = tuple(r * c * itemsize for r, c in self.shapes)
-        self.expert_bytes = sum(self.part_bytes)
+        self.expert_bytes = expert_bytes(config, manifest.quant)
         total = len(self.entries)
         n_slots = total if budget_bytes is None else min(total, budget_bytes // self.expert_bytes)
         minimum = config.moe_num_active_primary_experts
