@@ -38,8 +38,8 @@ class HFCheckpoint:
         except ConfigError as e:
             raise CheckpointError(f"{path}/config.json: {e}") from None
         self.raw_config = raw
-        self._where = self._index()
         self._handles: dict[str, object] = {}
+        self._where = self._index()
         tok = self.path / "tokenizer.json"
         self.tokenizer_file = tok if tok.is_file() else None
 
