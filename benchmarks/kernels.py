@@ -7,6 +7,14 @@ repacked int4 + bf16 scales for `torch-int4`) and the relative error ||y - ref||
 against float32 `x @ dequantize(w).T`.
 
     PYTHONPATH=. python benchmarks/kernels.py --threads 2
+
+`--sparse` instead times the sparse ReGLU kernels of the `c` backend for expert shapes DxF
+(`--expert-shapes`, default the 4B model's 1536x768 and the demo's 256x256) at `--active`
+(default 0.5) active rows: the dense GEMV of down [D, F] against the axpy over the active rows
+of downT [F, D], the dense GEMV of up against the gathered GEMV of its active rows, and the
+whole expert (`SparseReGLUExpert`, one native call) against three dense `Q4Matrix` calls plus
+the torch relu/mul. Times are process CPU time per call (best batch), so with `--threads 1`
+they are not inflated by other jobs on a shared host.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import time
 
 import torch
 
-from model.kernels import Q4Matrix
+from model.kernels import Q4Matrix, SparseReGLUExpert, _native
 from model.quant import dequantize_q4_0, quantize_q4_0
 
 SHAPES = ((768, 1536), (1536, 768), (1536, 1536), (151936, 1536))
@@ -51,6 +59,72 @@ def time_call(fn, x: torch.Tensor, min_seconds: float, batches: int = 5) -> floa
             fn(x)
         samples.append((time.perf_counter() - t0) / reps)
     return min(samples)
+
+
+def cpu_time_call(fn, min_seconds: float, batches: int = 5) -> float:
+    """Process CPU seconds per call of fn(): the best of `batches` batches."""
+    fn()
+    t0 = time.process_time()
+    for _ in range(10):
+        fn()
+    once = max((time.process_time() - t0) / 10, 1e-7)
+    reps = max(10, int(min_seconds / batches / once))
+    samples = []
+    for _ in range(batches):
+        t0 = time.process_time()
+        for _ in range(reps):
+            fn()
+        samples.append((time.process_time() - t0) / reps)
+    return min(samples)
+
+
+def bench_sparse(d: int, f: int, active: float, min_seconds: float) -> dict:
+    """Sparse ReGLU kernels vs their dense counterparts for one expert shape (D, F)."""
+    lib = _native()
+    gen = torch.Generator().manual_seed(d * 3 + f)
+    gate, up, down = (quantize_q4_0(torch.randn(*shape, generator=gen) * 0.02) for shape in ((f, d), (f, d), (d, f)))
+    down_t = quantize_q4_0(dequantize_q4_0(down).t().contiguous())
+    x = torch.randn(1, d, generator=gen)
+    # gate rows are made active with probability `active` by flipping the sign of the others' weights
+    g = x @ dequantize_q4_0(gate).t()
+    keep = torch.rand(f, generator=gen) < active
+    flip = (g[0] > 0) != keep
+    gate = quantize_q4_0(dequantize_q4_0(gate) * torch.where(flip, -1.0, 1.0).unsqueeze(1))
+    gate_m, up_m, down_m = Q4Matrix(gate, "c"), Q4Matrix(up, "c"), Q4Matrix(down, "c")
+    expert = SparseReGLUExpert(gate, up, down_t, kernel="c")
+    out, n_active = expert(x)
+    rows = (gate_m(x)[0] > 0).nonzero().flatten().to(torch.int32)
+    coeffs = torch.randn(rows.numel(), generator=gen)
+    y_d, y_f = torch.empty(d), torch.empty(f)
+    xq = torch.empty(d // 32 * 36 + f // 32 * 36, dtype=torch.uint8)
+    p = lambda t: t.data_ptr()  # noqa: E731
+
+    def three_dense():
+        a = gate_m(x).relu_().mul_(up_m(x))
+        return down_m(a)
+
+    dense = three_dense()
+    times = {
+        "down_dense_gemv": cpu_time_call(lambda: lib.st_q4_0_matmul(p(down), d, f, p(x), 1, p(y_d), p(xq)), min_seconds),
+        "downT_axpy_active": cpu_time_call(
+            lambda: lib.st_q4_0_axpy_rows(p(down_t), f, d, p(rows), p(coeffs), rows.numel(), p(y_d)), min_seconds),
+        "up_dense_gemv": cpu_time_call(lambda: lib.st_q4_0_matmul(p(up), f, d, p(x), 1, p(y_f), p(xq)), min_seconds),
+        "up_matvec_rows_active": cpu_time_call(
+            lambda: lib.st_q4_0_matvec_rows(p(up), f, d, p(rows), rows.numel(), p(x), p(y_f), p(xq)), min_seconds),
+        "expert_three_dense_calls": cpu_time_call(three_dense, min_seconds),
+        "expert_sparse_fused": cpu_time_call(lambda: expert(x), min_seconds),
+    }
+    return {
+        "expert_shape_DxF": [d, f],
+        "active_rows": n_active,
+        "active_fraction": round(n_active / f, 3),
+        "us_cpu": {k: round(v * 1e6, 2) for k, v in times.items()},
+        "ratio_axpy_vs_dense_down": round(times["downT_axpy_active"] / times["down_dense_gemv"], 3),
+        "ratio_rows_vs_dense_up": round(times["up_matvec_rows_active"] / times["up_dense_gemv"], 3),
+        "ratio_fused_vs_three_dense": round(times["expert_sparse_fused"] / times["expert_three_dense_calls"], 3),
+        # differs by the transposed down's second rounding and the coefficient rounding
+        "fused_vs_dense_rel_diff": float(f"{rel_error(out, dense):.3g}"),
+    }
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -87,9 +161,20 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="comma-separated OUTxIN")
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated activation row counts m")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated backends")
+    parser.add_argument("--sparse", action="store_true", help="time the sparse ReGLU kernels instead (see above)")
+    parser.add_argument("--expert-shapes", default="1536x768,256x256", help="comma-separated DxF for --sparse")
+    parser.add_argument("--active", type=float, default=0.5, help="fraction of active rows for --sparse")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sparse:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.expert_shapes.split(",")]
+        print(json.dumps({
+            "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                        "torch": torch.__version__},
+            "results": [bench_sparse(d, f, args.active, args.seconds) for d, f in shapes],
+        }, indent=1))
+        return
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows = tuple(int(v) for v in args.rows.split(","))
     backends = tuple(args.backends.split(","))

@@ -10,7 +10,10 @@ int4 kernel rounds them to bf16 and the scales from fp16 to bf16). Backends, fas
 - `torch-int4`: `torch.ops.aten._weight_int4pack_mm_for_cpu` on a repacked copy;
 - `reference`: dequantize to float32 and matmul (slow; for checks).
 
-`ST_KERNEL=c|torch-int4|reference` forces one.
+`ST_KERNEL=c|torch-int4|reference` forces one. `ST_KERNEL_CFLAGS` (e.g. `-mno-avx2`, to test the
+portable scalar path) appends compiler flags to the `c` build; they are part of the cache key.
+
+Sparse ReGLU experts (`SparseReGLUExpert`, `transpose_q4_0`): see their docstrings.
 """
 from __future__ import annotations
 
@@ -21,18 +24,19 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import shlex
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from model.errors import ModelError
-from model.quant import QK4_0, Q4_0_BYTES, dequantize_q4_0, split_q4_0
+from model.quant import QK4_0, Q4_0_BYTES, dequantize_q4_0, quantize_q4_0, split_q4_0
 
 BACKENDS = ("c", "torch-int4", "reference")
 _SOURCE = Path(__file__).with_name("q4_0.c")
 _Q8_BLOCK_BYTES = 4 + QK4_0
-_ABI = 2
+_ABI = 3
 
 
 class KernelError(ModelError):
@@ -54,11 +58,11 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _compile(cc: str, out: Path) -> None:
+def _compile(cc: str, out: Path, cflags: tuple[str, ...] = ()) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
-    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", str(_SOURCE), "-o", tmp, "-lm"]
+    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", *cflags, str(_SOURCE), "-o", tmp, "-lm"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
@@ -69,23 +73,37 @@ def _compile(cc: str, out: Path) -> None:
             os.unlink(tmp)
 
 
-@lru_cache(maxsize=1)
-def _native() -> ctypes.CDLL:
+def _native(cflags: str | None = None) -> ctypes.CDLL:
+    """The compiled kernel library; `cflags` (default `$ST_KERNEL_CFLAGS`) are extra compiler flags."""
+    return _build(os.environ.get("ST_KERNEL_CFLAGS", "") if cflags is None else cflags)
+
+
+@lru_cache(maxsize=4)
+def _build(cflags: str) -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         raise KernelError("no C compiler found (gcc or $CC)")
+    flags = tuple(shlex.split(cflags))
     key = hashlib.sha256(
-        b"\0".join([_SOURCE.read_bytes(), cc.encode(), _cpu_flags().encode(), torch.__version__.encode()])
+        b"\0".join([_SOURCE.read_bytes(), cc.encode(), _cpu_flags().encode(), torch.__version__.encode(),
+                    " ".join(flags).encode()])
     ).hexdigest()[:16]
     lib_path = _cache_dir() / f"q4_0-{key}.so"
     if not lib_path.exists():
-        _compile(cc, lib_path)
+        _compile(cc, lib_path, flags)
     lib = ctypes.CDLL(str(lib_path))
     if lib.st_kernel_abi() != _ABI:
         raise KernelError(f"{lib_path} has ABI {lib.st_kernel_abi()}, expected {_ABI}")
     i64, vp = ctypes.c_int64, ctypes.c_void_p
     lib.st_q4_0_matmul.argtypes = [vp, i64, i64, vp, i64, vp, vp]
     lib.st_q4_0_matmul.restype = None
+    lib.st_q4_0_matvec_rows.argtypes = [vp, i64, i64, vp, i64, vp, vp, vp]
+    lib.st_q4_0_matvec_rows.restype = None
+    lib.st_q4_0_axpy_rows.argtypes = [vp, i64, i64, vp, vp, i64, vp]
+    lib.st_q4_0_axpy_rows.restype = None
+    lib.st_reglu_sparse.argtypes = [vp, vp, vp, i64, i64, i64, vp, vp, vp, vp, vp]
+    lib.st_reglu_sparse.restype = i64
+    lib.st_has_avx2.restype = ctypes.c_int
     return lib
 
 
@@ -119,6 +137,8 @@ class _Scratch:
 
 
 _scratch = _Scratch()
+_scratch_h = _Scratch()     # sparse ReGLU: gate values, then the active rows' coefficients
+_scratch_rows = _Scratch()  # sparse ReGLU: active row indices (int32)
 
 
 class Q4Matrix:
@@ -165,3 +185,122 @@ class Q4Matrix:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, QK4_0, self.scales)
             return y.to(torch.float32)
         return x.to(torch.float32) @ dequantize_q4_0(self.blocks).t()
+
+
+def transpose_q4_0(down_blocks: torch.Tensor) -> torch.Tensor:
+    """Q4_0 down [D, F/32*18] -> Q4_0 downT [F, D/32*18], blocks along D.
+
+    Dequantizes, transposes and requantizes with `model.quant.quantize_q4_0`: a second rounding,
+    so downT is not bit-equal to down (each weight moves by at most half a new step); quantize
+    the float weights transposed directly when they are at hand.
+    """
+    if down_blocks.dtype != torch.uint8 or down_blocks.dim() != 2 or down_blocks.shape[1] % Q4_0_BYTES:
+        raise ModelError(f"Q4_0 matrix expected uint8 [out, in/32*18], got {down_blocks.dtype} {tuple(down_blocks.shape)}")
+    if down_blocks.shape[0] % QK4_0:
+        raise ModelError(f"transposing needs the output dim to be a multiple of {QK4_0}, got {down_blocks.shape[0]}")
+    return quantize_q4_0(dequantize_q4_0(down_blocks).t().contiguous())
+
+
+class SparseReGLUExpert:
+    """A ReGLU expert out = down(relu(gate(y)) * up(y)) that skips the rows whose gate is <= 0.
+
+    Weights: gate and up Q4_0 [F, D/32*18] (e.g. the halves of a fused gate_up), and down stored
+    TRANSPOSED, downT Q4_0 [F, D_out/32*18] (see `transpose_q4_0`), so an active row j is one
+    contiguous row and out = sum over active j of a_j * downT[j], a_j = relu(gate_j) * up_j.
+
+    `__call__(y [T, D]) -> (out [T, D_out] float32, active)`, active = number of (token, row)
+    pairs with gate > 0 (for T = 1: the active rows of the expert). Backends:
+
+    - `c`, T = 1: one native call (`st_reglu_sparse`): gate GEMV on all F rows, up GEMV on the
+      active rows only, then the downT axpy over the active rows. y is rounded to Q8_0 as in
+      `Q4Matrix`; the axpy rounds a_j * scale(j, block) to int8 per 16 active rows and 32
+      outputs (see q4_0.c), an error of the same size as the Q8_0 rounding of activations.
+    - `c`, T > 1: gate and up as dense `Q4Matrix` products (the prefill GEMM), then per token
+      the axpy kernel over that token's active rows (the same result as over all rows: a zero
+      coefficient adds nothing, and it keeps the rounding of the T = 1 path).
+    - `torch-int4`: gate and up through `Q4Matrix(kernel="torch-int4")` (dequantized when F is
+      not a multiple of 16, which the int4 pack requires), down as a dense float32 copy of dequant(downT): out = a @ downT (zero rows of a add nothing).
+    - `reference`: everything dequantized to float32 at each call (slow; for checks).
+
+    All backends agree within rounding; a gate within rounding of 0 may count as active in one
+    backend and not another (its a_j is then ~0 and so is its contribution).
+    """
+
+    def __init__(self, gate_blocks: torch.Tensor, up_blocks: torch.Tensor, down_t_blocks: torch.Tensor,
+                 kernel: str | None = None):
+        for name, b in (("gate", gate_blocks), ("up", up_blocks), ("downT", down_t_blocks)):
+            if b.dtype != torch.uint8 or b.dim() != 2 or b.shape[1] % Q4_0_BYTES:
+                raise ModelError(f"{name}: Q4_0 matrix expected uint8 [rows, in/32*18], got {b.dtype} {tuple(b.shape)}")
+        if gate_blocks.shape != up_blocks.shape or down_t_blocks.shape[0] != gate_blocks.shape[0]:
+            raise ModelError(f"sparse ReGLU shapes disagree: gate {tuple(gate_blocks.shape)}, up {tuple(up_blocks.shape)}, "
+                             f"downT {tuple(down_t_blocks.shape)}")
+        self.kernel = kernel or backend()
+        self.ffn_features = gate_blocks.shape[0]
+        self.in_features = gate_blocks.shape[1] // Q4_0_BYTES * QK4_0
+        self.out_features = down_t_blocks.shape[1] // Q4_0_BYTES * QK4_0
+        self.gate_blocks = gate_blocks.contiguous()
+        self.up_blocks = up_blocks.contiguous()
+        self.down_t_blocks = down_t_blocks.contiguous()
+        if self.kernel == "c":
+            self._lib = _native()
+            self._gate = Q4Matrix(self.gate_blocks, "c")
+            self._up = Q4Matrix(self.up_blocks, "c")
+        elif self.kernel == "torch-int4":
+            # the int4 pack needs F % 16 == 0; otherwise gate and up run dequantized
+            packable = self.ffn_features % 16 == 0
+            self._gate = Q4Matrix(self.gate_blocks, "torch-int4" if packable else "reference")
+            self._up = Q4Matrix(self.up_blocks, "torch-int4" if packable else "reference")
+            self._down_t = dequantize_q4_0(self.down_t_blocks)
+            del self.gate_blocks, self.up_blocks, self.down_t_blocks
+
+    @classmethod
+    def from_gate_up(cls, gate_up_blocks: torch.Tensor, down_t_blocks: torch.Tensor,
+                     kernel: str | None = None) -> "SparseReGLUExpert":
+        """From a fused gate_up [2F, D/32*18] (gate rows, then up rows) and downT."""
+        f = gate_up_blocks.shape[0] // 2
+        return cls(gate_up_blocks[:f], gate_up_blocks[f:], down_t_blocks, kernel)
+
+    @property
+    def nbytes(self) -> int:
+        if self.kernel == "torch-int4":
+            return self._gate.nbytes + self._up.nbytes + self._down_t.numel() * 4
+        return self.gate_blocks.numel() + self.up_blocks.numel() + self.down_t_blocks.numel()
+
+    def __call__(self, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """y [T, D] float32 -> (out [T, D_out] float32, number of (token, row) pairs with gate > 0)."""
+        if y.dim() != 2 or y.shape[1] != self.in_features:
+            raise ModelError(f"expected activations [T, {self.in_features}], got {tuple(y.shape)}")
+        x = y.to(torch.float32).contiguous()
+        t = x.shape[0]
+        if self.kernel == "c":
+            out = torch.empty(t, self.out_features, dtype=torch.float32)
+            if t == 1:
+                f = self.ffn_features
+                xq = _scratch.get(self.in_features // QK4_0 * _Q8_BLOCK_BYTES)
+                h, rows = _scratch_h.get(4 * f), _scratch_rows.get(4 * f)
+                n = self._lib.st_reglu_sparse(
+                    self.gate_blocks.data_ptr(), self.up_blocks.data_ptr(), self.down_t_blocks.data_ptr(),
+                    self.in_features, f, self.out_features, x.data_ptr(), out.data_ptr(),
+                    xq.data_ptr(), h.data_ptr(), rows.data_ptr(),
+                )
+                return out, int(n)
+            g, u = self._gate(x), self._up(x)
+            active = g > 0
+            a = g.relu_().mul_(u)
+            for i in range(t):
+                rows = active[i].nonzero().flatten().to(torch.int32)
+                coeffs = a[i, rows.long()].contiguous()
+                self._lib.st_q4_0_axpy_rows(
+                    self.down_t_blocks.data_ptr(), self.ffn_features, self.out_features,
+                    rows.data_ptr(), coeffs.data_ptr(), rows.numel(), out[i].data_ptr(),
+                )
+            return out, int(active.sum())
+        if self.kernel == "torch-int4":
+            g, u = self._gate(x), self._up(x)
+            down_t = self._down_t
+        else:
+            g = x @ dequantize_q4_0(self.gate_blocks).t()
+            u = x @ dequantize_q4_0(self.up_blocks).t()
+            down_t = dequantize_q4_0(self.down_t_blocks)
+        active = int((g > 0).sum())
+        return g.relu_().mul_(u) @ down_t, active

@@ -14,6 +14,10 @@
  * Tiles of weight rows are split statically across the OpenMP threads. Without AVX2 a portable
  * scalar loop computes the same sums (same quantization, same integer dot products).
  *
+ * Sparse ReGLU (end of file): st_q4_0_matvec_rows (GEMV on a list of rows),
+ * st_q4_0_axpy_rows (sum of scaled rows of a transposed matrix) and st_reglu_sparse (a whole
+ * expert for one activation row: gate -> select relu > 0 -> up on those rows -> down^T axpy).
+ *
  * Built at first use by model/kernels/__init__.py with the host's own flags (-march=native);
  * threads come from the OpenMP runtime torch already loaded, so torch.set_num_threads applies.
  */
@@ -44,7 +48,7 @@ static inline uint16_t load_u16(const uint8_t *p) {
     return v;
 }
 
-int st_kernel_abi(void) { return 2; }
+int st_kernel_abi(void) { return 3; }
 
 int st_num_threads(void) { return omp_get_max_threads(); }
 
@@ -314,4 +318,281 @@ void st_q4_0_matmul(const uint8_t *w, int64_t n, int64_t k, const float *x, int6
 #endif
         }
     }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/*
+ * Sparse ReGLU (the PowerInfer trick) for one activation row: out = down(relu(gate(x)) * up(x))
+ * touching only the rows j whose gate is positive. Rules:
+ * - row index lists are int32 (`rows`), any order, repeats allowed;
+ * - `down` is stored TRANSPOSED as downT [F, D] in Q4_0 along D, so an active row j is one
+ *   contiguous row of D/32 blocks and out = sum over active j of a_j * dequant(downT[j]);
+ * - gate/up products are the GEMV above (x rounded to Q8_0 per 32 values);
+ * - the axpy over downT rounds its coefficients too, the transpose of what the GEMV does to x:
+ *   per output block b and per group of AXPY_GROUP consecutive entries of `rows`, the products
+ *   s_j = a_j * d(j, b) (d: the weight block's fp16 scale) share one float scale
+ *   max|s_j| / 127 and become int8 (round to nearest even), so the inner loop is int8 x nibble
+ *   maddubs over pairs of rows (exact int16 sums), then one float fma per output per group;
+ * - every output value is computed by one thread in a fixed order (groups in list order), so
+ *   results do not depend on the thread count; outputs are overwritten, never accumulated;
+ * - inputs must be finite (NaN/inf coefficients poison their whole group).
+ */
+#define AXPY_GROUP 16    /* rows per coefficient quantization group: 8 maddubs pairs fit int16 */
+#define AXPY_CHUNK 32    /* output blocks whose coefficients are rounded in one pass */
+
+#if defined(__AVX2__)
+/* gemv_rows over R rows given by pointer (a gathered tile); next: the following tile's rows. */
+static ALWAYS_INLINE void gemv_gather(const uint8_t *const *w, const uint8_t *const *next, int64_t row_bytes,
+                                      const block_q8 *x, int64_t nb, float *y, const int R) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
+    const __m256i ones = _mm256_set1_epi16(1), shift_hi = _mm256_setr_epi64x(0, 0, 4, 4);
+    __m256 acc[GEMV_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        /* run through the next tile's rows at twice the pace (one prefetch per 36 bytes) */
+        if (2 * b * Q4_BYTES < row_bytes)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)next[r] + 2 * b * Q4_BYTES, _MM_HINT_T0);
+        const __m256i xq = _mm256_loadu_si256((const __m256i *)x[b].qs);
+        const __m256i xc = _mm256_maddubs_epi16(eight, xq);
+        const __m256 xd = _mm256_broadcast_ss(&x[b].d);
+        for (int r = 0; r < R; r++) {
+            const uint8_t *wb = w[r] + b * Q4_BYTES;
+            const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(wb + 2)));
+            const __m256i q = _mm256_and_si256(_mm256_srlv_epi64(both, shift_hi), low4);
+            const __m256 wd = _mm256_cvtph_ps(_mm_set1_epi16((short)load_u16(wb)));
+            const __m256i pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(q, xq), xc);
+            const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(wd, xd), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[r] = hsum(acc[r]);
+}
+
+/* The int8 coefficient x nibble sums of a chunk of blocks (pass 2 of axpy_range). */
+static ALWAYS_INLINE void axpy_pass2(const uint8_t *const *p, int64_t c0b, int nblk, int16_t (*pair)[AXPY_GROUP / 2],
+                                     const int16_t *corrs, const float *scales, float *y, const int npairs) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int i = 0; i < nblk; i++) {
+        const int64_t off = (c0b + i) * Q4_BYTES;
+        __m256i lo = _mm256_set1_epi16(corrs[i]), hi = lo;   /* int16 sums, elements 0..15 / 16..31 */
+        for (int pp = 0; pp < npairs; pp++) {
+            const __m256i r0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p[2 * pp] + off + 2)));
+            const __m256i r1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p[2 * pp + 1] + off + 2)));
+            /* byte e of both rows side by side (bytes 0..7 in the low lane, 8..15 in the high
+               one): low nibbles = element e, high nibbles = element e + 16 */
+            const __m256i inter = _mm256_blend_epi32(_mm256_unpacklo_epi8(r0, r1), _mm256_unpackhi_epi8(r0, r1), 0xF0);
+            const __m256i cp = _mm256_set1_epi16(pair[i][pp]);
+            lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(inter, low4), cp));
+            hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(inter, 4), low4), cp));
+        }
+        const __m256 vs = _mm256_set1_ps(scales[i]);
+        float *yb = y + (c0b + i) * QK;
+        const __m128i part[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
+                                 _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
+        for (int e = 0; e < 4; e++)
+            _mm256_storeu_ps(yb + 8 * e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(part[e])), vs,
+                                                         _mm256_loadu_ps(yb + 8 * e)));
+    }
+}
+#endif
+
+/* Dense m = 1 tile t (GEMV_ROWS rows from t * GEMV_ROWS) of w [n, nb blocks] -> y[row]. */
+static void dense_tile(const uint8_t *w, int64_t row_bytes, int64_t n, const block_q8 *xq, int64_t nb,
+                       float *y, int64_t t) {
+    const int64_t r0 = t * GEMV_ROWS;
+    const int nrows = n - r0 < GEMV_ROWS ? (int)(n - r0) : GEMV_ROWS;
+    const uint8_t *wr = w + r0 * row_bytes;
+#if defined(__AVX2__)
+    if (nrows == GEMV_ROWS) gemv_rows(wr, row_bytes, xq, nb, y + r0, GEMV_ROWS);
+    else for (int r = 0; r < nrows; r++) gemv_rows(wr + r * row_bytes, row_bytes, xq, nb, y + r0 + r, 1);
+#else
+    for (int r = 0; r < nrows; r++) scalar_row(wr + r * row_bytes, xq, nb, 1, y + r0 + r, 1);
+#endif
+}
+
+/* Gathered tile t: yt[r] = W[rows[t * GEMV_ROWS + r]] . x for the (up to GEMV_ROWS) rows of the tile. */
+static void rows_tile(const uint8_t *w, int64_t row_bytes, const int32_t *rows, int64_t n_rows,
+                      const block_q8 *xq, int64_t nb, float *yt, int64_t t) {
+    const int64_t i0 = t * GEMV_ROWS;
+    const int nrows = n_rows - i0 < GEMV_ROWS ? (int)(n_rows - i0) : GEMV_ROWS;
+#if defined(__AVX2__)
+    const uint8_t *cur[GEMV_ROWS], *next[GEMV_ROWS];
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        const int64_t i = i0 + r, j = i0 + GEMV_ROWS + r;
+        cur[r] = w + (int64_t)rows[i < n_rows ? i : n_rows - 1] * row_bytes;
+        next[r] = w + (int64_t)rows[j < n_rows ? j : n_rows - 1] * row_bytes;
+    }
+    if (nrows == GEMV_ROWS) gemv_gather(cur, next, row_bytes, xq, nb, yt, GEMV_ROWS);
+    else for (int r = 0; r < nrows; r++) gemv_gather(cur + r, next + r, row_bytes, xq, nb, yt + r, 1);
+#else
+    for (int r = 0; r < nrows; r++) scalar_row(w + (int64_t)rows[i0 + r] * row_bytes, xq, nb, 1, yt + r, 1);
+#endif
+}
+
+/*
+ * y[b*32 .. b1*32) = sum_i coeffs[i] * dequant(w[rows[i]]) restricted to blocks [b0, b1) of the
+ * rows (see the rules above). Groups of AXPY_GROUP list entries run outermost so each group's row
+ * addresses are computed once; y (a few KB) takes the float partial sums per group.
+ */
+static void axpy_range(const uint8_t *w, int64_t row_bytes, const int32_t *rows, const float *coeffs,
+                       int64_t n_rows, int64_t b0, int64_t b1, float *y) {
+    if (b1 <= b0) return;
+    memset(y + b0 * QK, 0, (size_t)(b1 - b0) * QK * sizeof(float));
+    for (int64_t g = 0; g < n_rows; g += AXPY_GROUP) {
+        const int G = n_rows - g < AXPY_GROUP ? (int)(n_rows - g) : AXPY_GROUP;
+        const uint8_t *p[AXPY_GROUP];   /* padded with the group's last row (coefficient 0) */
+        for (int i = 0; i < AXPY_GROUP; i++) p[i] = w + (int64_t)rows[g + (i < G ? i : G - 1)] * row_bytes;
+#if defined(__AVX2__)
+        const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256 c0 = _mm256_maskload_ps(coeffs + g, _mm256_cmpgt_epi32(_mm256_set1_epi32(G), lanes));
+        const __m256 c1 = _mm256_maskload_ps(coeffs + g + 8, _mm256_cmpgt_epi32(_mm256_set1_epi32(G - 8), lanes));
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        const int npairs = (G + 1) / 2;
+        for (int64_t c0b = b0; c0b < b1; c0b += AXPY_CHUNK) {
+            const int nblk = b1 - c0b < AXPY_CHUNK ? (int)(b1 - c0b) : AXPY_CHUNK;
+            /* pass 1, the coefficients of every block of the chunk (independent chains that the
+               core overlaps); pair[i][p]: int8 coefficients of rows 2p, 2p + 1 for block i */
+            int16_t pair[AXPY_CHUNK][AXPY_GROUP / 2] __attribute__((aligned(16)));
+            float scales[AXPY_CHUNK];
+            int16_t corrs[AXPY_CHUNK];
+            for (int i = 0; i < nblk; i++) {
+                const int64_t off = (c0b + i) * Q4_BYTES;
+                const __m256 s0 = _mm256_mul_ps(c0, _mm256_cvtph_ps(_mm_setr_epi16(
+                    (short)load_u16(p[0] + off), (short)load_u16(p[1] + off), (short)load_u16(p[2] + off),
+                    (short)load_u16(p[3] + off), (short)load_u16(p[4] + off), (short)load_u16(p[5] + off),
+                    (short)load_u16(p[6] + off), (short)load_u16(p[7] + off))));
+                const __m256 s1 = _mm256_mul_ps(c1, _mm256_cvtph_ps(_mm_setr_epi16(
+                    (short)load_u16(p[8] + off), (short)load_u16(p[9] + off), (short)load_u16(p[10] + off),
+                    (short)load_u16(p[11] + off), (short)load_u16(p[12] + off), (short)load_u16(p[13] + off),
+                    (short)load_u16(p[14] + off), (short)load_u16(p[15] + off))));
+                const __m256 mx = _mm256_max_ps(_mm256_andnot_ps(sign, s0), _mm256_andnot_ps(sign, s1));
+                __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+                m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+                m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+                const float scale = _mm_cvtss_f32(m4) / 127.0f, id = scale ? 1.0f / scale : 0.0f;
+                const __m256 vid = _mm256_set1_ps(id);
+                const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(s0, vid)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(s1, vid));
+                const __m256i i01 = _mm256_add_epi32(i0, i1);
+                __m128i cs = _mm_add_epi32(_mm256_castsi256_si128(i01), _mm256_extracti128_si256(i01, 1));
+                cs = _mm_add_epi32(cs, _mm_shuffle_epi32(cs, 0x4E));
+                cs = _mm_add_epi32(cs, _mm_shuffle_epi32(cs, 0xB1));
+                /* the (q - 8) offset: start the sums at -8 * sum of the int8 coefficients; the
+                   int16 sums wrap on the way but end exact, |sum s8 * (q - 8)| <= 16*127*8 = 16256 */
+                corrs[i] = (int16_t)(-8 * _mm_cvtsi128_si32(cs));
+                scales[i] = scale;
+                const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8);
+                _mm_store_si128((__m128i *)pair[i], _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1)));
+            }
+            /* pass 2, int8 coefficients x nibbles, two rows per maddubs, then one fma per output */
+            if (npairs == AXPY_GROUP / 2) axpy_pass2(p, c0b, nblk, pair, corrs, scales, y, AXPY_GROUP / 2);
+            else axpy_pass2(p, c0b, nblk, pair, corrs, scales, y, npairs);
+        }
+#else
+        for (int64_t b = b0; b < b1; b++) {
+            const int64_t off = b * Q4_BYTES;
+            float s[AXPY_GROUP], amax = 0.0f;
+            for (int i = 0; i < G; i++) {
+                s[i] = coeffs[g + i] * fp16_to_fp32(load_u16(p[i] + off));
+                if (fabsf(s[i]) > amax) amax = fabsf(s[i]);
+            }
+            const float scale = amax / 127.0f, id = scale ? 1.0f / scale : 0.0f;
+            int32_t isum[QK];
+            int q8[AXPY_GROUP], csum = 0;
+            for (int i = 0; i < G; i++) { q8[i] = (int)lrintf(s[i] * id); csum += q8[i]; }
+            for (int e = 0; e < QK; e++) isum[e] = -8 * csum;
+            for (int i = 0; i < G; i++) {
+                const uint8_t *wb = p[i] + off + 2;
+                for (int e = 0; e < QK / 2; e++) {
+                    isum[e] += (wb[e] & 0x0F) * q8[i];
+                    isum[e + QK / 2] += (wb[e] >> 4) * q8[i];
+                }
+            }
+            float *yb = y + b * QK;
+            for (int e = 0; e < QK; e++) yb[e] += (float)isum[e] * scale;
+        }
+#endif
+    }
+}
+
+/* Blocks [lo, hi) of nb for part c of `parts` (contiguous, as even as possible). */
+static inline int64_t split_at(int64_t nb, int c, int parts) { return nb * c / parts; }
+
+/*
+ * y[i] = W[rows[i]] . x for i < n_rows. w: n rows of k/32 Q4_0 blocks; rows: int32 indices in
+ * [0, n), any order; x: k floats; xq: scratch for k/32 Q8_0 blocks (quantized here).
+ */
+void st_q4_0_matvec_rows(const uint8_t *w, int64_t n, int64_t k, const int32_t *rows, int64_t n_rows,
+                         const float *x, float *y, block_q8 *xq) {
+    (void)n;
+    const int64_t nb = k / QK, row_bytes = nb * Q4_BYTES;
+    const int64_t tiles = (n_rows + GEMV_ROWS - 1) / GEMV_ROWS;
+    const int parallel = n_rows * k >= 65536 && omp_get_max_threads() > 1;
+    #pragma omp parallel if (parallel)
+    {
+        #pragma omp single
+        quantize_row_q8_0(x, nb, xq, 0);
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) rows_tile(w, row_bytes, rows, n_rows, xq, nb, y + t * GEMV_ROWS, t);
+    }
+}
+
+/*
+ * y[k] = sum_i coeffs[i] * dequant(wT[rows[i], :]) (overwritten; all zeros when n_rows = 0).
+ * wT: n rows of k/32 Q4_0 blocks; rows: int32 indices in [0, n); coeffs: n_rows floats.
+ * The k/32 output blocks are split into contiguous ranges, one per thread (no reduction).
+ */
+void st_q4_0_axpy_rows(const uint8_t *wt, int64_t n, int64_t k, const int32_t *rows, const float *coeffs,
+                       int64_t n_rows, float *y) {
+    (void)n;
+    const int64_t nb = k / QK, row_bytes = nb * Q4_BYTES;
+    const int parallel = n_rows * k >= 65536 && nb > 1 && omp_get_max_threads() > 1;
+    #pragma omp parallel if (parallel)
+    {
+        const int parts = omp_get_num_threads(), c = omp_get_thread_num();
+        axpy_range(wt, row_bytes, rows, coeffs, n_rows, split_at(nb, c, parts), split_at(nb, c + 1, parts), y);
+    }
+}
+
+/*
+ * The whole sparse ReGLU expert for one activation row, in one call:
+ *   g = gate . x (all f rows); active = {j : g_j > 0} in increasing j; a_j = g_j * (up[j] . x)
+ *   for active j only; out = sum over active j of a_j * dequant(down_t[j]).
+ * gate, up: f rows of d/32 Q4_0 blocks (e.g. the two halves of a fused gate_up matrix);
+ * down_t: f rows of d_out/32 blocks (down transposed); x: d floats; out: d_out floats
+ * (overwritten). Scratch from the caller: xq (d/32 Q8_0 blocks), h (f floats; on return
+ * h[0..n) = a of the active rows), rows (f int32; on return rows[0..n) = the active rows).
+ * Returns n, the number of active rows.
+ */
+int64_t st_reglu_sparse(const uint8_t *gate, const uint8_t *up, const uint8_t *down_t, int64_t d, int64_t f,
+                        int64_t d_out, const float *x, float *out, block_q8 *xq, float *h, int32_t *rows) {
+    const int64_t nb = d / QK, row_bytes = nb * Q4_BYTES;
+    const int64_t nb_out = d_out / QK, out_row_bytes = nb_out * Q4_BYTES;
+    const int64_t tiles = (f + GEMV_ROWS - 1) / GEMV_ROWS;
+    int64_t n_active = 0;
+    const int parallel = f * d >= 65536 && omp_get_max_threads() > 1;
+    #pragma omp parallel if (parallel)
+    {
+        #pragma omp single
+        quantize_row_q8_0(x, nb, xq, 0);
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) dense_tile(gate, row_bytes, f, xq, nb, h, t);
+        #pragma omp single
+        {
+            int64_t n = 0;   /* compact in place: n <= j, so h[j] is read before anything overwrites it */
+            for (int64_t j = 0; j < f; j++)
+                if (h[j] > 0.0f) { rows[n] = (int32_t)j; h[n] = h[j]; n++; }
+            n_active = n;
+        }
+        const int64_t n_act = n_active;
+        const int64_t atiles = (n_act + GEMV_ROWS - 1) / GEMV_ROWS;
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < atiles; t++) {
+            float u[GEMV_ROWS];
+            rows_tile(up, row_bytes, rows, n_act, xq, nb, u, t);
+            for (int r = 0; r < GEMV_ROWS && t * GEMV_ROWS + r < n_act; r++) h[t * GEMV_ROWS + r] *= u[r];
+        }
+        const int parts = omp_get_num_threads(), c = omp_get_thread_num();
+        axpy_range(down_t, out_row_bytes, rows, h, n_act, split_at(nb_out, c, parts), split_at(nb_out, c + 1, parts), out);
+    }
+    return n_active;
 }
