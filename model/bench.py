@@ -88,6 +88,8 @@ def run_bench(package: str | Path, *, memory_budget_bytes: int | None = None, pr
         "expert_cache_misses": stats["expert_cache_misses"],
         "prefetch_hits": stats["prefetch_hits"],
         "bytes_read": stats["bytes_read"],
+        "sparse_reglu": store.sparse,
+        "activation_sparsity": stats["activation_sparsity"],
         "distinct_experts_per_layer": {"min": min(per_layer), "median": statistics.median(per_layer),
                                        "max": max(per_layer)},
     }

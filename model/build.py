@@ -33,10 +33,16 @@ _FP32_SUFFIXES = ("layernorm.weight", "norm.weight", "primary_router.weight")
 Progress = Callable[[int, int, str], None]  # (done, total, label)
 
 
-def _convert(name: str, t: torch.Tensor, quant: str) -> torch.Tensor:
+def _convert(name: str, t: torch.Tensor, quant: str, transpose: bool) -> torch.Tensor:
     if name.endswith(_FP32_SUFFIXES):
         return t.to(torch.float32)
+    if transpose:  # quantized from the float weights along the other axis: one rounding, not two
+        t = t.t().contiguous()
     return quantize_q4_0(t) if quant == "q4_0" else t.to(torch.bfloat16)
+
+
+def _is_expert_down(name: str) -> bool:
+    return ".block_sparse_moe.experts." in name and name.endswith(".down.weight")
 
 
 def _shard_plan(cfg: ModelConfig, source) -> list[tuple[str, str, list[str], dict]]:
@@ -52,8 +58,12 @@ def _shard_plan(cfg: ModelConfig, source) -> list[tuple[str, str, list[str], dic
 
 def build_package(source, out: str | Path, *, quant: str = "q4_0", name: str, version: str,
                   progress: Progress | None = None, health_min_tokens_per_s: float = 0.0,
-                  health_max_rss_bytes: int | None = None) -> ModelManifest:
-    """Quantize `source` (HFCheckpoint or RandomWeights) into a package at `out`."""
+                  health_max_rss_bytes: int | None = None, sparse_down: bool = False) -> ModelManifest:
+    """Quantize `source` (HFCheckpoint or RandomWeights) into a package at `out`.
+
+    `sparse_down` stores every expert's down matrix transposed ([F, D], Q4_0 blocks along D; the
+    manifest lists them under `transposed`) so the engine's sparse ReGLU reads only active rows.
+    """
     from model.engine import Engine  # the engine loads the package we just wrote
 
     if quant not in ("q4_0", "bf16"):
@@ -66,6 +76,11 @@ def build_package(source, out: str | Path, *, quant: str = "q4_0", name: str, ve
     cfg = source.config
     if quant == "q4_0":
         cfg.check_quantizable()
+    if sparse_down and quant != "q4_0":
+        raise ConfigError("--sparse-down needs q4_0 (the sparse ReGLU kernels run on Q4_0 blocks)")
+    if sparse_down and cfg.hidden_size % 32:
+        raise ConfigError(f"--sparse-down needs hidden_size to be a multiple of 32, got {cfg.hidden_size}")
+    transposed: list[str] = []
     if cfg.vocab_size < BYTE_EOS + 1 and source.tokenizer_file is None:
         raise ConfigError(f"vocab_size {cfg.vocab_size} is too small for the byte tokenizer (needs {BYTE_EOS + 1})")
     plan = _shard_plan(cfg, source)
@@ -81,7 +96,10 @@ def build_package(source, out: str | Path, *, quant: str = "q4_0", name: str, ve
                 shape = expected_shape(cfg, tname)
                 if tuple(t.shape) != shape:
                     raise CheckpointError(f"{tname}: shape {tuple(t.shape)}, config expects {shape}")
-                tensors[tname] = _convert(tname, t, quant)
+                transpose = sparse_down and _is_expert_down(tname)
+                tensors[tname] = _convert(tname, t, quant, transpose)
+                if transpose:
+                    transposed.append(tname)
             writer.add_shard(shard, kind, tensors, **fields)
         if source.tokenizer_file is not None:
             sha, size = writer.add_file(source.tokenizer_file, "tokenizer.json")
@@ -89,7 +107,7 @@ def build_package(source, out: str | Path, *, quant: str = "q4_0", name: str, ve
         else:
             tok = TokenizerSpec("byte", bos_id=BYTE_BOS, eos_id=BYTE_EOS)
         manifest = ModelManifest(name=name, version=version, config=cfg.to_hf_dict(), quant=quant,
-                                 tokenizer=tok, shards=tuple(writer.shards))
+                                 tokenizer=tok, shards=tuple(writer.shards), transposed=tuple(transposed))
         writer.write_manifest(manifest)
         report(len(plan), total, "golden outputs")
         engine = Engine.load(writer.tmp)

@@ -123,6 +123,7 @@ class Engine:
         tf = self.transformer
         tf.setup_caches(ids.numel() + max_new_tokens)
         counters0 = tf.experts.stats()
+        activity0 = tf.activity()
         reset_peak_rss()
         stats = {"prompt_tokens": ids.numel(), "completion_tokens": 0, "prefill_ms": 0.0, "decode_ms": 0.0}
         self.last_stats = stats
@@ -150,3 +151,5 @@ class Engine:
             stats["peak_rss_bytes"] = peak_rss_bytes()
             counters = tf.experts.stats()
             stats.update({k: counters[k] - counters0.get(k, 0) for k in counters})
+            (active, rows), (active0, rows0) = tf.activity(), activity0
+            stats["activation_sparsity"] = 1 - (active - active0) / (rows - rows0) if rows > rows0 else None

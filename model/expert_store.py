@@ -34,7 +34,8 @@ import torch
 from manifests import ModelManifest, ShardEntry
 from model.errors import BudgetError, IntegrityError, PackageError
 from model.matrices import make_matrix
-from model.model import ExpertWeights
+from model.kernels import SparseReGLUExpert
+from model.model import Expert, ExpertWeights
 from model.package import expert_tensor_names
 
 _PARTS = ("gate", "up", "down")
@@ -145,11 +146,12 @@ def _read_layout(package_dir: Path, entry: ShardEntry, part_bytes: tuple[int, ..
     return _Layout(path, tuple(ranges), head + header_json)
 
 
-def _part_shapes(cfg, quant: str) -> tuple[tuple[int, int], ...]:
-    """Stored shapes of gate, up, down: Q4_0 blocks (uint8) or bf16 elements."""
+def _part_shapes(cfg, quant: str, transposed_down: bool = False) -> tuple[tuple[int, int], ...]:
+    """Stored shapes of gate, up, down (or downT): Q4_0 blocks (uint8) or bf16 elements."""
     D, Fh = cfg.hidden_size, cfg.moe_ffn_hidden_size
     if quant == "q4_0":
-        return ((Fh, D // 32 * 18), (Fh, D // 32 * 18), (D, Fh // 32 * 18))
+        down = (Fh, D // 32 * 18) if transposed_down else (D, Fh // 32 * 18)
+        return ((Fh, D // 32 * 18), (Fh, D // 32 * 18), down)
     return ((Fh, D), (Fh, D), (D, Fh))
 
 
@@ -161,7 +163,7 @@ def expert_bytes(cfg, quant: str) -> int:
 
 # ---- the store --------------------------------------------------------------------------------
 class _Slot:
-    def __init__(self, index: int, buf: torch.Tensor, weights: ExpertWeights):
+    def __init__(self, index: int, buf: torch.Tensor, weights: Expert | None):
         self.index, self.buf, self.weights = index, buf, weights
         self.key = None
         self.ready = threading.Event()
@@ -183,7 +185,14 @@ class ExpertStore:
             missing = sorted(expected - set(self.entries))[:1]
             raise PackageError(f"manifest lacks expert shards, e.g. layer {missing[0][0]} expert {missing[0][1]}"
                                if missing else "manifest lists experts the config does not have")
-        self.shapes = _part_shapes(config, manifest.quant)
+        down_names = {expert_tensor_names(i, e)["down"] for i, e in self.entries}
+        transposed = down_names & set(manifest.transposed)
+        if transposed and transposed != down_names:
+            raise PackageError("manifest transposes the down matrix of some experts but not all")
+        self.sparse = bool(transposed)  # down stored [F, D]: sparse ReGLU over active rows
+        if self.sparse and manifest.quant != "q4_0":
+            raise PackageError("transposed expert down matrices need quant q4_0")
+        self.shapes = _part_shapes(config, manifest.quant, self.sparse)
         dtype, itemsize = (torch.uint8, 1) if manifest.quant == "q4_0" else (torch.bfloat16, 2)
         self.part_bytes = tuple(r * c * itemsize for r, c in self.shapes)
         self.expert_bytes = expert_bytes(config, manifest.quant)
@@ -194,6 +203,7 @@ class ExpertStore:
             raise BudgetError(f"expert budget {budget_bytes} bytes holds {n_slots} experts; "
                               f"a layer needs {minimum} ({minimum * self.expert_bytes} bytes)")
         self.kernel, self.dtype = kernel, dtype
+        self.repacks = kernel == "torch-int4"  # its matrices are packed copies: rebuilt after each read
         self.slots = [self._make_slot(i) for i in range(n_slots)]
         self.free = list(reversed(self.slots))
         self.where: dict = {}  # (layer, expert) -> slot
@@ -212,15 +222,18 @@ class ExpertStore:
 
     def _make_slot(self, index: int) -> _Slot:
         buf = torch.empty(self.expert_bytes // (1 if self.dtype == torch.uint8 else 2), dtype=self.dtype)
-        views, offset = [], 0
-        for rows, cols in self.shapes:
-            views.append(buf[offset:offset + rows * cols].view(rows, cols))
-            offset += rows * cols
-        gate_up = buf[: views[0].numel() + views[1].numel()].view(2 * self.shapes[0][0], self.shapes[0][1])
+        return _Slot(index, buf, None if self.repacks else self._expert_over(buf))
+
+    def _expert_over(self, buf: torch.Tensor) -> Expert:
+        """The expert whose weights are views of `buf` (gate rows, up rows, down or downT)."""
+        (f, cols), _, down_shape = self.shapes
+        gate_up = buf[: 2 * f * cols].view(2 * f, cols)
+        down = buf[2 * f * cols:].view(*down_shape)
+        if self.sparse:
+            return SparseReGLUExpert.from_gate_up(gate_up, down, self.kernel)
         quant = self.manifest.quant
-        weights = ExpertWeights(gate_up=make_matrix(gate_up, quant, "gate_up", self.kernel),
-                                down=make_matrix(views[2], quant, "down", self.kernel))
-        return _Slot(index, buf, weights)
+        return ExpertWeights(gate_up=make_matrix(gate_up, quant, "gate_up", self.kernel),
+                             down=make_matrix(down, quant, "down", self.kernel))
 
     @property
     def nbytes(self) -> int:
@@ -255,6 +268,8 @@ class ExpertStore:
             self.storage.wait(self.expert_bytes, started)
         if key not in self.verified:
             self._verify(key, layout)
+        if self.repacks:
+            slot.weights = self._expert_over(slot.buf)
         self.bytes_read += self.expert_bytes
         self.read_seconds += time.perf_counter() - started
 

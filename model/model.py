@@ -34,14 +34,28 @@ class Matrix(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
+class Expert(Protocol):
+    """A ReGLU expert: y [T, D] -> (out [T, D], active (token, row) pairs, or None if not counted)."""
+
+    nbytes: int
+
+    def __call__(self, y: torch.Tensor) -> tuple[torch.Tensor, int | None]: ...
+
+
 @dataclass
 class ExpertWeights:
+    """The dense expert: down(relu(gate(y)) * up(y)) with down in HF [D, F] order."""
+
     gate_up: Matrix  # [2F, D]: gate rows, then up rows (one product per expert)
     down: Matrix  # [D, F]
 
     @property
     def nbytes(self) -> int:
         return self.gate_up.nbytes + self.down.nbytes
+
+    def __call__(self, y: torch.Tensor) -> tuple[torch.Tensor, None]:
+        gate, up = self.gate_up(y).chunk(2, dim=-1)  # [T, F] each
+        return self.down(gate.relu_().mul_(up)), None
 
 
 class ExpertSource(Protocol):
@@ -50,7 +64,7 @@ class ExpertSource(Protocol):
 
     def prefetch(self, layer: int, expert_ids: list[int]) -> None: ...
 
-    def use(self, layer: int, expert: int) -> ContextManager[ExpertWeights]: ...
+    def use(self, layer: int, expert: int) -> ContextManager[Expert]: ...
 
     def settle(self) -> None: ...
 
@@ -140,6 +154,12 @@ class Block:
         self.scale = cfg.head_dim ** -0.5
         self.router_bias: torch.Tensor | None = None  # [E], benchmarks only (see model/bench.py)
         self.expert_log: set | None = None  # experts used, when a benchmark tracks them
+        self.active_rows = self.expert_rows = 0  # sparse ReGLU: rows computed / rows an expert has
+
+    def _count(self, active: int | None, tokens: int) -> None:
+        if active is not None:
+            self.active_rows += active
+            self.expert_rows += tokens * self.cfg.moe_ffn_hidden_size
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts and their weights [T, K] from the pre-norm residual h [T, D]."""
@@ -185,16 +205,19 @@ class Block:
         if y.shape[0] == 1:
             out = None
             for e, wk in zip(id_list, weights[0].tolist()):
-                with experts.use(self.index, e) as ex:
-                    contrib = expert_ffn(ex, y).mul_(wk)
+                with experts.use(self.index, e) as expert:
+                    contrib, active = expert(y)
+                self._count(active, 1)
+                contrib.mul_(wk)
                 out = contrib if out is None else out.add_(contrib)
             return out
         out = torch.zeros_like(y)  # [T, D]
         for e in id_list:
             rows, slot = (ids == e).nonzero(as_tuple=True)
-            with experts.use(self.index, e) as ex:
-                contrib = expert_ffn(ex, y[rows]) * weights[rows, slot, None]
-            out.index_add_(0, rows, contrib)
+            with experts.use(self.index, e) as expert:
+                contrib, active = expert(y[rows])
+            self._count(active, rows.numel())
+            out.index_add_(0, rows, contrib * weights[rows, slot, None])
         return out
 
     def forward(self, h: torch.Tensor, pos0: int, cache: KVCache, rope, experts: ExpertSource) -> torch.Tensor:
@@ -206,12 +229,6 @@ class Block:
         h = h + self.attention(rms_norm(h, self.w.input_norm, self.cfg.rms_norm_eps), pos0, cache, rope)
         y = rms_norm(h, self.w.post_norm, self.cfg.rms_norm_eps)
         return h.add_(self.moe(y, ids, weights, experts, id_list))
-
-
-def expert_ffn(ex: ExpertWeights, y: torch.Tensor) -> torch.Tensor:
-    """ReGLU expert: down(relu(gate(y)) * up(y)); y [T, D] -> [T, D]."""
-    gate, up = ex.gate_up(y).chunk(2, dim=-1)  # [T, F] each
-    return ex.down(gate.relu_().mul_(up))
 
 
 class Transformer:
@@ -230,6 +247,10 @@ class Transformer:
         cos, sin = rope_tables(torch.arange(max_seq_len), cfg.head_dim, cfg.rope_theta)
         self.rope = (cos[:, None, :], sin[:, None, :])  # [S_max, 1, Hd]
         self.pos = 0
+
+    def activity(self) -> tuple[int, int]:
+        """(rows computed, rows the used experts have) summed over layers, for sparse ReGLU."""
+        return sum(b.active_rows for b in self.blocks), sum(b.expert_rows for b in self.blocks)
 
     @staticmethod
     def kv_cache_bytes(cfg: ModelConfig, context_len: int) -> int:

@@ -26,6 +26,7 @@ def build(
     version: Optional[str] = typer.Option(None, "--version", help="Semantic version, e.g. 1.0.0."),
     health_min_tps: float = typer.Option(0.0, "--health-min-tokens-per-s", help="Health gate: minimum decode tokens/s."),
     health_max_rss: Optional[str] = typer.Option(None, "--health-max-rss", help="Health gate: maximum peak RSS, e.g. 1GiB."),
+    sparse_down: bool = typer.Option(False, "--sparse-down", help="Store expert down matrices transposed for sparse ReGLU."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Build a quantized model package.
@@ -40,7 +41,7 @@ def build(
         fail("choose exactly one source: --from-hf DIR, --demo, or --preset NAME --random-weights")
     if preset is not None and not random_weights:
         fail("--preset needs --random-weights (presets have no released weights here)")
-    kw = dict(quant=quant, health_min_tokens_per_s=health_min_tps,
+    kw = dict(quant=quant, health_min_tokens_per_s=health_min_tps, sparse_down=sparse_down,
               health_max_rss_bytes=parse_size(health_max_rss) if health_max_rss else None)
     if name:
         kw["name"] = name
