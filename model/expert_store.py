@@ -203,7 +203,8 @@ class ExpertStore:
             raise BudgetError(f"expert budget {budget_bytes} bytes holds {n_slots} experts; "
                               f"a layer needs {minimum} ({minimum * self.expert_bytes} bytes)")
         self.kernel, self.dtype = kernel, dtype
-        self.repacks = kernel == "torch-int4"  # its matrices are packed copies: rebuilt after each read
+        # torch-int4 matrices are packed copies, bf16 ones float32 copies: rebuilt after each read
+        self.repacks = kernel == "torch-int4" or manifest.quant != "q4_0"
         self.slots = [self._make_slot(i) for i in range(n_slots)]
         self.free = list(reversed(self.slots))
         self.where: dict = {}  # (layer, expert) -> slot
