@@ -134,7 +134,9 @@ class PackageWriter:
         self.out = Path(out)
         if self.out.exists():
             raise PackageError(f"{self.out}: already exists; refusing to overwrite")
+        missing = [p for p in [self.out.parent, *self.out.parent.parents] if not p.exists()]
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.created_parents = missing  # removed again by abort(), innermost first
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
         (self.tmp / SHARDS_DIR).mkdir()
         self.shards: list[ShardEntry] = []
@@ -167,6 +169,11 @@ class PackageWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        for parent in self.created_parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
 
 def with_health(manifest: ModelManifest, health) -> ModelManifest:

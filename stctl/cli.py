@@ -9,7 +9,8 @@ from stctl.cli_model import app as model_app
 
 app = typer.Typer(
     name="stctl",
-    help="Build, sign and publish SmallThinker models, and roll them out to a fleet of factory PCs.",
+    help="Build, sign and publish SmallThinker models, and roll them out to a fleet of factory PCs.\n\n"
+    "Example: stctl model build --demo --out demo-v1",
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -42,6 +43,10 @@ app.add_typer(cli_release.repo_app, name="repo")
 app.add_typer(cli_release.keys_app, name="keys")
 app.add_typer(cli_release.bundle_app, name="bundle")
 
+from stctl.cli_device import device_app  # noqa: E402
+
+app.add_typer(device_app, name="device")
+
 
 def main() -> None:
     app()
@@ -49,3 +54,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+# Fleet commands: `device list`, `rollout ...`, `health`, `telemetry ...` (stctl/cli_fleet.py).
+from stctl import cli_fleet  # noqa: E402
+
+cli_fleet.register(app)

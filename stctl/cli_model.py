@@ -8,7 +8,8 @@ import typer
 
 from stctl.cli_common import console, fail, handles_errors, print_json, progress_bar
 
-app = typer.Typer(help="Build, run, benchmark and export model packages.", no_args_is_help=True)
+app = typer.Typer(help="Build, run, benchmark and export model packages.\n\n"
+                  "Example: stctl model run demo-v1 --prompt 'Torque check' --json", no_args_is_help=True)
 
 
 @app.command("build")

@@ -11,9 +11,13 @@ from stctl.cli_common import console, handles_errors, print_json, progress_bar
 from stctl.cli_model import app as model_app
 from stctl.workspace import ENV_WORKSPACE, open_workspace
 
-repo_app = typer.Typer(help="Serve and maintain the signed TUF repository.", no_args_is_help=True)
-keys_app = typer.Typer(help="Manage the repository's signing keys.", no_args_is_help=True)
-bundle_app = typer.Typer(help="Offline bundles for air-gapped sites.", no_args_is_help=True)
+repo_app = typer.Typer(help="Serve and maintain the signed TUF repository.\n\n"
+                       "Example: stctl repo serve --port 8080", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage the repository's signing keys.\n\nExample: stctl keys rotate targets",
+                       no_args_is_help=True)
+bundle_app = typer.Typer(help="Offline bundles for air-gapped sites.\n\n"
+                         "Example: stctl bundle export --model st-demo --version 2.0.0 --from-version 1.0.0 -o v2.bundle",
+                         no_args_is_help=True)
 
 
 def _workspace_option() -> Optional[Path]:

@@ -163,9 +163,15 @@ class Q4Matrix:
         return self.blocks.numel()
 
     def _pack_int4(self) -> None:
+        """Repack for torch's int4 kernel, whose rows come in multiples of 16: padding rows hold
+        q = 8 with scale 0 (weight 0) and are sliced off the product."""
         d, q = split_q4_0(self.blocks)  # [N, nb], [N, K]
+        pad = -self.out_features % 16
+        if pad:
+            q = torch.cat([q, torch.full((pad, q.shape[1]), 8, dtype=q.dtype)])
+            d = torch.cat([d, torch.zeros(pad, d.shape[1], dtype=d.dtype)])
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
-        scale = d.t().contiguous()  # [nb, N]
+        scale = d.t().contiguous()  # [nb, N + pad]
         self.scales = torch.stack([scale, torch.zeros_like(scale)], dim=-1).to(torch.bfloat16).contiguous()
         del self.blocks
 
@@ -183,7 +189,7 @@ class Q4Matrix:
             return y
         if self.kernel == "torch-int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, QK4_0, self.scales)
-            return y.to(torch.float32)
+            return y[:, : self.out_features].to(torch.float32)
         return x.to(torch.float32) @ dequantize_q4_0(self.blocks).t()
 
 
