@@ -21,7 +21,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +80,7 @@ def export_gguf(package_dir: str | os.PathLike, out_path: str | os.PathLike,
     manifest = read_manifest(package_dir)
     cfg = _exportable_config(manifest)
     notes = _llama_cpp_notes(cfg)
-    head = load_shard(package_dir, _entry(manifest, HEAD_SHARD))
-    plan = _tensor_plan(package_dir, manifest, cfg, head)
+    plan = _tensor_plan(package_dir, manifest, cfg)
     report = progress or (lambda done, total, label: None)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -128,9 +127,12 @@ def _write_file(path: Path, package_dir: Path, manifest: ModelManifest, cfg: Mod
 # ---- what can be exported ----------------------------------------------------------------------
 def _exportable_config(manifest: ModelManifest) -> ModelConfig:
     if manifest.quant != "q4_0":
-        raise PackageError(f"package quant is {manifest.quant}; GGUF export copies Q4_0 blocks and needs a q4_0 package")
+        raise PackageError(f"package quant is {manifest.quant}; GGUF export copies Q4_0 blocks, "
+                           "so it needs a q4_0 package")
     if manifest.transposed:
-        raise PackageError("package stores transposed matrices; GGUF export needs HF [out, in] rows")
+        raise PackageError(f"package stores {len(manifest.transposed)} matrices transposed (built with --sparse-down); "
+                           "their Q4_0 blocks run along the other dimension and would need re-quantizing, so "
+                           "export a package built without --sparse-down")
     try:
         cfg = ModelConfig.from_hf_dict(manifest.config)
         cfg.check_quantizable()
@@ -152,9 +154,10 @@ def llama_cpp_rope_layout(cfg: ModelConfig) -> tuple[int, ...]:
 
 
 def _llama_cpp_notes(cfg: ModelConfig) -> list[str]:
-    if any(cfg.sliding_window_layout) and cfg.sliding_window_size != LLAMA_CPP_SWA_WINDOW:
-        return [f"llama.cpp slides a {LLAMA_CPP_SWA_WINDOW}-token window, the package {cfg.sliding_window_size}: "
-                f"outputs agree only while the context is at most {min(cfg.sliding_window_size, LLAMA_CPP_SWA_WINDOW)} tokens"]
+    window = cfg.sliding_window_size
+    if any(cfg.sliding_window_layout) and window != LLAMA_CPP_SWA_WINDOW:
+        return [f"llama.cpp slides a {LLAMA_CPP_SWA_WINDOW}-token window, the package {window}: outputs agree "
+                f"only while the context is at most {min(window, LLAMA_CPP_SWA_WINDOW)} tokens"]
     return []
 
 
@@ -284,62 +287,78 @@ def _q4_shape(out_f: int, in_f: int) -> tuple[int, int]:
     return out_f, in_f // QK4_0 * Q4_0_BYTES
 
 
-def _tensor_plan(package_dir: Path, manifest: ModelManifest, cfg: ModelConfig,
-                 head: dict[str, torch.Tensor]) -> list[_Tensor]:
-    """Every GGUF tensor in file order, each with a loader that reads (and verifies) its shard then."""
-    D, V, E, F = cfg.hidden_size, cfg.vocab_size, cfg.moe_num_primary_experts, cfg.moe_ffn_hidden_size
-    Q4, F32 = GGMLQuantizationType.Q4_0, GGMLQuantizationType.F32
+class _Shard:
+    """One shard, read and verified on first use; each tensor is released once handed out."""
 
-    def from_shard(shard: str, tensor: str) -> Loader:
-        return lambda: _pick(load_shard(package_dir, _entry(manifest, shard)), tensor)
+    def __init__(self, package_dir: Path, manifest: ModelManifest, name: str):
+        self.package_dir, self.entry = package_dir, _entry(manifest, name)
+        self._tensors: dict[str, torch.Tensor] | None = None
 
-    plan = [_Tensor("token_embd.weight", _q4_shape(V, D), Q4, from_shard(EMBED_SHARD, EMBED_TENSOR)),
-            _Tensor("output_norm.weight", (D,), F32, lambda: _pick(head, NORM_TENSOR))]
-    if not cfg.tie_word_embeddings and LM_HEAD_TENSOR in head:
-        plan.append(_Tensor("output.weight", _q4_shape(V, D), Q4, lambda: _pick(head, LM_HEAD_TENSOR)))
-    for i in range(cfg.num_hidden_layers):
-        n, blk, shard = layer_tensor_names(i), f"blk.{i}", layer_shard(i)
-        plan += [
-            _Tensor(f"{blk}.attn_norm.weight", (D,), F32, from_shard(shard, n["input_layernorm"])),
-            _Tensor(f"{blk}.attn_q.weight", _q4_shape(cfg.q_dim, D), Q4, from_shard(shard, n["q_proj"])),
-            _Tensor(f"{blk}.attn_k.weight", _q4_shape(cfg.kv_dim, D), Q4, from_shard(shard, n["k_proj"])),
-            _Tensor(f"{blk}.attn_v.weight", _q4_shape(cfg.kv_dim, D), Q4, from_shard(shard, n["v_proj"])),
-            _Tensor(f"{blk}.attn_output.weight", _q4_shape(D, cfg.q_dim), Q4, from_shard(shard, n["o_proj"])),
-            _Tensor(f"{blk}.ffn_norm.weight", (D,), F32, from_shard(shard, n["post_attention_layernorm"])),
-            _Tensor(f"{blk}.ffn_gate_inp.weight", (E, D), F32, from_shard(shard, n["router"])),
-        ]
-        experts = _ExpertStack(package_dir, manifest, i, E)
-        plan += [
-            _Tensor(f"{blk}.ffn_gate_exps.weight", (E, *_q4_shape(F, D)), Q4, lambda s=experts: s.take("gate")),
-            _Tensor(f"{blk}.ffn_up_exps.weight", (E, *_q4_shape(F, D)), Q4, lambda s=experts: s.take("up")),
-            _Tensor(f"{blk}.ffn_down_exps.weight", (E, *_q4_shape(D, F)), Q4, lambda s=experts: s.take("down")),
-        ]
-    return plan
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            self._tensors = load_shard(self.package_dir, self.entry)
+        return self._tensors
+
+    def take(self, name: str) -> np.ndarray:
+        if name not in self.tensors:
+            raise PackageError(f"{self.entry.file}: tensor {name} missing")
+        return _as_numpy(self.tensors.pop(name))
 
 
 class _ExpertStack:
     """A layer's experts read once, handed out as [E, out, bytes] stacks, each released once taken."""
 
     def __init__(self, package_dir: Path, manifest: ModelManifest, layer: int, n_experts: int):
-        self.package_dir, self.manifest, self.layer, self.n_experts = package_dir, manifest, layer, n_experts
+        self.shards = [(_Shard(package_dir, manifest, expert_shard(layer, e)), expert_tensor_names(layer, e))
+                       for e in range(n_experts)]
         self.stacks: dict[str, np.ndarray] | None = None
-
-    def _read(self) -> Iterator[dict[str, torch.Tensor]]:
-        for e in range(self.n_experts):
-            tensors = load_shard(self.package_dir, _entry(self.manifest, expert_shard(self.layer, e)))
-            yield {part: _pick(tensors, name) for part, name in expert_tensor_names(self.layer, e).items()}
 
     def take(self, part: str) -> np.ndarray:
         if self.stacks is None:
-            experts = list(self._read())
+            experts = [{p: shard.take(name) for p, name in names.items()} for shard, names in self.shards]
             self.stacks = {p: np.stack([ex[p] for ex in experts]) for p in ("gate", "up", "down")}
         return self.stacks.pop(part)
 
 
-def _pick(tensors: dict[str, torch.Tensor], name: str) -> np.ndarray:
-    if name not in tensors:
-        raise PackageError(f"tensor {name} missing from its shard")
-    t = tensors[name]
+def _tensor_plan(package_dir: Path, manifest: ModelManifest, cfg: ModelConfig) -> list[_Tensor]:
+    """Every GGUF tensor in file order, each with a loader that reads (and verifies) its shard then."""
+    D, V = cfg.hidden_size, cfg.vocab_size
+    Q4, F32 = GGMLQuantizationType.Q4_0, GGMLQuantizationType.F32
+    embed, head = _Shard(package_dir, manifest, EMBED_SHARD), _Shard(package_dir, manifest, HEAD_SHARD)
+    plan = [_Tensor("token_embd.weight", _q4_shape(V, D), Q4, _loader(embed, EMBED_TENSOR)),
+            _Tensor("output_norm.weight", (D,), F32, _loader(head, NORM_TENSOR))]
+    if not cfg.tie_word_embeddings and LM_HEAD_TENSOR in head.tensors:  # as the engine decides
+        plan.append(_Tensor("output.weight", _q4_shape(V, D), Q4, _loader(head, LM_HEAD_TENSOR)))
+    for i in range(cfg.num_hidden_layers):
+        plan += _layer_plan(i, cfg, _Shard(package_dir, manifest, layer_shard(i)),
+                            _ExpertStack(package_dir, manifest, i, cfg.moe_num_primary_experts))
+    return plan
+
+
+def _layer_plan(i: int, cfg: ModelConfig, layer: _Shard, experts: _ExpertStack) -> list[_Tensor]:
+    D, E, F = cfg.hidden_size, cfg.moe_num_primary_experts, cfg.moe_ffn_hidden_size
+    Q4, F32 = GGMLQuantizationType.Q4_0, GGMLQuantizationType.F32
+    n, blk = layer_tensor_names(i), f"blk.{i}"
+    return [
+        _Tensor(f"{blk}.attn_norm.weight", (D,), F32, _loader(layer, n["input_layernorm"])),
+        _Tensor(f"{blk}.attn_q.weight", _q4_shape(cfg.q_dim, D), Q4, _loader(layer, n["q_proj"])),
+        _Tensor(f"{blk}.attn_k.weight", _q4_shape(cfg.kv_dim, D), Q4, _loader(layer, n["k_proj"])),
+        _Tensor(f"{blk}.attn_v.weight", _q4_shape(cfg.kv_dim, D), Q4, _loader(layer, n["v_proj"])),
+        _Tensor(f"{blk}.attn_output.weight", _q4_shape(D, cfg.q_dim), Q4, _loader(layer, n["o_proj"])),
+        _Tensor(f"{blk}.ffn_norm.weight", (D,), F32, _loader(layer, n["post_attention_layernorm"])),
+        _Tensor(f"{blk}.ffn_gate_inp.weight", (E, D), F32, _loader(layer, n["router"])),
+        _Tensor(f"{blk}.ffn_gate_exps.weight", (E, *_q4_shape(F, D)), Q4, _loader(experts, "gate")),
+        _Tensor(f"{blk}.ffn_up_exps.weight", (E, *_q4_shape(F, D)), Q4, _loader(experts, "up")),
+        _Tensor(f"{blk}.ffn_down_exps.weight", (E, *_q4_shape(D, F)), Q4, _loader(experts, "down")),
+    ]
+
+
+def _loader(source: _Shard | _ExpertStack, key: str) -> Loader:
+    return lambda: source.take(key)
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if t.dtype == torch.uint8 else t.to(torch.float32).numpy()
 
 
