@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from stctl.cli_common import console, fail, handles_errors, print_json, progress_bar
+from stctl.cli_common import console, err_console, fail, handles_errors, print_json, progress_bar
 
 app = typer.Typer(help="Build, run, benchmark and export model packages.\n\n"
                   "Example: stctl model run demo-v1 --prompt 'Torque check' --json", no_args_is_help=True)
@@ -133,6 +133,8 @@ def export_gguf(
         print_json(info)
     else:
         console.print(f"wrote {out} ({info['tensors']} tensors, {info['bytes']} bytes)")
+        for note in info["llama_cpp_notes"]:
+            err_console.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
 @app.command("bench")
