@@ -44,14 +44,15 @@ def stctl(*args: str, timeout: float = 7200) -> dict:
     return json.loads(proc.stdout)
 
 
-def ensure_package(args) -> Path:
+def ensure_package(args, sparse: bool) -> Path:
+    """The preset with seeded random weights, standard layout or with expert down transposed."""
     if args.package:
         return Path(args.package)
-    pkg = CACHE / f"{args.preset}-seed{args.seed}"
+    pkg = CACHE / f"{args.preset}-seed{args.seed}{'-sparse' if sparse else ''}"
     if not (pkg / "manifest.json").exists():
         log(f"building {pkg} (one-off)")
         stctl("model", "build", "--preset", args.preset, "--random-weights", "--seed", str(args.seed),
-              "--out", str(pkg), "--json")
+              "--out", str(pkg), "--json", *(["--sparse-down"] if sparse else []))
     return pkg
 
 
@@ -138,39 +139,43 @@ def main() -> None:
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
         ap.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
-    pkg = ensure_package(args)
+    pkg = ensure_package(args, sparse=False)  # HF layout: the GGUF export and the dense engine run
+    sparse_pkg = pkg if args.package else ensure_package(args, sparse=True)  # our default for the rest
     gguf = ensure_gguf(pkg) if not args.skip_llama and llama_cpp_available() else None
     budget = parse_size(args.budget)
-    report: dict = {"package": str(pkg), "threads": args.threads, "tokens": args.tokens,
+    report: dict = {"package": str(pkg), "sparse_package": str(sparse_pkg), "threads": args.threads, "tokens": args.tokens,
                     "prompt_tokens": args.prompt_tokens, "llama_cpp": llama_cpp_available() and not args.skip_llama}
 
     if "in-memory" in scenarios:
-        log("in-memory: engine")
-        ours = engine_run(pkg, args)
+        log("in-memory: engine (dense ReGLU, HF layout)")
+        dense = engine_run(pkg, args)
+        log("in-memory: engine (sparse ReGLU)")
+        ours = engine_run(sparse_pkg, args)
         log("in-memory: llama.cpp")
         peer = peer_run(gguf, args) if gguf else None
         peer_fa = peer_run(gguf, args, flash_attn=True) if gguf else None
-        report["in_memory"] = {"engine": ours, "llama_cpp": peer, "llama_cpp_flash_attn": peer_fa,
-                               "decode_ratio": ratio(ours, peer)}
+        report["in_memory"] = {"engine_sparse": ours, "engine_dense": dense, "llama_cpp": peer,
+                               "llama_cpp_flash_attn": peer_fa, "decode_ratio": ratio(ours, peer),
+                               "decode_ratio_dense": ratio(dense, peer)}
         report["machine"] = ours["machine"]
 
     if "budget" in scenarios:
         log(f"budget {args.budget}: engine")
         drop_caches()
-        ours = engine_run(pkg, args, "--memory-budget", str(budget))
+        ours = engine_run(sparse_pkg, args, "--memory-budget", str(budget))
         log(f"budget {args.budget}: llama.cpp in a memory cgroup")
-        peer = peer_run(gguf, args, cgroup_bytes=budget, extra_kwargs={"use_mmap": True}) if gguf else None
+        peer = peer_run(gguf, args, cgroup_bytes=budget, extra_kwargs={"use_extra_bufts": False}) if gguf else None
         report["budget"] = {"budget_bytes": budget, "engine": ours, "llama_cpp": peer, "decode_ratio": ratio(ours, peer)}
         report.setdefault("machine", ours["machine"])
 
     if "prefetch" in scenarios:
-        probe = engine_run(pkg, args, "--tokens", "2")
+        probe = engine_run(sparse_pkg, args, "--tokens", "2")
         quarter = probe["dense_bytes"] + probe["expert_cache_bytes"] // 4 + probe["kv_cache_bytes"] + (64 << 20)
         runs = {}
         for mode in ("on", "off"):
             log(f"prefetch {mode}: simulated {args.storage_mbps} MB/s, budget {quarter}")
             flags = ["--memory-budget", str(quarter), "--storage-mbps", str(args.storage_mbps)]
-            runs[mode] = engine_run(pkg, args, *flags, *([] if mode == "on" else ["--no-prefetch"]))
+            runs[mode] = engine_run(sparse_pkg, args, *flags, *([] if mode == "on" else ["--no-prefetch"]))
         off, on = runs["off"], runs["on"]
         read = off["read_ms_per_token"]
         compute = off["decode_ms_per_token"] - read
@@ -185,9 +190,9 @@ def main() -> None:
         log(f"skew {args.router_skew}: engine under {args.budget}")
         drop_caches()
         report["skew"] = {"router_skew": args.router_skew,
-                          "engine": engine_run(pkg, args, "--memory-budget", str(budget),
+                          "engine": engine_run(sparse_pkg, args, "--memory-budget", str(budget),
                                                "--router-skew", str(args.router_skew)),
-                          "engine_lfu": engine_run(pkg, args, "--memory-budget", str(budget),
+                          "engine_lfu": engine_run(sparse_pkg, args, "--memory-budget", str(budget),
                                                    "--router-skew", str(args.router_skew), "--policy", "lfu")}
     print(json.dumps(report, indent=2))
 

@@ -30,7 +30,8 @@ def measure_llama_cpp(gguf_path: str | Path, threads: int, prompt_ids: list[int]
                       timeout_s: float = CHILD_TIMEOUT_S) -> dict | None:
     """Prefill and decode tokens/s and peak RSS of llama.cpp on `gguf_path`; None without llama_cpp.
 
-    `extra_kwargs` go to `llama_cpp.Llama(...)` as they are (JSON-serialisable values only).
+    `extra_kwargs` go to `llama_cpp.Llama(...)` as they are (JSON-serialisable values only), except
+    `use_extra_bufts` (False = llama.cpp's `--no-repack`), which is set in the model parameters.
     """
     if not llama_cpp_available():
         return None
@@ -60,12 +61,24 @@ def _run_child(req: dict) -> dict:
     import numpy as np
 
     prompt, n_decode = req["prompt_ids"], req["n_decode"]
+    extra = dict(req["extra_kwargs"])
+    if "use_extra_bufts" in extra:  # llama.cpp's --no-repack; not a Llama() argument, so set it in the defaults
+        use_extra_bufts = bool(extra.pop("use_extra_bufts"))
+        defaults = llama_cpp.llama_model_default_params
+
+        def patched_defaults():
+            params = defaults()
+            params.use_extra_bufts = use_extra_bufts
+            return params
+
+        llama_cpp.llama_model_default_params = patched_defaults
+        llama_cpp.llama.llama_cpp.llama_model_default_params = patched_defaults
     rss_before_load = _peak_rss_bytes()
     start = time.perf_counter()
     llm = llama_cpp.Llama(
         model_path=req["gguf_path"], n_ctx=len(prompt) + n_decode + 1, n_batch=len(prompt), n_ubatch=len(prompt),
         n_threads=req["threads"], n_threads_batch=req["threads"], flash_attn=req["flash_attn"], verbose=False,
-        **req["extra_kwargs"],
+        **extra,
     )
     load_s = time.perf_counter() - start
     n_vocab = llm.n_vocab()
