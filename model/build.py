@@ -6,7 +6,6 @@ loading the package just written, not from the float weights.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -21,11 +20,11 @@ from model.config import ModelConfig
 from model.errors import CheckpointError, ConfigError, PackageError
 from model.health import DEFAULT_PROMPTS, record_golden
 from model.package import (
-    EMBED_SHARD, EMBED_TENSOR, HEAD_SHARD, LM_HEAD_TENSOR, NORM_TENSOR, PackageWriter, expert_shard,
+    EMBED_SHARD, EMBED_TENSOR, HEAD_SHARD, NORM_TENSOR, PackageWriter, expert_shard,
     expert_tensor_names, layer_shard, layer_tensor_names,
 )
 from model.quant import quantize_q4_0
-from model.tokenizer import BYTE_BOS, BYTE_EOS, ByteTokenizer
+from model.tokenizer import BYTE_BOS, BYTE_EOS
 
 DEMO_SEED = 20250701
 _FP32_SUFFIXES = ("layernorm.weight", "norm.weight", "primary_router.weight")
@@ -164,10 +163,3 @@ def build_random(preset: str, out: str | Path, *, seed: int = 0, name: str | Non
 def _name_from(path: Path) -> str:
     cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in path.resolve().name.lower())
     return cleaned.strip("-._")[:64] or "model"
-
-
-def config_json(manifest: ModelManifest) -> str:
-    return json.dumps(manifest.config, indent=2)
-
-
-__all__ = ["build_demo", "build_from_hf", "build_package", "build_random", "ByteTokenizer"]

@@ -10,7 +10,6 @@ import hashlib
 import os
 import shutil
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -174,7 +173,3 @@ class PackageWriter:
                 parent.rmdir()
             except OSError:
                 break
-
-
-def with_health(manifest: ModelManifest, health) -> ModelManifest:
-    return replace(manifest, health=health)
