@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import shlex
 from functools import lru_cache
 from pathlib import Path
@@ -124,8 +125,9 @@ def backend() -> str:
         return "torch-int4"
 
 
-class _Scratch:
-    """One reusable buffer for the quantized activations (no allocation per call)."""
+class _Scratch(threading.local):
+    """A reusable buffer per thread (no allocation per call; two engines in two threads never
+    share one)."""
 
     def __init__(self) -> None:
         self.buf = torch.empty(0, dtype=torch.uint8)
@@ -136,7 +138,7 @@ class _Scratch:
         return self.buf
 
 
-_scratch = _Scratch()
+_scratch = _Scratch()       # quantized activations
 _scratch_h = _Scratch()     # sparse ReGLU: gate values, then the active rows' coefficients
 _scratch_rows = _Scratch()  # sparse ReGLU: active row indices (int32)
 
