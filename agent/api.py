@@ -1,0 +1,323 @@
+"""The device HTTP API (DESIGN.md): FastAPI, served over TLS by `agent.server`.
+
+Rules:
+- `GET /healthz` is open and answers `ok`, nothing more;
+- `POST /v1/completions` is open to local applications (the daemon listens on loopback by
+  default); every other endpoint is a management endpoint: it needs a client certificate of the
+  fleet CA (the TLS layer verifies the chain) whose role marker is `operator` (401 without a
+  certificate, 403 with another role);
+- every request body is capped (`Limits.max_body_bytes`, 413); malformed input gets a 4xx;
+  errors are `{"error": {"message", "type"}}` (FastAPI's 422 for schema violations);
+- completions follow the OpenAI completions subset: `prompt` (text or token ids), `max_tokens`
+  (capped), `temperature`, `top_p`, `seed`, `stop`, `stream` (server-sent events ending in
+  `data: [DONE]`); `system_fingerprint` names the exact release that generated.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from agent.config import DeviceConfig
+from agent.errors import (
+    AgentError, BadRequestError, InstallError, QueueFullError, UpdateError, UpdateRefusedError,
+)
+from agent.lifecycle import JobStore
+from agent.serving import CompletionRequest, NoModelError, Serving
+from agent.telemetry import Telemetry
+from agent.updater import Updater, job_view
+from manifests.enrollment import ROLE_OPERATOR, certificate_role
+from manifests.telemetry import TELEMETRY_TABLES
+from model.memory import current_rss_bytes
+
+_STATUS = [(QueueFullError, 429, "queue_full"), (NoModelError, 503, "no_model"), (BadRequestError, 400, "invalid_request"),
+           (UpdateRefusedError, 409, "refused"), (InstallError, 409, "install"), (AgentError, 400, "invalid_request"),
+           (UpdateError, 400, "update")]
+
+
+def error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+class BodyLimit:
+    """ASGI middleware: reads the whole body up to `limit` bytes (413 beyond), then replays it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_big = error(413, f"request body larger than {self.limit} bytes", "too_large")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await too_big(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await too_big(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class _Error(Exception):
+    def __init__(self, status: int, message: str, kind: str):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+def require_operator(request: Request) -> None:
+    """Management endpoints: a verified client certificate with the operator role."""
+    tls = request.scope.get("extensions", {}).get("tls", {})
+    chain = tls.get("client_cert_chain") or []
+    if not chain:
+        raise _Error(401, "this endpoint needs a client certificate of the fleet CA (operator role)", "unauthorized")
+    if certificate_role(chain[0].encode()) != ROLE_OPERATOR:
+        raise _Error(403, "this certificate does not carry the operator role", "forbidden")
+
+
+Operator = Depends(require_operator)
+
+
+class UpdateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str = Field(max_length=64)
+    version: str = Field(max_length=64)
+    repository_url: str | None = Field(None, max_length=2048)
+    allow_downgrade: bool = False
+
+
+class CompletionBody(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    prompt: str | list[Annotated[int, Field(ge=0)]]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[Annotated[str, Field(min_length=1, max_length=64)]] | None = None
+    stream: bool = False
+    model: str | None = None
+    n: int = Field(1, ge=1, le=1)
+
+
+def create_app(config: DeviceConfig) -> FastAPI:
+    """The API of the device whose data dir `config` describes (starts and recovers in its lifespan)."""
+    limits = config.limits
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        telemetry = Telemetry(config.telemetry_db, limits.telemetry_max_rows)
+        serving = Serving(limits, telemetry)
+        updater = Updater(config, telemetry, serving)
+        await run_in_threadpool(updater.boot)
+        stop = threading.Event()
+
+        def watch_pointer() -> None:
+            while not stop.wait(limits.pointer_poll_s):
+                try:
+                    updater.sync_pointer()
+                except Exception as e:  # keep serving what is loaded; the next poll retries
+                    app.state.pointer_error = str(e)
+
+        watcher = threading.Thread(target=watch_pointer, name="pointer-watch", daemon=True)
+        watcher.start()
+        app.state.telemetry, app.state.serving, app.state.updater = telemetry, serving, updater
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join(limits.shutdown_grace_s)
+            updater.join(limits.shutdown_grace_s)  # an unfinished job resumes at the next start
+            serving.close()
+            telemetry.close()
+
+    app = FastAPI(title="st-agent", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+
+    @app.exception_handler(_Error)
+    async def _plain_error(request: Request, e: _Error):
+        return error(e.status, str(e), e.kind)
+
+    @app.exception_handler(AgentError)
+    @app.exception_handler(UpdateError)
+    async def _agent_error(request: Request, e: Exception):
+        status, kind = next((s, k) for cls, s, k in _STATUS if isinstance(e, cls))
+        return error(status, str(e), kind)
+
+    @app.get("/healthz", response_class=PlainTextResponse)
+    async def healthz() -> str:
+        return "ok"
+
+    @app.get("/v1/status", dependencies=[Operator])
+    async def status(request: Request) -> dict:
+        return request.app.state.updater.status()
+
+    @app.post("/v1/updates", status_code=202, dependencies=[Operator])
+    async def start_update(body: UpdateBody, request: Request) -> dict:
+        updater: Updater = request.app.state.updater
+        job = updater.request(body.model, body.version, body.repository_url, body.allow_downgrade)
+        accepted = {"id": job.id, "state": job.state}
+        updater.start(job)
+        return accepted
+
+    @app.get("/v1/updates/{job_id}", dependencies=[Operator])
+    async def get_update(job_id: str, request: Request) -> dict:
+        updater: Updater = request.app.state.updater
+        jobs: JobStore = updater.jobs
+        try:
+            job = jobs.load(job_id)
+        except (KeyError, ValueError):
+            raise _Error(404, "no such update", "not_found") from None
+        return job_view(job, updater.progress.get(job.id))
+
+    @app.post("/v1/rollback", dependencies=[Operator])
+    async def rollback(request: Request) -> dict:
+        return (await run_in_threadpool(request.app.state.updater.rollback)).to_dict()
+
+    @app.post("/v1/health-checks", dependencies=[Operator])
+    async def health_check(request: Request) -> dict:
+        result, rolled_back = await run_in_threadpool(request.app.state.updater.check_active)
+        return {**result.to_dict(), "rolled_back": rolled_back}
+
+    @app.get("/v1/telemetry", dependencies=[Operator])
+    async def telemetry(request: Request, table: str = Query(..., max_length=32), since: float | None = None,
+                        limit: int = Query(100, ge=1)) -> dict:
+        if table not in TELEMETRY_TABLES:
+            raise _Error(400, f"table must be one of {', '.join(TELEMETRY_TABLES)}", "invalid_request")
+        rows = await run_in_threadpool(request.app.state.telemetry.query, table, since,
+                                       min(limit, limits.telemetry_page_rows))
+        return {"table": table, "rows": rows}
+
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Operator])
+    async def metrics(request: Request) -> str:
+        return render_metrics(request.app.state.serving, request.app.state.updater)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        serving: Serving = request.app.state.serving
+        current = serving.current()
+        if body.model is not None and current is not None and body.model not in (current[0], "@".join(current)):
+            raise _Error(404, f"model {body.model!r} is not served here (serving {current[0]})", "model_not_found")
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        if len(stop) > limits.max_stop_sequences:
+            raise _Error(400, f"at most {limits.max_stop_sequences} stop sequences", "invalid_request")
+        completion = serving.admit(CompletionRequest(body.prompt, body.max_tokens, body.temperature, body.top_p,
+                                                     body.seed, stop))
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(kind: str, payload) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+            except RuntimeError:  # the loop closed (shutdown): nobody is listening
+                completion.cancel.set()
+
+        completion.start(emit)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": completion.loaded.model, "system_fingerprint": completion.fingerprint}
+
+        async def pieces():
+            while True:
+                try:
+                    kind, payload = await asyncio.wait_for(queue.get(), limits.token_timeout_s)
+                except TimeoutError:
+                    completion.cancel.set()
+                    yield "error", "no token within the timeout"
+                    return
+                yield kind, payload
+                if kind != "text":
+                    return
+
+        if body.stream:
+            async def events():
+                try:
+                    async for kind, payload in pieces():
+                        if kind == "text":
+                            chunk = {**head, "choices": [{"text": payload, "index": 0, "logprobs": None,
+                                                          "finish_reason": None}]}
+                        elif kind == "done":
+                            chunk = {**head, "choices": [{"text": "", "index": 0, "logprobs": None,
+                                                          "finish_reason": payload["finish_reason"]}],
+                                     "usage": _usage(payload)}
+                        else:
+                            chunk = {"error": {"message": payload, "type": "generation_failed"}}
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                    yield "data: [DONE]\n\n"
+                finally:
+                    completion.cancel.set()
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text = []
+        try:
+            async for kind, payload in pieces():
+                if kind == "text":
+                    text.append(payload)
+                elif kind == "error":
+                    return error(500, payload, "generation_failed")
+                else:
+                    return {**head, "choices": [{"text": "".join(text), "index": 0, "logprobs": None,
+                                                 "finish_reason": payload["finish_reason"]}], "usage": _usage(payload)}
+        finally:
+            completion.cancel.set()
+
+    return app
+
+
+def _usage(done: dict) -> dict:
+    return {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
+            "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}
+
+
+def render_metrics(serving: Serving, updater: Updater) -> str:
+    """Prometheus text exposition format (version 0.0.4)."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+    pointer = updater.install.pointer()
+    active = pointer.active
+    stats = serving.last_stats
+    metric("st_agent_active_release", "gauge", "The active release (value 1).",
+           [(f'{{model="{active.model}",version="{active.version}"}}', 1)] if active else [])
+    metric("st_agent_probation", "gauge", "1 while the active release awaits its first passing health check.",
+           [("", int(pointer.probation))])
+    metric("st_agent_completions_total", "counter", "Completions finished.", [("", serving.completions)])
+    metric("st_agent_completion_tokens_total", "counter", "Tokens generated.", [("", serving.completion_tokens)])
+    metric("st_agent_completions_rejected_total", "counter", "Completions refused with 429 (queue full).",
+           [("", serving.rejected)])
+    metric("st_agent_completion_failures_total", "counter", "Completions that failed while generating.",
+           [("", serving.failures)])
+    metric("st_agent_completions_in_progress", "gauge", "Completions admitted and not finished.",
+           [("", serving.admitted)])
+    metric("st_agent_decode_tokens_per_second", "gauge", "Decode speed of the last completion.",
+           [("", stats.get("decode_tokens_per_s", 0.0))])
+    metric("st_agent_peak_rss_bytes", "gauge", "Peak RSS during the last completion.",
+           [("", stats.get("peak_rss_bytes", 0))])
+    metric("st_agent_resident_memory_bytes", "gauge", "Resident memory of the agent now.", [("", current_rss_bytes())])
+    metric("st_agent_updates_finished_total", "counter", "Update jobs finished since start, by final state.",
+           [(f'{{state="{state}"}}', n) for state, n in sorted(updater.finished_by_state.items())])
+    return "\n".join(lines) + "\n"

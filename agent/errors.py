@@ -1,0 +1,57 @@
+"""The one exception family of `agent`: every failed update raises an UpdateError subclass.
+
+"Already up to date" is a normal outcome (a fetch that downloads nothing), not an error.
+"""
+
+
+class UpdateError(Exception):
+    """Base of every update failure; nothing unverified was installed."""
+
+
+class VerificationError(UpdateError):
+    """Signed metadata or a downloaded file failed verification (tampering, rollback, freeze,
+    mix-and-match, revoked key, a manifest that disagrees with its signed targets)."""
+
+
+class DownloadError(UpdateError):
+    """The transfer failed: network error, HTTP error status, or more bytes than expected."""
+
+
+class ReleaseNotFoundError(UpdateError):
+    """The repository (or bundle) has no signed release with that model and version."""
+
+
+class UpdaterBusyError(UpdateError):
+    """Another updater is using the same metadata folder."""
+
+
+class BundleFormatError(UpdateError):
+    """An offline bundle file is not a readable bundle."""
+
+
+class StoreError(UpdateError):
+    """The blob store lacks a blob a package needs, or a package cannot be materialized."""
+
+
+class AgentError(Exception):
+    """Base of the device agent's errors outside the update channel (config, install, serving)."""
+
+
+class ConfigError(AgentError):
+    """The data dir, its config or an enrollment file is missing, malformed or would be overwritten."""
+
+
+class InstallError(AgentError):
+    """Activation or rollback is impossible (no such release, no previous release, corrupt pointer)."""
+
+
+class UpdateRefusedError(AgentError):
+    """An update request is refused: a downgrade without allow_downgrade, or another update in progress."""
+
+
+class QueueFullError(AgentError):
+    """The completion queue is full; the client should retry later (HTTP 429)."""
+
+
+class BadRequestError(AgentError):
+    """A completion request the engine cannot run (token ids out of range, prompt too long)."""

@@ -1,0 +1,259 @@
+"""Serving completions: the engine holder, the admission queue, and one completion's token stream.
+
+Rules:
+- one generation at a time per engine (the engine is not thread-safe): each loaded engine has
+  its own lock, and each completion runs in its own worker thread holding it;
+- `swap` replaces the current engine atomically: completions already admitted finish on the
+  engine they started on, new ones get the new engine; a replaced engine is closed when its last
+  completion ends;
+- at most `queue_size + 1` completions are admitted at once (one running, the rest waiting);
+  beyond that `QueueFullError` (HTTP 429); every wait is bounded by `token_timeout_s`;
+- `max_tokens` is capped by the configuration, the prompt by `max_prompt_tokens`;
+- every finished completion writes one `generations` row;
+- at most one forward pass runs in the process at a time (`COMPUTE_LOCK`, taken per token):
+  each forward pass already uses every engine thread, so two engines (the serving one and a
+  release under health check, or the old and new one during a switch) computing at the same
+  instant would only fight over the cores. Generations still interleave token by token.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.config import Limits
+from agent.errors import AgentError, BadRequestError, QueueFullError
+from agent.telemetry import Telemetry
+from model import Engine
+from model.errors import ModelError
+
+
+COMPUTE_LOCK = threading.Lock()
+_END = object()
+
+
+def one_step_at_a_time(tokens: Iterator[int]) -> Iterator[int]:
+    """`tokens` with each step (one forward pass) under COMPUTE_LOCK."""
+    while True:
+        with COMPUTE_LOCK:
+            token = next(tokens, _END)
+        if token is _END:
+            return
+        yield token
+
+
+class SerializedEngine:
+    """An engine whose forward passes take COMPUTE_LOCK (for `model.health.check_golden`)."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def logits(self, token_ids):
+        with COMPUTE_LOCK:
+            return self._engine.logits(token_ids)
+
+    def generate(self, *args, **kwargs) -> Iterator[int]:
+        return one_step_at_a_time(self._engine.generate(*args, **kwargs))
+
+
+def load_engine(folder: Path, limits: Limits) -> Engine:
+    return Engine.load(folder, memory_budget_bytes=limits.memory_budget_bytes, threads=limits.threads)
+
+
+def close_engine(engine: Engine) -> None:
+    """Stop the engine's background expert reader so the engine can be freed."""
+    engine.transformer.experts.close()
+
+
+class NoModelError(AgentError):
+    """No release is active yet (HTTP 503)."""
+
+
+@dataclass
+class _Loaded:
+    engine: Engine
+    model: str
+    version: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
+    retired: bool = False
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompt: str | list[int]
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+class _StopText:
+    """Incremental detokenization with stop strings: emits only text that cannot be the start
+    of a stop string, and reports when one appears."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.sent = 0
+        self.hold = max((len(s) for s in stop), default=1) - 1
+
+    def feed(self, token: int) -> tuple[str, bool]:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        for s in self.stop:
+            at = text.find(s, max(0, self.sent - len(s)))
+            if at >= 0:
+                out, self.sent = text[self.sent:at], at
+                return out, True
+        if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for its next byte
+            return "", False
+        safe = max(self.sent, len(text) - self.hold)
+        out, self.sent = text[self.sent:safe], safe
+        return out, False
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        out, self.sent = text[self.sent:], len(text)
+        return out
+
+
+class Completion:
+    """One admitted completion: `start(emit)` generates on the engine it was admitted to.
+
+    `emit(kind, payload)` receives ("text", str) per piece, then ("done", summary) or ("error", message)."""
+
+    def __init__(self, serving: Serving, loaded: _Loaded, request: CompletionRequest):
+        self.serving, self.loaded, self.request = serving, loaded, request
+        self.cancel = threading.Event()
+        engine = loaded.engine
+        prompt = request.prompt
+        ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        limits = serving.limits
+        if not ids:
+            raise BadRequestError("the prompt is empty")
+        if len(ids) > limits.max_prompt_tokens:
+            raise BadRequestError(f"the prompt has {len(ids)} tokens; at most {limits.max_prompt_tokens}")
+        self.max_tokens = min(request.max_tokens, limits.max_tokens)
+        eos = engine.tokenizer.eos_id
+        try:  # validates ids and context now; the generator body runs only when iterated
+            self.tokens = engine.generate(ids, self.max_tokens, temperature=request.temperature, seed=request.seed,
+                                          top_p=request.top_p, stop_ids=() if eos is None else (eos,))
+        except ModelError as e:
+            raise BadRequestError(str(e)) from None
+        self.eos = eos
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.loaded.model}@{self.loaded.version}"
+
+    def start(self, emit: Callable[[str, object], None]) -> None:
+        """Generate in a worker thread of its own; `cancel` stops it at the next token."""
+        threading.Thread(target=self._run, args=(emit,), name="completion", daemon=True).start()
+
+    def _run(self, emit: Callable[[str, object], None]) -> None:
+        loaded, limits = self.loaded, self.serving.limits
+        try:
+            if not loaded.lock.acquire(timeout=limits.token_timeout_s):
+                emit("error", "the engine stayed busy too long; retry later")
+                return
+            try:
+                stream, finish, count, stopped = _StopText(loaded.engine.tokenizer, self.request.stop), "length", 0, False
+                for token in one_step_at_a_time(self.tokens):
+                    count += 1
+                    if token == self.eos:
+                        finish = "stop"
+                        break
+                    text, stopped = stream.feed(token)
+                    if text:
+                        emit("text", text)
+                    if stopped or self.cancel.is_set():
+                        finish = "stop" if stopped else "cancelled"
+                        break
+                if not stopped and (tail := stream.flush()):
+                    emit("text", tail)
+                self.tokens.close()
+                stats = dict(loaded.engine.last_stats)
+            finally:
+                loaded.lock.release()
+            stats["completion_tokens"] = count
+            self.serving.finished(self, stats)
+            emit("done", {"finish_reason": finish, "prompt_tokens": stats.get("prompt_tokens", 0),
+                          "completion_tokens": count})
+        except Exception as e:  # the stream must end with a message, whatever failed
+            self.serving.failures += 1
+            emit("error", f"generation failed: {e}")
+        finally:
+            self.serving.release(loaded)
+
+
+class Serving:
+    """The current engine and the completions admitted to it (and to engines it replaced)."""
+
+    def __init__(self, limits: Limits, telemetry: Telemetry | None):
+        self.limits, self.telemetry = limits, telemetry
+        self._lock = threading.Lock()
+        self._current: _Loaded | None = None
+        self.admitted = 0
+        self.completions = self.completion_tokens = self.rejected = self.failures = 0
+        self.last_stats: dict = {}
+
+    def current(self) -> tuple[str, str] | None:
+        cur = self._current
+        return (cur.model, cur.version) if cur else None
+
+    def swap(self, engine: Engine, model: str, version: str) -> None:
+        """Serve `engine` from now on."""
+        new = _Loaded(engine, model, version)
+        with self._lock:
+            old, self._current = self._current, new
+            if old is not None:
+                old.retired = True
+            idle_old = old if old is not None and old.users == 0 else None
+        if idle_old is not None:
+            close_engine(idle_old.engine)
+
+    def admit(self, request: CompletionRequest) -> Completion:
+        """Admit a completion (QueueFullError when full, NoModelError before any activation)."""
+        with self._lock:
+            loaded = self._current
+            if loaded is None:
+                raise NoModelError("no model is active yet; install one with POST /v1/updates")
+            if self.admitted >= self.limits.queue_size + 1:
+                self.rejected += 1
+                raise QueueFullError(f"{self.admitted} completions in progress; retry later")
+            self.admitted += 1
+            loaded.users += 1
+        try:
+            return Completion(self, loaded, request)
+        except BaseException:
+            self.release(loaded)
+            raise
+
+    def release(self, loaded: _Loaded) -> None:
+        with self._lock:
+            self.admitted -= 1
+            loaded.users -= 1
+            close = loaded.retired and loaded.users == 0
+        if close:
+            close_engine(loaded.engine)
+
+    def finished(self, completion: Completion, stats: dict) -> None:
+        self.completions += 1
+        self.completion_tokens += stats["completion_tokens"]
+        self.last_stats = stats
+        if self.telemetry is not None:
+            self.telemetry.record("generations", {"model": completion.loaded.model,
+                                                  "version": completion.loaded.version, **stats})
+
+    def close(self) -> None:
+        with self._lock:
+            cur, self._current = self._current, None
+        if cur is not None:
+            with cur.lock:
+                close_engine(cur.engine)

@@ -1,0 +1,373 @@
+"""The update worker: runs jobs through the lifecycle table with the release client, the blob
+store, the installation, the health check and (in the daemon) the serving engine holder.
+
+Rules:
+- one update at a time per data dir, across processes (an exclusive lock on `.update.lock`,
+  held from the request to the job's end), and a new job is refused while an unfinished one
+  exists (it resumes when the daemon starts);
+- every state's work is idempotent, so a job killed at any instant resumes from its saved state:
+  fetching resumes downloads, verifying re-materializes, health-checking re-checks, activating
+  re-applies the same pointer;
+- a release is activated only after its health check passed, with the engine that passed;
+- a job that ends releases its scratch files first (temp, partial, unstaged blobs: a full disk
+  frees its space), then saves its final state, then collects garbage (keeping the active and
+  previous releases' blobs);
+- a release that fails its first health check after activation, or whose daemon keeps dying
+  before that check (`max_probation_boots`), is rolled back automatically;
+- every transition writes one `updates` row.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.blobstore import BlobStore
+from agent.config import DeviceConfig
+from agent.errors import AgentError, InstallError, UpdateError, UpdateRefusedError
+from agent.health import HealthResult, check_release
+from agent.install import Installation, Pointer, ReleaseRef
+from agent.lifecycle import (
+    ACTIVATING, ACTIVE, FETCHING, FINAL, HEALTH_CHECKING, IDLE, LOOP_EXIT, STAGED, STATES, VERIFYING, Job, JobStore,
+    enter, next_state, over_visits, transition,
+)
+from agent.serving import Serving, close_engine, load_engine
+from agent.telemetry import Telemetry
+from agent.tuf_client import ReleaseClient, verify_bundle
+from manifests import ManifestError
+from manifests.enrollment import check_repository_url
+from manifests.model_manifest import parse_version
+from model.errors import ModelError
+
+log = logging.getLogger("st-agent.updater")
+BUNDLE_SOURCE = "bundle:"
+_HANDLED = (UpdateError, AgentError, ModelError, ManifestError, OSError)
+
+
+class UpdateLock:
+    """The data dir's exclusive update lock (non-blocking)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = None
+
+    def acquire(self) -> bool:
+        f = open(self.path, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return False
+        self._file = f
+        return True
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class Progress:
+    done: int = 0
+    total: int = 0
+    label: str = ""
+
+
+class Updater:
+    """Update jobs, rollbacks and health checks of one data dir (`serving` is None outside the daemon)."""
+
+    def __init__(self, config: DeviceConfig, telemetry: Telemetry, serving: Serving | None = None):
+        self.config, self.telemetry, self.serving = config, telemetry, serving
+        self.limits = config.limits
+        self.store = BlobStore(config.store_dir)
+        self.install = Installation(config, self.store)
+        self.jobs = JobStore(config.jobs_dir, config.limits.jobs_kept)
+        self.lock = UpdateLock(config.update_lock)
+        self.progress: dict[str, Progress] = {}
+        self.finished_by_state: dict[str, int] = {}
+        self._engines: dict = {}  # job id -> the engine that passed its health check
+        self._worker: threading.Thread | None = None
+        self._handlers = {IDLE: self._begin, FETCHING: self._fetch, VERIFYING: self._verify,
+                          STAGED: lambda job: "check", HEALTH_CHECKING: self._check, ACTIVATING: self._activate}
+
+    # ---- requests ------------------------------------------------------------------------------
+    def request(self, model: str | None, version: str | None, repository_url: str | None = None,
+                allow_downgrade: bool = False, bundle: Path | None = None) -> Job:
+        """Create a job (the lock is taken and held until the job ends; run it with `run` or `start`)."""
+        if bundle is None:
+            target = ReleaseRef(model, version)
+            try:
+                url = check_repository_url(repository_url or self.config.repository_url)
+            except ManifestError as e:
+                raise UpdateRefusedError(str(e)) from None
+            self._check_downgrade(target, allow_downgrade)
+            source = url
+        else:
+            model, version, source = "", "", BUNDLE_SOURCE + str(Path(bundle).resolve())
+        if not self.lock.acquire():
+            raise UpdateRefusedError("another update, rollback or bundle install is in progress on this device")
+        try:
+            if (pending := self.jobs.unfinished()) is not None:
+                raise UpdateRefusedError(f"update {pending.id} is unfinished ({pending.state}); it resumes when "
+                                         "the agent starts")
+            active = self.install.pointer().active
+            job = Job.new(model, version, active.version if active else None, source, allow_downgrade)
+            self.jobs.save(job)
+            self._record(job)
+        except BaseException:
+            self.lock.release()
+            raise
+        return job
+
+    def _check_downgrade(self, target: ReleaseRef, allow: bool) -> None:
+        active = self.install.pointer().active
+        if allow or active is None or active.model != target.model:
+            return
+        if parse_version(target.version) < parse_version(active.version):
+            raise UpdateRefusedError(f"{target} is older than the active {active}; set allow_downgrade to install it")
+
+    def start(self, job: Job) -> None:
+        """Run `job` in a background thread (the daemon)."""
+        self._worker = threading.Thread(target=self.run, args=(job,), name=f"update-{job.id[:8]}", daemon=True)
+        self._worker.start()
+
+    def busy(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def join(self, timeout: float) -> None:
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    # ---- the job loop ----------------------------------------------------------------------------
+    def run(self, job: Job) -> Job:
+        """Walk `job` to a final state (the caller holds the lock; it is released at the end)."""
+        try:
+            bound = len(STATES) * (self.limits.max_state_visits + 1)
+            for _ in range(bound):
+                if job.finished:
+                    break
+                if over_visits(job, self.limits.max_state_visits):
+                    self._give_up(job)
+                    continue
+                try:
+                    event, detail = self._handlers[job.state](job), ""
+                except _HANDLED as e:
+                    event, detail = LOOP_EXIT[job.state], f"{job.state}: {e}"
+                    log.warning("update %s failed in %s: %s", job.id, job.state, e)
+                    if job.state == ACTIVATING:  # the pointer may have moved: move it back
+                        self._undo_activation(job)
+                self._step(job, event, detail)
+            return job
+        finally:
+            self.progress.pop(job.id, None)
+            self._drop_engine(job.id)
+            self.lock.release()
+
+    def _step(self, job: Job, event: str, detail: str = "") -> None:
+        if next_state(job.state, event) in FINAL:
+            self.install.clean_scratch()  # first: frees the space a full disk needs to save the state
+        transition(job, event, self.jobs, detail)
+        self._record(job)
+        if job.finished:
+            self.finished_by_state[job.state] = self.finished_by_state.get(job.state, 0) + 1
+            self._collect_garbage(job)
+
+    def _record(self, job: Job) -> None:
+        self.telemetry.record("updates", {"job_id": job.id, "model": job.model, "from_version": job.from_version,
+                                          "to_version": job.version, "state": job.state, "detail": job.detail,
+                                          "bytes_downloaded": job.bytes_downloaded, "bytes_total": job.bytes_total})
+
+    def _give_up(self, job: Job) -> None:
+        state, visits = job.state, job.visits.get(job.state, 0)
+        if state == ACTIVATING:
+            self._undo_activation(job)
+        self._step(job, LOOP_EXIT[state], f"{state}: entered {visits} times (crash loop); gave up")
+
+    def _collect_garbage(self, job: Job) -> None:
+        try:
+            self.install.gc()
+            self.jobs.prune()
+        except _HANDLED as e:
+            log.warning("garbage collection after %s: %s", job.id, e)
+
+    def _drop_engine(self, job_id: str) -> None:
+        engine = self._engines.pop(job_id, None)
+        if engine is not None:
+            close_engine(engine)
+
+    # ---- the states ----------------------------------------------------------------------------
+    def _begin(self, job: Job) -> str:
+        active = self.install.pointer().active
+        if job.model and active == ReleaseRef(job.model, job.version):
+            job.detail = "already active"
+            return "already_active"
+        return "start"
+
+    def _fetch(self, job: Job) -> str:
+        progress = self.progress.setdefault(job.id, Progress())
+
+        def report(done: int, total: int, label: str) -> None:
+            progress.done, progress.total, progress.label = done, total, label
+
+        trusted_root = self.config.trusted_root.read_bytes()
+        if job.source.startswith(BUNDLE_SOURCE):
+            release = verify_bundle(job.source[len(BUNDLE_SOURCE):], trusted_root, self.config.bundle_tuf_dir,
+                                    self.store, report)
+            job.model, job.version = release.manifest.name, release.manifest.version
+            self._check_downgrade(ReleaseRef(job.model, job.version), job.allow_downgrade)
+        else:
+            client = ReleaseClient(self.config.tuf_dir, job.source, trusted_root, self.store, report)
+            release = client.fetch_release(job.model, job.version)
+        job.manifest_sha256 = self.store.put(release.manifest_bytes)
+        job.bytes_downloaded += release.bytes_downloaded
+        job.bytes_total = release.bytes_total
+        job.shards_downloaded += release.shards_downloaded
+        return "fetched"
+
+    def _verify(self, job: Job) -> str:
+        with self.store.open(job.manifest_sha256) as f:
+            manifest_bytes = f.read()
+        ref, _ = self.install.stage(manifest_bytes)
+        if ref != ReleaseRef(job.model, job.version):
+            raise InstallError(f"the fetched manifest is {ref}, not {job.model}@{job.version}")
+        return "verified"
+
+    def _check(self, job: Job) -> str:
+        folder = self.install.release_dir(ReleaseRef(job.model, job.version))
+        result, engine = check_release(folder, self.limits, self.telemetry, keep_engine=self.serving is not None)
+        if not result.passed:
+            job.detail = f"health check failed: {result.detail}"
+            return "check_failed"
+        self._drop_engine(job.id)
+        if engine is not None:
+            self._engines[job.id] = engine
+        return "passed"
+
+    def _activate(self, job: Job) -> str:
+        ref = ReleaseRef(job.model, job.version)
+        pointer = self.install.activate(ref)
+        if self.serving is not None and self.serving.current() != (ref.model, ref.version):
+            engine = self._engines.pop(job.id, None) or load_engine(self.install.release_dir(ref), self.limits)
+            self.serving.swap(engine, ref.model, ref.version)
+        job.detail = "activated" + ("; on probation until its first health check passes" if pointer.probation else "")
+        return "activated"
+
+    def _undo_activation(self, job: Job) -> None:
+        pointer = self.install.pointer()
+        if pointer.active == ReleaseRef(job.model, job.version) and pointer.previous is not None:
+            self._switch_to(self.install.rollback())
+
+    # ---- rollback and health ------------------------------------------------------------------
+    def _switch_to(self, pointer: Pointer) -> None:
+        if self.serving is not None and pointer.active is not None and \
+                self.serving.current() != (pointer.active.model, pointer.active.version):
+            self.serving.swap(load_engine(self.install.release_dir(pointer.active), self.limits),
+                              pointer.active.model, pointer.active.version)
+
+    def _roll_back(self, reason: str) -> Pointer:
+        """Swap to the previous release (the caller holds the lock); marks the job that installed
+        the release being left `rolled_back`."""
+        leaving = self.install.pointer().active
+        pointer = self.install.rollback()
+        self._switch_to(pointer)
+        job = next((j for j in reversed(self.jobs.all()) if j.state == ACTIVE and leaving == _ref(j)), None)
+        if job is not None:
+            self._step(job, "rolled_back", reason)
+        else:
+            self.telemetry.record("updates", {"job_id": "", "model": leaving.model, "from_version": leaving.version,
+                                              "to_version": pointer.active.version, "state": "rolled_back",
+                                              "detail": reason})
+        return pointer
+
+    def rollback(self, reason: str = "rollback requested") -> Pointer:
+        if not self.lock.acquire():
+            raise UpdateRefusedError("an update is in progress; roll back after it ends")
+        try:
+            return self._roll_back(reason)
+        finally:
+            self.lock.release()
+
+    def check_active(self) -> tuple[HealthResult, bool]:
+        """Health-check the active release: a pass ends its probation, a failure on probation rolls
+        it back. Returns (result, rolled back?)."""
+        pointer = self.install.pointer()
+        if pointer.active is None:
+            raise InstallError("no release is active")
+        result, _ = check_release(self.install.release_dir(pointer.active), self.limits, self.telemetry)
+        if result.passed:
+            self.install.confirm()
+            return result, False
+        if not pointer.probation or not self.lock.acquire():
+            return result, False
+        try:
+            self._roll_back(f"first health check after activation failed: {result.detail}")
+        finally:
+            self.lock.release()
+        return result, True
+
+    # ---- the daemon's start ----------------------------------------------------------------------
+    def boot(self) -> Job | None:
+        """Recover after a start (or a crash): count a probation boot (rolling back a crash loop),
+        load the active engine, and resume an unfinished job in the background."""
+        if not self.lock.acquire():
+            raise UpdateRefusedError("another process holds this data dir's update lock (a bundle install?)")
+        try:
+            self.install.clean_temp()
+            pointer = self.install.count_probation_boot()
+            if pointer.probation and pointer.probation_boots > self.limits.max_probation_boots:
+                pointer = self._roll_back(f"{pointer.active} kept crashing on probation "
+                                          f"({pointer.probation_boots - 1} starts); rolled back")
+            try:
+                self._switch_to(pointer)
+            except ModelError as e:  # the active release no longer loads (a shard fails its hash)
+                if pointer.previous is None:
+                    raise
+                self._roll_back(f"{pointer.active} failed to load: {e}")
+        except BaseException:
+            self.lock.release()
+            raise
+        job = self.jobs.unfinished()
+        if job is None:
+            self.lock.release()
+            return None
+        enter(job, self.jobs, "resumed after a restart")
+        self._record(job)
+        self.start(job)
+        return job
+
+    def sync_pointer(self) -> None:
+        """Serve what the pointer names (another process, `st-agent bundle install`, may have moved it)."""
+        if self.busy() or not self.lock.acquire():
+            return
+        try:
+            self._switch_to(self.install.pointer())
+        finally:
+            self.lock.release()
+
+    def status(self) -> dict:
+        pointer = self.install.pointer()
+        job = self.jobs.unfinished()
+        serving = self.serving.current() if self.serving is not None else None
+        return {"device": self.config.name, "active": pointer.active and pointer.active.to_dict(),
+                "previous": pointer.previous and pointer.previous.to_dict(), "probation": pointer.probation,
+                "update": job_view(job, self.progress.get(job.id)) if job is not None else None,
+                "serving": "@".join(serving) if serving else None}
+
+
+def _ref(job: Job) -> ReleaseRef | None:
+    try:
+        return ReleaseRef(job.model, job.version)
+    except InstallError:
+        return None
+
+
+def job_view(job: Job, progress: Progress | None = None) -> dict:
+    view = {k: v for k, v in job.to_dict().items() if k != "source"}
+    view["source"] = "bundle" if job.source.startswith(BUNDLE_SOURCE) else job.source
+    if progress is not None:
+        view["progress"] = {"done": progress.done, "total": progress.total, "label": progress.label}
+    return view

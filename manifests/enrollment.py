@@ -1,0 +1,137 @@
+"""The enrollment file (`smallthinker-fleet/enrollment@1`) and the certificate role marker.
+
+`stctl device enroll` writes the file, `st-agent init` reads it; it carries everything a device
+needs to join the fleet: its name, tags and the URL it serves on, its TLS key and certificate
+(signed by the fleet CA), the CA certificate, the TUF trusted root and the repository URL.
+
+Rules: a file that parses is complete: the name is a fleet name, the device URL is
+`https://HOST:PORT`, the repository URL is http(s), tags are short `k=v` strings, the PEM fields
+hold PEM blocks and the trusted root is a TUF root document. Role markers: every leaf
+certificate of the fleet carries exactly one SAN URI `urn:st:role:<role>`; `certificate_role`
+reads it (the device API admits management calls only from the `operator` role).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from cryptography import x509
+
+from manifests.errors import ManifestError
+from manifests.model_manifest import check_name
+
+ENROLLMENT_FORMAT = "smallthinker-fleet/enrollment@1"
+ROLE_URI_PREFIX = "urn:st:role:"
+ROLE_OPERATOR = "operator"
+ROLE_DEVICE = "device"
+MAX_TAGS = 32
+_TAG_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_TAG_VALUE = re.compile(r"^[^\x00-\x1f]{0,128}$")
+
+
+def parse_tag(text: str) -> tuple[str, str]:
+    """`line=4` -> ("line", "4")."""
+    key, sep, value = text.partition("=")
+    if not sep or not _TAG_KEY.match(key) or not _TAG_VALUE.match(value):
+        raise ManifestError(f"tag {text!r}: expected KEY=VALUE (key: 1-64 of A-Z a-z 0-9 . _ -; value: up to 128 chars)")
+    return key, value
+
+
+def parse_device_url(url: str) -> tuple[str, int]:
+    """`https://HOST:PORT` -> (host, port)."""
+    parts = urlsplit(url) if isinstance(url, str) else None
+    try:
+        port = parts.port if parts else None
+    except ValueError:
+        port = None
+    if not parts or parts.scheme != "https" or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise ManifestError(f"device url {url!r}: expected https://HOST:PORT, e.g. https://10.0.4.17:8443")
+    return parts.hostname, port
+
+
+def check_repository_url(url: str) -> str:
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if not parts or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ManifestError(f"repository url {url!r}: expected http(s)://HOST[:PORT][/PATH]")
+    return url
+
+
+def _check_pem(text, label: str, what: str) -> str:
+    if not isinstance(text, str) or f"-----BEGIN {label}" not in text or "-----END" not in text:
+        raise ManifestError(f"enrollment.{what}: expected a PEM block ({label})")
+    return text
+
+
+def _check_root(text) -> str:
+    try:
+        root = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        root = None
+    if not isinstance(root, dict) or not isinstance(root.get("signed"), dict) or root["signed"].get("_type") != "root":
+        raise ManifestError("enrollment.trusted_root: expected a TUF root.json document")
+    return text
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """What one device receives to join the fleet."""
+
+    name: str
+    url: str  # where the device serves its API: https://HOST:PORT
+    repository_url: str  # the TUF repository (metadata/ and targets/ under it)
+    ca_cert_pem: str
+    device_cert_pem: str
+    device_key_pem: str
+    trusted_root: str  # root.json text, byte for byte as the repository signed it
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d) -> Enrollment:
+        if not isinstance(d, dict):
+            raise ManifestError("enrollment: expected a JSON object")
+        if d.get("format") != ENROLLMENT_FORMAT:
+            raise ManifestError(f"enrollment.format: expected {ENROLLMENT_FORMAT!r}")
+        tags = d.get("tags", {})
+        if not isinstance(tags, dict) or len(tags) > MAX_TAGS:
+            raise ManifestError(f"enrollment.tags: expected an object of at most {MAX_TAGS} tags")
+        for k, v in tags.items():
+            parse_tag(f"{k}={v}" if isinstance(v, str) else "")
+        url = d.get("url")
+        parse_device_url(url)
+        return cls(
+            name=check_name(d.get("name"), "enrollment.name"),
+            url=url,
+            repository_url=check_repository_url(d.get("repository_url")),
+            ca_cert_pem=_check_pem(d.get("ca_cert_pem"), "CERTIFICATE", "ca_cert_pem"),
+            device_cert_pem=_check_pem(d.get("device_cert_pem"), "CERTIFICATE", "device_cert_pem"),
+            device_key_pem=_check_pem(d.get("device_key_pem"), "PRIVATE KEY", "device_key_pem"),
+            trusted_root=_check_root(d.get("trusted_root")),
+            tags=dict(tags),
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Enrollment:
+        try:
+            d = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"enrollment: not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+    def to_bytes(self) -> bytes:
+        d = {"format": ENROLLMENT_FORMAT, **self.__dict__}
+        return (json.dumps(d, sort_keys=True, indent=1) + "\n").encode()
+
+
+def certificate_role(cert: bytes) -> str | None:
+    """The role marker (`operator`, `device`) of a PEM or DER certificate; None without exactly one."""
+    try:
+        parsed = x509.load_pem_x509_certificate(cert) if cert.lstrip().startswith(b"-----") \
+            else x509.load_der_x509_certificate(cert)
+        san = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    roles = [u[len(ROLE_URI_PREFIX):] for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+             if u.startswith(ROLE_URI_PREFIX)]
+    return roles[0] if len(roles) == 1 else None

@@ -1,0 +1,199 @@
+"""Helpers of the agent tests: the enrolled fleet's handle, a device data dir set up in-process,
+and `Agent`, a real `st-agent serve` process driven over mTLS with python requests."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from agent.config import load_config
+from agent.enrollment import init_data_dir
+from agent.telemetry import Telemetry
+from agent.updater import Updater
+from stctl.workspace import Workspace
+
+PROMPT = "Line 4 torque check:"
+START_TIMEOUT_S = 120.0
+JOB_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class Fleet:
+    workspace: Workspace
+    repository_url: str
+    enrollment: Path  # device "pc1", https://127.0.0.1:8443
+
+    @property
+    def pki(self) -> Path:
+        return self.workspace.pki_dir
+
+
+def new_device(fleet: Fleet, data_dir: Path) -> Path:
+    """`st-agent init` from pc1's enrollment, with one torch thread (the test machine is small and
+    shared: threads spinning against each other make every step several times slower)."""
+    init_data_dir(fleet.enrollment, data_dir)
+    set_limits(data_dir, threads=1)
+    return data_dir
+
+
+def install_with_library(data_dir: Path, version: str) -> dict:
+    """Run one update job in-process (no daemon); returns the finished job."""
+    config = load_config(data_dir)
+    telemetry = Telemetry(config.telemetry_db, config.limits.telemetry_max_rows)
+    try:
+        updater = Updater(config, telemetry)
+        return updater.run(updater.request("st-demo", version)).to_dict()
+    finally:
+        telemetry.close()
+
+
+def set_limits(data_dir: Path, **limits) -> None:
+    path = data_dir / "agent.json"
+    config = json.loads(path.read_text())
+    config["limits"].update(limits)
+    path.write_text(json.dumps(config))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agent_command() -> list[str]:
+    script = Path(sys.executable).with_name("st-agent")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
+
+
+class Agent:
+    """A real `st-agent serve` process on 127.0.0.1; `session` is the operator's mTLS client."""
+
+    def __init__(self, data_dir: Path, fleet: Fleet):
+        self.data_dir, self.fleet = data_dir, fleet
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+        self.session = self.client(fleet.pki / "operator.crt", fleet.pki / "operator.key")
+        self.log = data_dir.parent / f"{data_dir.name}.agent.log"
+
+    def client(self, cert: Path | None = None, key: Path | None = None) -> requests.Session:
+        s = requests.Session()
+        s.trust_env = False  # $REQUESTS_CA_BUNDLE would otherwise replace `verify` (requests issue #3829)
+        s.verify = str(self.fleet.pki / "ca.crt")
+        if cert is not None:
+            s.cert = (str(cert), str(key))
+        return s
+
+    def url(self, path: str) -> str:
+        return f"https://127.0.0.1:{self.port}{path}"
+
+    def start(self, wait: bool = True) -> Agent:
+        self.port = free_port()
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                agent_command() + ["serve", "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}"],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if wait:
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.kill()
+                raise
+        return self
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        with self.client() as plain:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise AssertionError(f"st-agent exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+                try:
+                    if plain.get(self.url("/healthz"), timeout=2).status_code == 200:
+                        return
+                except requests.RequestException:
+                    pass
+                time.sleep(0.1)
+        raise AssertionError(f"st-agent not ready within {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> int:
+        """Graceful stop (SIGTERM); returns the exit code. Our idle keep-alive connections are
+        closed first: the agent waits up to `shutdown_grace_s` for open connections."""
+        self.session.close()
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError("st-agent did not stop within 60s of SIGTERM")
+
+    # ---- API helpers -------------------------------------------------------------------------
+    def get(self, path: str, **kw) -> requests.Response:
+        return self.session.get(self.url(path), timeout=60, **kw)
+
+    def post(self, path: str, **kw) -> requests.Response:
+        return self.session.post(self.url(path), timeout=120, **kw)
+
+    def status(self) -> dict:
+        r = self.get("/v1/status")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def update(self, version: str, **body) -> str:
+        r = self.post("/v1/updates", json={"model": "st-demo", "version": version, **body})
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+    def wait_job(self, job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.get(f"/v1/updates/{job_id}").json()
+            if job["state"] in ("active", "failed", "rolled_back"):
+                return job
+            time.sleep(0.2)
+        raise AssertionError(f"update {job_id} not finished within {timeout}s: {job}")
+
+    def complete(self, max_tokens: int = 4, **body) -> dict:
+        with self.client() as client:
+            r = client.post(self.url("/v1/completions"), json={"prompt": PROMPT, "max_tokens": max_tokens, **body},
+                            timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def stream(self, max_tokens: int = 4, **body) -> tuple[str, str, str]:
+        """A streamed completion: (text, system_fingerprint, finish_reason); fails on any error event."""
+        with self.client() as client:
+            return self._read_stream(client.post(self.url("/v1/completions"), stream=True, timeout=120,
+                                                 json={"prompt": PROMPT, "max_tokens": max_tokens, "stream": True, **body}))
+
+    @staticmethod
+    def _read_stream(r: requests.Response) -> tuple[str, str, str]:
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"].startswith("text/event-stream")
+        text, fingerprint, finish, done = [], None, None, False
+        for line in r.iter_lines():
+            if not line:
+                continue
+            assert line.startswith(b"data: "), line
+            if line == b"data: [DONE]":
+                done = True
+                break
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            fingerprint = chunk["system_fingerprint"]
+            text.append(chunk["choices"][0]["text"])
+            finish = chunk["choices"][0]["finish_reason"] or finish
+        assert done and finish in ("length", "stop")
+        return "".join(text), fingerprint, finish
