@@ -47,6 +47,11 @@ from stctl.cli_device import device_app  # noqa: E402
 
 app.add_typer(device_app, name="device")
 
+# Fleet commands: `device list`, `rollout ...`, `health`, `telemetry ...` (stctl/cli_fleet.py).
+from stctl import cli_fleet  # noqa: E402
+
+cli_fleet.register(app)
+
 
 def main() -> None:
     app()
@@ -54,8 +59,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-# Fleet commands: `device list`, `rollout ...`, `health`, `telemetry ...` (stctl/cli_fleet.py).
-from stctl import cli_fleet  # noqa: E402
-
-cli_fleet.register(app)

@@ -1,58 +1,250 @@
 """`stctl demo`: the main job on the built-in default, end to end, in a temporary directory.
 
-Rule: the demo uses only public library calls (the same ones the commands use), cleans up
-everything it started, and reports figures it measured in this run.
+A fleet workspace; st-demo 1.0.0 and 2.0.0 built and published; the repository served on
+127.0.0.1; three devices enrolled with tags and run as real `st-agent serve` processes; 1.0.0
+installed everywhere by a one-wave rollout; completions on every device; 2.0.0 rolled out canary
+(one device) -> the rest, gated on health, decode tokens/s and peak RSS; completions again; the
+devices' telemetry pulled into fleet.db and shown as the fleet table.
+
+Rules: the demo uses only public library calls and the `st-agent` command (the same ones an
+operator uses); every process it starts is stopped at the end, also on Ctrl-C or SIGTERM; every
+wait is bounded; the figures it reports were measured in this run.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from model import Engine
+import requests
+
+import manifests
 from model.build import build_demo
-from model.health import check_golden
+from stctl.bootstrap import init_workspace
+from stctl.device_client import ClientConfig, DeviceClient, map_devices
+from stctl.enroll import enroll_device
+from stctl.errors import StctlError
+from stctl.registry import fleet_table
+from stctl.repository import Repository
+from stctl.rollout import start_rollout
+from stctl.serve import make_server
+from stctl.telemetry_pull import pull_fleet, show
 
 DEMO_PROMPTS = ("Line 4 torque check:", "Conveyor B status report:", "Shift handover notes:")
+DEVICES = {"line4-pc1": ["ring=canary", "line=4"], "line4-pc2": ["ring=main", "line=4"],
+           "line5-pc1": ["ring=main", "line=5"]}
+EXAMPLES = Path(manifests.__file__).parent / "examples"
+INSTALL_PLAN, UPGRADE_PLAN = EXAMPLES / "all-at-once.toml", EXAMPLES / "canary-then-rest.toml"
+START_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 30.0
 
 
-def run_demo(work_dir: Path | None = None, *, tokens: int = 24, say: Callable[[str], None] = print,
-             progress=None) -> dict:
-    """Build demo v1 and v2, check their golden outputs, generate, and compare what a delta ships."""
+class DemoError(StctlError):
+    """The demo could not bring its fleet up (an agent did not start, a rollout did not complete)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _agent_command() -> list[str]:
+    script = Path(sys.executable).with_name("st-agent")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM ends the demo like Ctrl-C (so the cleanup runs); only in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Processes:
+    """The agent processes the demo started; `stop_all` ends each (SIGTERM, then SIGKILL)."""
+
+    def __init__(self) -> None:
+        self.running: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], log: Path) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # 3 agents share 2 cores
+        with open(log, "ab") as f:
+            process = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.running.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for p in self.running:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for p in self.running:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=STOP_TIMEOUT_S)
+
+
+def _wait_ready(process: subprocess.Popen, url: str, ca: Path, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    session = requests.Session()
+    session.trust_env = False
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DemoError(f"st-agent exited with {process.returncode}: {log.read_text()[-500:]}")
+        try:
+            if session.get(f"{url}/healthz", verify=str(ca), timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise DemoError(f"st-agent at {url} not ready within {START_TIMEOUT_S:.0f}s")
+
+
+def _complete_everywhere(ws, tokens: int, say: Callable) -> None:
+    config = ClientConfig(completion_timeout_s=300.0)
+
+    def complete(device: dict) -> None:
+        client = DeviceClient.for_device(ws, device, config)
+        try:
+            for prompt in DEMO_PROMPTS:
+                out = client.complete(prompt, max_tokens=tokens, temperature=0.8, seed=7)
+                say(f"  {device['name']} ({out.get('system_fingerprint')}) {prompt!r} -> "
+                    f"{out['choices'][0]['text'][:40]!r}")
+        finally:
+            client.close()
+
+    from stctl.enroll import list_devices
+
+    map_devices(complete, list_devices(ws), len(DEVICES))
+
+
+def run_demo(work_dir: Path | None = None, *, tokens: int = 24, say: Callable = print, progress=None) -> dict:
+    """Run the fleet demo (see the module docstring); returns the figures it measured."""
+    from rich.table import Table
+
     owned = work_dir is None
     root = Path(tempfile.mkdtemp(prefix="stctl-demo-")) if owned else Path(work_dir)
+    processes = _Processes()
+    server = None
+    started = time.monotonic()
     try:
-        say(f"workspace: {root}")
-        packages = {}
-        for variant in (1, 2):
-            out = root / f"st-demo-v{variant}"
-            manifest = build_demo(out, variant=variant, progress=progress)
-            packages[manifest.version] = (out, manifest)
-            say(f"built st-demo {manifest.version}: {len(manifest.shards)} shards, {manifest.total_bytes} bytes")
-        (_, old), (_, new) = packages.values()
-        old_blobs = {s.sha256 for s in old.shards}
-        changed = [s for s in new.shards if s.sha256 not in old_blobs]
-        result: dict = {"versions": [], "bytes_shipped": sum(s.size for s in changed),
-                        "bytes_full": new.total_bytes, "changed_shards": len(changed)}
-        say(f"delta 1.0.0 -> 2.0.0: {len(changed)} changed shards, {result['bytes_shipped']} of "
-            f"{result['bytes_full']} bytes")
-        for version, (path, manifest) in packages.items():
-            engine = Engine.load(path)
-            health = check_golden(engine, manifest.health)
-            completions = []
-            for prompt in DEMO_PROMPTS:
-                ids = engine.tokenizer.encode(prompt)
-                out = list(engine.generate(ids, tokens, temperature=0.8, seed=7))
-                completions.append({"prompt": prompt, "text": engine.tokenizer.decode(out), **engine.last_stats})
-            tps = sorted(c["decode_tokens_per_s"] for c in completions)[len(completions) // 2]
-            rss = max(c["peak_rss_bytes"] for c in completions)
-            result["versions"].append({"version": version, "health_passed": health.passed,
-                                       "decode_tokens_per_s": tps, "peak_rss_bytes": rss,
-                                       "completions": completions})
-            say(f"st-demo {version}: health {'passed' if health.passed else 'FAILED'}, "
-                f"decode {tps:.1f} tok/s, peak RSS {rss / 2**20:.0f} MiB")
-        return result
+        with _stop_on_sigterm():
+            say(f"workspace: {root}")
+            ws = init_workspace(root / "fleet")
+            repo = Repository(ws)
+            manifests_by_version = {}
+            for variant in (1, 2):
+                manifest = build_demo(root / f"st-demo-v{variant}", variant=variant, progress=progress)
+                report = repo.publish(root / f"st-demo-v{variant}")
+                manifests_by_version[manifest.version] = manifest
+                say(f"built and published st-demo {manifest.version}: {report.shards} shards, "
+                    f"{report.bytes_new} new of {report.bytes_full} bytes")
+            server = make_server(ws.repository, "127.0.0.1", 0)
+            threading.Thread(target=server.serve_forever, name="repository", daemon=True).start()
+            repository_url = f"http://127.0.0.1:{server.server_address[1]}"
+            say(f"repository served at {repository_url}")
+
+            agents = {}
+            for name, tags in DEVICES.items():
+                url = f"https://127.0.0.1:{_free_port()}"
+                enrollment = root / f"{name}.enroll"
+                enroll_device(ws, name, url, enrollment, repository_url, tags)
+                data_dir = root / "devices" / name
+                init = subprocess.run(_agent_command() + ["init", "--enroll", str(enrollment), "--data-dir",
+                                                          str(data_dir)], capture_output=True, text=True, timeout=120)
+                if init.returncode != 0:
+                    raise DemoError(f"st-agent init {name}: {init.stderr.strip()[-300:]}")
+                log = root / f"{name}.log"
+                process = processes.start(_agent_command() + ["serve", "--data-dir", str(data_dir), "--listen",
+                                                             url.removeprefix("https://")], log)
+                agents[name] = (process, url, log)
+            for name, (process, url, log) in agents.items():
+                _wait_ready(process, url, ws.pki_dir / "ca.crt", log)
+                say(f"agent {name} ({', '.join(DEVICES[name])}) serving at {url}")
+
+            say("install st-demo 1.0.0 on every device (one wave)")
+            first = start_rollout(ws, "st-demo", "1.0.0", INSTALL_PLAN, say=say)
+            if first["state"] != "completed":
+                raise DemoError(f"installing 1.0.0 ended {first['state']}: {first['detail']}")
+            say("completions on 1.0.0")
+            _complete_everywhere(ws, tokens, say)
+
+            say(f"roll out st-demo 2.0.0: canary -> rest, gated ({UPGRADE_PLAN.name})")
+            second = start_rollout(ws, "st-demo", "2.0.0", UPGRADE_PLAN, say=say)
+            say("completions on every device after the rollout")
+            _complete_everywhere(ws, tokens, say)
+
+            pull_fleet(ws)
+            fleet = fleet_table(ws)
+            summary = show(ws)
+            shipped = _bytes_downloaded(ws, "2.0.0")
+            full = manifests_by_version["2.0.0"].total_bytes
+
+            table = Table("device", "tags", "release", "decode tok/s", "peak RSS", "health", title="fleet")
+            for d in fleet:
+                table.add_row(d["name"], ",".join(f"{k}={v}" for k, v in d["tags"].items()),
+                              f"{d['model']}@{d['version']}", f"{d['last_decode_tokens_per_s'] or 0:.1f}",
+                              f"{(d['last_peak_rss_bytes'] or 0) / 2**20:.0f} MiB", d["last_health"] or "-")
+            say(table)
+            per_version = Table("device", "release", "completions", "median tok/s", "p95 peak RSS", "failures",
+                                title="telemetry per device and version")
+            for r in summary:
+                per_version.add_row(r["device"], f"{r['model']}@{r['version']}", str(r["completions"]),
+                                    f"{r['median_decode_tokens_per_s'] or 0:.1f}",
+                                    f"{(r['p95_peak_rss_bytes'] or 0) / 2**20:.0f} MiB", str(r["failures"]))
+            say(per_version)
+            say(f"rollout of 2.0.0: {second['state']}; shipped {shipped} bytes to {len(DEVICES)} devices "
+                f"instead of {full * len(DEVICES)} (full packages)")
+            return {
+                "devices": [{"name": d["name"], "tags": d["tags"], "version": d["version"],
+                             "decode_tokens_per_s": d["last_decode_tokens_per_s"],
+                             "peak_rss_bytes": d["last_peak_rss_bytes"], "last_health": d["last_health"]}
+                            for d in fleet],
+                "rollout": {"state": second["state"], "waves": [
+                    {"name": w["name"], "state": w["state"], "devices": [
+                        d["device"] for d in second["devices"] if d["wave"] == w["index"]]} for w in second["waves"]]},
+                "bytes_shipped": shipped, "bytes_full": full * len(DEVICES),
+                "telemetry": summary, "seconds": round(time.monotonic() - started, 1),
+            }
     finally:
+        processes.stop_all()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
         if owned:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _bytes_downloaded(ws, version: str) -> int:
+    """Bytes the devices downloaded for their update jobs to `version` (from the pulled telemetry)."""
+    from stctl.fleetdb import open_fleet_db
+
+    db = open_fleet_db(ws.fleet_db)
+    try:
+        rows = db.execute("SELECT device, job_id, MAX(bytes_downloaded) FROM updates WHERE to_version = ? "
+                          "GROUP BY device, job_id", [version]).fetchall()
+        return sum(r[2] or 0 for r in rows)
+    finally:
+        db.close()

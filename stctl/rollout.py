@@ -1,0 +1,731 @@
+"""Staged rollouts: a state machine in `fleet.db` that moves a fleet to a release wave by wave,
+judges each wave on telemetry, and stops (and undoes) itself when a gate fails.
+
+Rollout:  running --wave passed--> running (next wave) --last wave passed--> completed
+          running --pause--> paused --resume--> running
+          running --gate failed--> halting (rolls back the wave's devices, or not: plan) --> halted
+          running|paused|halting --abort--> aborting (rolls back every device it updated) --> aborted
+Wave:     pending -> updating -> soaking -> gating -> passed | failed
+Device:   pending -> requesting -> updating -> updated -> passed
+          pending -> skipped (already on the release);  any of them -> failed (with `failure`)
+          updated|passed|failed -> rolling_back -> rolled_back
+
+Rules:
+- every transition is one transaction that updates the row and appends a `rollout_events` row;
+  a controller holds the workspace's rollout lock (one controller at a time, released by the
+  kernel when stctl dies), and `pause`/`abort` from another process are requests it obeys;
+- exactly once, provable from the records: a device is written `requesting` (with the device's
+  own clock, `mark`) before `POST /v1/updates`, and `updating` with the job id after it. A
+  device found `requesting` (stctl died around the POST) is reconciled before any new POST: the
+  device's unfinished job, else a job for this release created after `mark` (found through the
+  `updates` telemetry since `mark`; `mark` is later than every update row the device had
+  recorded before the POST), is adopted; only if neither exists was the POST never received, and it is sent. A device found
+  `rolling_back` is rolled back only if it still runs the new release (a rollback swaps active
+  and previous, so a blind second one would undo the first);
+- a device that does not reach a final update state within the wave's `device_timeout`
+  (unreachable included) is failed; gates run after the wave's soak: health check (if asked),
+  then decode tokens/s and peak RSS on the new release from the device's telemetry (pulled into
+  `fleet.db`); the failure fraction (failed / finished devices of the rollout) is judged once
+  `min_devices` have finished, during the updates and after the gates;
+- on a failed gate the wave halts: nothing new starts, updates in flight finish, then (plan:
+  `rollback`) every device of the wave that runs the new release is rolled back; a device that
+  fails while the fraction holds is rolled back alone (`rollback`) or left as is (`halt`);
+- abort finishes updates in flight, then rolls back every device this rollout updated;
+- every wait is bounded: device calls by the client's timeouts, jobs by `device_timeout`,
+  soak by its length, another controller's abort by `RolloutConfig.abort_wait_s`.
+"""
+from __future__ import annotations
+
+import fcntl
+import sqlite3
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlite_utils
+
+from manifests import ManifestError
+from manifests.rollout_plan import RolloutPlan, Wave, parse_plan, select_devices
+from stctl.device_client import ClientConfig, DeviceClient, DeviceError, map_devices, release_of
+from stctl.errors import StctlError
+from stctl.fleetdb import MIGRATIONS, open_fleet_db
+from stctl.registry import enrolled, write_transaction
+from stctl.telemetry_pull import pull_device
+from stctl.workspace import Workspace
+
+# rollout states
+RUNNING, PAUSED, HALTING, HALTED = "running", "paused", "halting", "halted"
+ABORTING, ABORTED, COMPLETED = "aborting", "aborted", "completed"
+FINAL = (HALTED, ABORTED, COMPLETED)
+# device states
+PENDING, REQUESTING, UPDATING, UPDATED, PASSED = "pending", "requesting", "updating", "updated", "passed"
+SKIPPED, FAILED, ROLLING_BACK, ROLLED_BACK = "skipped", "failed", "rolling_back", "rolled_back"
+IN_FLIGHT = (REQUESTING, UPDATING)
+CHANGED = (UPDATED, PASSED, FAILED, ROLLING_BACK)  # may run the new release: candidates for a rollback
+LOCK_FILE = ".rollout.lock"
+
+
+class RolloutError(StctlError):
+    """A rollout cannot start, resume, pause or abort (bad plan, unpublished release, ...)."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    poll_s: float = 0.5  # update job polling, and pause/abort checks while soaking
+    abort_wait_s: float = 1800.0  # how long `abort` waits for a running controller to finish it
+    clock_margin_s: float = 2.0  # the device's Date header has whole seconds: look this far back for its newest row
+    client: ClientConfig = field(default_factory=ClientConfig)
+
+
+# ---- schema -------------------------------------------------------------------------------------
+def _create_rollouts(db: sqlite_utils.Database) -> None:
+    db["rollouts"].create({"id": int, "model": str, "version": str, "plan": str, "plan_file": str,
+                           "repository_url": str, "allow_downgrade": int, "state": str, "wave": int,
+                           "requested": str, "detail": str, "created_at": str, "updated_at": str}, pk="id")
+    db["rollout_waves"].create({"rollout_id": int, "idx": int, "name": str, "state": str, "soak_until": float,
+                                "detail": str, "updated_at": str}, pk=("rollout_id", "idx"))
+    db["rollout_devices"].create({"rollout_id": int, "device": str, "wave": int, "state": str, "from_model": str,
+                                  "from_version": str, "mark": float, "job_id": str, "requests": int,
+                                  "decode_tokens_per_s": float, "peak_rss_bytes": int, "health": str,
+                                  "failure": str, "detail": str, "updated_at": str}, pk=("rollout_id", "device"))
+    db["rollout_events"].create({"rollout_id": int, "ts": str, "wave": int, "device": str, "state": str,
+                                 "detail": str})
+    db["rollout_events"].create_index(["rollout_id"])
+
+
+ROLLOUT_MIGRATION = (22, "rollouts, rollout_waves, rollout_devices, rollout_events", _create_rollouts)
+if all(version != ROLLOUT_MIGRATION[0] for version, _, _ in MIGRATIONS):
+    MIGRATIONS.append(ROLLOUT_MIGRATION)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class RolloutStore:
+    """The rollout tables of `fleet.db`, shared by the controller's threads (one connection, a lock)."""
+
+    def __init__(self, path: Path):
+        open_fleet_db(path).close()  # migrations
+        conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30.0)
+        self.db = sqlite_utils.Database(conn)
+        self.db.execute("PRAGMA busy_timeout = 30000")
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    def rollout(self, rollout_id: int) -> dict:
+        with self._lock:
+            rows = list(self.db["rollouts"].rows_where("id = ?", [rollout_id]))
+        if not rows:
+            raise RolloutError(f"no rollout {rollout_id}")
+        return rows[0]
+
+    def latest(self, unfinished_only: bool = False) -> dict | None:
+        clause = f"state NOT IN ({','.join('?' * len(FINAL))})" if unfinished_only else None
+        with self._lock:
+            rows = list(self.db["rollouts"].rows_where(clause, list(FINAL) if clause else [], order_by="id desc",
+                                                       limit=1))
+        return rows[0] if rows else None
+
+    def waves(self, rollout_id: int) -> list[dict]:
+        with self._lock:
+            return list(self.db["rollout_waves"].rows_where("rollout_id = ?", [rollout_id], order_by="idx"))
+
+    def devices(self, rollout_id: int, wave: int | None = None) -> list[dict]:
+        clause, args = ("rollout_id = ? AND wave = ?", [rollout_id, wave]) if wave is not None else \
+            ("rollout_id = ?", [rollout_id])
+        with self._lock:
+            return list(self.db["rollout_devices"].rows_where(clause, args, order_by="wave, device"))
+
+    def device(self, rollout_id: int, name: str) -> dict:
+        with self._lock:
+            return self.db["rollout_devices"].get((rollout_id, name))
+
+    def events(self, rollout_id: int) -> list[dict]:
+        with self._lock:
+            return list(self.db["rollout_events"].rows_where("rollout_id = ?", [rollout_id], order_by="rowid"))
+
+    def create(self, row: dict, waves: list[tuple[str, list[str]]]) -> int:
+        now = _now()
+        with self._lock, write_transaction(self.db):
+            self.db["rollouts"].insert({**row, "created_at": now, "updated_at": now})
+            rollout_id = self.db.execute("SELECT MAX(id) FROM rollouts").fetchone()[0]
+            for idx, (name, devices) in enumerate(waves):
+                self.db["rollout_waves"].insert({"rollout_id": rollout_id, "idx": idx, "name": name, "state": PENDING,
+                                                 "soak_until": None, "detail": "", "updated_at": now})
+                self.db["rollout_devices"].insert_all(
+                    {"rollout_id": rollout_id, "device": d, "wave": idx, "state": PENDING, "requests": 0,
+                     "failure": "", "detail": "", "updated_at": now} for d in devices)
+            self._event(rollout_id, None, None, row["state"], "created")
+        return rollout_id
+
+    def _event(self, rollout_id: int, wave: int | None, device: str | None, state: str, detail: str) -> None:
+        self.db["rollout_events"].insert({"rollout_id": rollout_id, "ts": _now(), "wave": wave, "device": device,
+                                          "state": state, "detail": detail})
+
+    def set_rollout(self, rollout_id: int, **values) -> None:
+        with self._lock, write_transaction(self.db):
+            self.db["rollouts"].update(rollout_id, {**values, "updated_at": _now()})
+            if "state" in values or "requested" in values:
+                self._event(rollout_id, None, None, values.get("state") or f"requested:{values['requested']}",
+                            values.get("detail", ""))
+
+    def set_wave(self, rollout_id: int, idx: int, **values) -> None:
+        with self._lock, write_transaction(self.db):
+            self.db["rollout_waves"].update((rollout_id, idx), {**values, "updated_at": _now()})
+            if "state" in values:
+                self._event(rollout_id, idx, None, values["state"], values.get("detail", ""))
+
+    def set_device(self, rollout_id: int, name: str, **values) -> dict:
+        with self._lock, write_transaction(self.db):
+            table = self.db["rollout_devices"]
+            table.update((rollout_id, name), {**values, "updated_at": _now()})
+            row = table.get((rollout_id, name))
+            if "state" in values:
+                self._event(rollout_id, row["wave"], name, values["state"], values.get("detail", ""))
+        return row
+
+
+class ControllerLock:
+    """The workspace's rollout lock: held by the one stctl process driving a rollout."""
+
+    def __init__(self, workspace: Workspace):
+        self.path = workspace.root / LOCK_FILE
+        self._file = None
+
+    def acquire(self) -> bool:
+        f = open(self.path, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return False
+        self._file = f
+        return True
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def held_elsewhere(self) -> bool:
+        if self.acquire():
+            self.release()
+            return False
+        return True
+
+
+# ---- the controller -----------------------------------------------------------------------------
+class Controller:
+    """Drives one rollout from whatever state `fleet.db` holds to paused, halted, aborted or completed."""
+
+    def __init__(self, workspace: Workspace, store: RolloutStore, rollout_id: int, config: RolloutConfig,
+                 say: Callable[[str], None]):
+        self.ws, self.store, self.id, self.config, self.say = workspace, store, rollout_id, config, say
+        row = store.rollout(rollout_id)
+        self.model, self.version = row["model"], row["version"]
+        self.repository_url = row["repository_url"] or None
+        self.allow_downgrade = bool(row["allow_downgrade"])
+        self.plan = RolloutPlan.from_json(row["plan"])
+        self.urls = {d["name"]: d["url"] for d in enrolled(workspace)}
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _client(self, name: str) -> DeviceClient:
+        if name not in self.urls:
+            raise DeviceError(name, "no longer enrolled")
+        return DeviceClient(name, self.urls[name], self.ws.pki_dir, self.config.client)
+
+    def _device(self, name: str, **values) -> dict:
+        row = self.store.set_device(self.id, name, **values)
+        if "state" in values:
+            extra = values.get("failure") or values.get("detail") or ""
+            self.say(f"  {name}: {values['state']}{f' ({extra})' if extra else ''}")
+        return row
+
+    def _requested(self) -> str:
+        return self.store.rollout(self.id)["requested"] or ""
+
+    def _target(self) -> tuple[str, str]:
+        return self.model, self.version
+
+    def judge(self, wave: Wave) -> str | None:
+        """Why the failure-fraction gate fails now (None while it holds or cannot be judged yet)."""
+        rows = self.store.devices(self.id)
+        finished = [d for d in rows if d["failure"] or d["state"] in (PASSED, SKIPPED, ROLLED_BACK)]
+        failed = [d for d in finished if d["failure"]]
+        gates = wave.gates
+        if len(finished) < gates.min_devices or not finished:
+            return None
+        fraction = len(failed) / len(finished)
+        if fraction > gates.max_failure_fraction:
+            return (f"{len(failed)} of {len(finished)} finished devices failed ({fraction:.0%} > "
+                    f"{gates.max_failure_fraction:.0%}): " + "; ".join(f"{d['device']}: {d['failure']}" for d in failed[:3]))
+        return None
+
+    # ---- the rollout -----------------------------------------------------------------------------
+    def run(self) -> str:
+        row = self.store.rollout(self.id)
+        if row["state"] == ABORTING or row["requested"] == "abort":
+            return self._abort()
+        if row["state"] == HALTING:
+            return self._halt(row["wave"], row["detail"])
+        if row["state"] != RUNNING or row["requested"]:
+            self.store.set_rollout(self.id, state=RUNNING, requested="", detail="resumed")
+        for idx in range(row["wave"], len(self.plan.waves)):
+            self.store.set_rollout(self.id, wave=idx)
+            outcome, why = self._wave(idx)
+            if outcome == "pause":
+                self.store.set_rollout(self.id, state=PAUSED, requested="", detail=f"paused in wave {idx + 1}")
+                self.say(f"rollout {self.id}: paused; `stctl rollout resume` continues it")
+                return PAUSED
+            if outcome == "abort":
+                return self._abort()
+            if outcome == "halt":
+                return self._halt(idx, why)
+        self.store.set_rollout(self.id, state=COMPLETED, wave=len(self.plan.waves), detail="every wave passed")
+        self.say(f"rollout {self.id}: completed; {self.model} {self.version} on every selected device")
+        return COMPLETED
+
+    def _wave(self, idx: int) -> tuple[str, str]:
+        wave = self.plan.waves[idx]
+        row = self.store.waves(self.id)[idx]
+        state = row["state"]
+        if state == FAILED:  # stctl died between judging the wave and recording the halt
+            return "halt", row["detail"]
+        if state in (PENDING, UPDATING):
+            if state == PENDING:
+                self.say(f"wave {idx + 1}/{len(self.plan.waves)} {wave.name}: "
+                         f"{len(self.store.devices(self.id, idx))} device(s)")
+            self.store.set_wave(self.id, idx, state=UPDATING)
+            stop, why = self._update_wave(idx, wave)
+            if stop:
+                if stop == "halt":
+                    self.store.set_wave(self.id, idx, state=FAILED, detail=why)
+                return stop, why
+            self.store.set_wave(self.id, idx, state="soaking", soak_until=time.time() + wave.soak_s,
+                                detail=f"soak {wave.soak_s:g}s")
+            state = "soaking"
+        if state == "soaking":
+            until = self.store.waves(self.id)[idx]["soak_until"] or 0.0
+            while time.time() < until:
+                if request := self._requested():
+                    return request, ""
+                time.sleep(min(self.config.poll_s, max(0.0, until - time.time())))
+            self.store.set_wave(self.id, idx, state="gating")
+            state = "gating"
+        if state == "gating":
+            self._gate_wave(idx, wave)
+            why = self.judge(wave)
+            if why:
+                self.store.set_wave(self.id, idx, state=FAILED, detail=why)
+                return "halt", why
+            if wave.on_gate_failure == "rollback":
+                failed = [d["device"] for d in self.store.devices(self.id, idx) if d["state"] == FAILED]
+                map_devices(lambda name: self._roll_back(name, wave.device_timeout_s), failed, wave.max_concurrent)
+            self.store.set_wave(self.id, idx, state=PASSED)
+        if request := self._requested():
+            return request, ""
+        return "next", ""
+
+    def _update_wave(self, idx: int, wave: Wave) -> tuple[str | None, str]:
+        """Update the wave's devices, at most `max_concurrent` at once; stops starting new ones on a
+        pause/abort request or a failed gate, and lets those in flight finish."""
+        todo = [d["device"] for d in self.store.devices(self.id, idx) if d["state"] in (PENDING, *IN_FLIGHT)]
+        stop, why = None, ""
+        with ThreadPoolExecutor(max_workers=wave.max_concurrent, thread_name_prefix="rollout") as pool:
+            running: set[Future] = set()
+            for name in todo:
+                while len(running) >= wave.max_concurrent:
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        f.result()
+                stop = self._requested() or None
+                if stop is None and (why := self.judge(wave) or ""):
+                    stop = "halt"
+                if stop:
+                    break
+                running.add(pool.submit(self._update_device, name, wave))
+            for f in wait(running).done:
+                f.result()
+        stop = stop or self._requested() or None
+        if stop is None and (why := self.judge(wave) or ""):
+            stop = "halt"
+        return stop, why
+
+    def _update_device(self, name: str, wave: Wave) -> None:
+        """Walk one device to `updated`, `skipped` or `failed` within the wave's device timeout."""
+        client = self._client(name)
+        deadline = time.monotonic() + wave.device_timeout_s
+        last_error = ""
+        try:
+            rec = self.store.device(self.id, name)
+            for _ in range(int(wave.device_timeout_s / self.config.poll_s) + 100):
+                try:
+                    if rec["state"] == PENDING:
+                        status = client.status()
+                        active = release_of(status)
+                        if active == self._target():
+                            rec = self._device(name, state=SKIPPED, detail=f"already on {self.version}")
+                            return
+                        mark = self._mark(client)
+                        rec = self._device(name, state=REQUESTING, mark=mark, from_model=active and active[0],
+                                           from_version=active and active[1])
+                        continue
+                    if rec["state"] == REQUESTING:
+                        job_id = self._adopt_job(client, rec)
+                        if job_id is None:
+                            self.store.set_device(self.id, name, requests=rec["requests"] + 1)
+                            job_id = client.request_update(self.model, self.version, self.repository_url,
+                                                           self.allow_downgrade)
+                        rec = self._device(name, state=UPDATING, job_id=job_id, detail=f"job {job_id[:8]}")
+                        continue
+                    if rec["state"] == UPDATING:
+                        job = client.update(rec["job_id"])
+                        if job["state"] == "active":
+                            rec = self._device(name, state=UPDATED, detail=f"{self.version} active")
+                            return
+                        if job["state"] in ("failed", "rolled_back"):
+                            rec = self._device(name, state=FAILED,
+                                               failure=f"update {job['state']}: {job.get('detail', '')}"[:500])
+                            return
+                    else:
+                        return
+                    last_error = ""
+                except DeviceError as e:
+                    if not e.unreachable:
+                        rec = self._device(name, state=FAILED, failure=str(e)[:500])
+                        return
+                    last_error = str(e)
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(self.config.poll_s)
+            rec = self._device(name, state=FAILED,
+                               failure=f"no final update state within {wave.device_timeout_s:g}s (in {rec['state']}"
+                                       f"{'; ' + last_error if last_error else ''})"[:500])
+        finally:
+            client.close()
+
+    def _mark(self, client: DeviceClient) -> float:
+        """An instant on the device's clock after every update row it has recorded so far: the
+        newest `updates` row of the last seconds, or the device's Date minus that margin."""
+        if client.last_date is None:
+            raise DeviceError(client.name, "the device sends no Date header; its clock is needed to resume safely")
+        base = client.last_date - self.config.clock_margin_s
+        return max([base] + [float(r["ts"]) for r in client.telemetry("updates", base, 1000) if r.get("ts") is not None])
+
+    def _adopt_job(self, client: DeviceClient, rec: dict) -> str | None:
+        """The update job a previous POST for this release created on the device, if any."""
+        update = client.status().get("update") or {}
+        if update.get("model") == self.model and update.get("version") == self.version and update.get("id"):
+            return update["id"]
+        seen = set()
+        for row in client.telemetry("updates", rec["mark"], 1000):
+            job_id = row.get("job_id")
+            if row.get("model") != self.model or row.get("to_version") != self.version or not job_id or job_id in seen:
+                continue
+            seen.add(job_id)
+            try:
+                job = client.update(job_id)
+            except DeviceError as e:
+                if e.status_code == 404:  # pruned: an old job, not one created since the mark
+                    continue
+                raise
+            if float(job.get("created") or 0.0) > rec["mark"]:  # created after the mark: ours
+                return job_id
+        return None
+
+    # ---- gates -----------------------------------------------------------------------------------
+    def _gate_wave(self, idx: int, wave: Wave) -> None:
+        names = [d["device"] for d in self.store.devices(self.id, idx) if d["state"] == UPDATED]
+        map_devices(lambda name: self._gate_device(name, wave), names, wave.max_concurrent)
+
+    def _gate_device(self, name: str, wave: Wave) -> None:
+        gates = wave.gates
+        client = self._client(name)
+        db = open_fleet_db(self.ws.fleet_db)
+        try:
+            health = None
+            if gates.health_check:
+                result = client.health_check()
+                health = "passed" if result.get("passed") else "failed"
+                if not result.get("passed"):
+                    self._device(name, state=FAILED, health=health,
+                                 failure=f"health check failed: {result.get('detail', '')}"
+                                         f"{' (the device rolled back)' if result.get('rolled_back') else ''}"[:500])
+                    return
+            pull_device(db, client)
+            tps, rss = self._figures(db, name)
+            values = {"decode_tokens_per_s": tps, "peak_rss_bytes": rss, "health": health}
+            if gates.min_decode_tokens_per_s is not None and (tps is None or tps < gates.min_decode_tokens_per_s):
+                self._device(name, state=FAILED, **values, failure=f"decode {_fmt(tps)} tokens/s < gate "
+                                                                   f"{gates.min_decode_tokens_per_s:g}")
+            elif gates.max_peak_rss_bytes is not None and (rss is None or rss > gates.max_peak_rss_bytes):
+                self._device(name, state=FAILED, **values, failure=f"peak RSS {rss} bytes > gate "
+                                                                   f"{gates.max_peak_rss_bytes}")
+            else:
+                self._device(name, state=PASSED, **values, detail=f"{_fmt(tps)} tokens/s, peak RSS {rss}")
+        except DeviceError as e:
+            self._device(name, state=FAILED, failure=f"gates: {e}"[:500])
+        finally:
+            db.close()
+            client.close()
+
+    def _figures(self, db: sqlite_utils.Database, name: str) -> tuple[float | None, int | None]:
+        """Decode tokens/s (median) and peak RSS (max) of the device on the new release since its
+        update job began: from completions, else from its health checks."""
+        rec = self.store.device(self.id, name)
+        since = rec["mark"] or 0.0
+        for table in ("generations", "health_checks"):
+            rows = db.execute(f"SELECT decode_tokens_per_s, peak_rss_bytes FROM {table} WHERE device = ? AND "
+                              "model = ? AND version = ? AND ts > ?", [name, self.model, self.version, since]).fetchall()
+            if rows:
+                return statistics.median(r[0] for r in rows), max(r[1] for r in rows)
+        return None, None
+
+    # ---- undo --------------------------------------------------------------------------------------
+    def _roll_back(self, name: str, timeout_s: float) -> None:
+        """Put the device back on the release it ran before this rollout, if it runs the new one."""
+        rec = self.store.device(self.id, name)
+        before = (rec["from_model"], rec["from_version"]) if rec["from_version"] else None
+        client = self._client(name)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    status = client.status()
+                    active, previous = release_of(status), release_of(status, "previous")
+                    if rec["state"] == ROLLING_BACK and active == before:
+                        self._device(name, state=ROLLED_BACK, detail=f"back on {before[1]}")
+                        return
+                    if active != self._target():
+                        return  # never changed (or already moved on): nothing of ours to undo
+                    if before is None or previous != before:
+                        self.store.set_device(self.id, name, detail=f"cannot roll back: previous is "
+                                                                    f"{previous and previous[1]}, not {rec['from_version']}")
+                        return
+                    rec = self._device(name, state=ROLLING_BACK)
+                    client.rollback()
+                except DeviceError as e:
+                    if not e.unreachable or time.monotonic() >= deadline:
+                        self.store.set_device(self.id, name, detail=f"rollback: {e}"[:500])
+                        return
+                    time.sleep(self.config.poll_s)
+        finally:
+            client.close()
+
+    def _finish_in_flight(self, names: list[str]) -> None:
+        """Drive devices left requesting/updating (by a killed stctl) to a final update state."""
+        waves = {d["device"]: self.plan.waves[d["wave"]] for d in self.store.devices(self.id)}
+        map_devices(lambda name: self._update_device(name, waves[name]), names,
+                    max(w.max_concurrent for w in self.plan.waves))
+
+    def _halt(self, idx: int, why: str) -> str:
+        wave = self.plan.waves[idx]
+        self.store.set_rollout(self.id, state=HALTING, detail=why[:1000])
+        self.say(f"rollout {self.id}: gate failed in wave {idx + 1} ({wave.name}): {why}")
+        devices = self.store.devices(self.id, idx)
+        self._finish_in_flight([d["device"] for d in devices if d["state"] in IN_FLIGHT])
+        if wave.on_gate_failure == "rollback":
+            names = [d["device"] for d in self.store.devices(self.id, idx) if d["state"] in CHANGED]
+            map_devices(lambda name: self._roll_back(name, wave.device_timeout_s), names, wave.max_concurrent)
+        self.store.set_rollout(self.id, state=HALTED, requested="", detail=why[:1000])
+        self.say(f"rollout {self.id}: halted" + (" and the wave rolled back" if wave.on_gate_failure == "rollback" else ""))
+        return HALTED
+
+    def _abort(self) -> str:
+        self.store.set_rollout(self.id, state=ABORTING, detail="abort requested")
+        self.say(f"rollout {self.id}: aborting; rolling back the devices it updated")
+        self._finish_in_flight([d["device"] for d in self.store.devices(self.id) if d["state"] in IN_FLIGHT])
+        names = [d["device"] for d in self.store.devices(self.id) if d["state"] in CHANGED]
+        timeout = max(w.device_timeout_s for w in self.plan.waves)
+        map_devices(lambda name: self._roll_back(name, timeout), names, max(w.max_concurrent for w in self.plan.waves))
+        self.store.set_rollout(self.id, state=ABORTED, requested="", detail="aborted")
+        self.say(f"rollout {self.id}: aborted")
+        return ABORTED
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.1f}"
+
+
+# ---- the library API (one call per command) -------------------------------------------------------
+def create_rollout(workspace: Workspace, model: str, version: str, plan_file: str | Path,
+                   repository_url: str | None = None, allow_downgrade: bool = False) -> int:
+    """Validate everything (plan, release, devices, no other rollout running) and record the rollout;
+    nothing is recorded and no device is contacted if any check fails."""
+    path = Path(plan_file)
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise RolloutError(f"{path}: cannot read the plan ({e.strerror or e})") from None
+    try:
+        plan = parse_plan(text, str(path))
+    except ManifestError as e:
+        raise RolloutError(f"{path}: {e}") from None
+    store = RolloutStore(workspace.fleet_db)
+    try:
+        published = store.db.execute("SELECT 1 FROM releases WHERE model = ? AND version = ?", [model, version]).fetchone()
+        if not published:
+            raise RolloutError(f"{model} {version} is not published in this workspace; `stctl model publish` it first")
+        devices = {d["name"]: d["tags"] for d in enrolled(workspace)}
+        if not devices:
+            raise RolloutError("no enrolled devices; `stctl device enroll` them first")
+        try:
+            waves = select_devices(plan, devices)
+        except ManifestError as e:
+            raise RolloutError(f"{path}: {e}") from None
+        if (running := store.latest(unfinished_only=True)) is not None:
+            raise RolloutError(f"rollout {running['id']} ({running['model']} {running['version']}) is {running['state']}; "
+                               "resume or abort it first")
+        return store.create({"model": model, "version": version, "plan": plan.to_json(), "plan_file": str(path),
+                             "repository_url": repository_url or "", "allow_downgrade": int(allow_downgrade),
+                             "state": RUNNING, "wave": 0, "requested": "", "detail": ""},
+                            [(w.name, names) for w, names in zip(plan.waves, waves)])
+    finally:
+        store.close()
+
+
+def run_rollout(workspace: Workspace, rollout_id: int, config: RolloutConfig = RolloutConfig(),
+                say: Callable[[str], None] = lambda _m: None) -> dict:
+    """Drive the rollout (this process becomes its controller) until it pauses or ends."""
+    lock = ControllerLock(workspace)
+    if not lock.acquire():
+        raise RolloutError("another stctl process is driving a rollout in this workspace; "
+                           "use `stctl rollout status`, `pause` or `abort`")
+    store = RolloutStore(workspace.fleet_db)
+    try:
+        if store.rollout(rollout_id)["state"] in FINAL:
+            raise RolloutError(f"rollout {rollout_id} is {store.rollout(rollout_id)['state']}; start a new one")
+        Controller(workspace, store, rollout_id, config, say).run()
+    finally:
+        store.close()
+        lock.release()
+    return rollout_status(workspace, rollout_id)
+
+
+def start_rollout(workspace: Workspace, model: str, version: str, plan_file: str | Path, *,
+                  repository_url: str | None = None, allow_downgrade: bool = False,
+                  config: RolloutConfig = RolloutConfig(), say: Callable[[str], None] = lambda _m: None) -> dict:
+    rollout_id = create_rollout(workspace, model, version, plan_file, repository_url, allow_downgrade)
+    say(f"rollout {rollout_id}: {model} {version}")
+    return run_rollout(workspace, rollout_id, config, say)
+
+
+def _pick(store: RolloutStore, rollout_id: int | None, unfinished: bool = True) -> dict:
+    if rollout_id is not None:
+        return store.rollout(rollout_id)
+    row = store.latest(unfinished_only=unfinished)
+    if row is None:
+        raise RolloutError("no unfinished rollout" if unfinished else "no rollout yet")
+    return row
+
+
+def resume_rollout(workspace: Workspace, rollout_id: int | None = None, config: RolloutConfig = RolloutConfig(),
+                   say: Callable[[str], None] = lambda _m: None) -> dict:
+    store = RolloutStore(workspace.fleet_db)
+    try:
+        row = _pick(store, rollout_id)
+    finally:
+        store.close()
+    if row["state"] in FINAL:
+        raise RolloutError(f"rollout {row['id']} is {row['state']}; start a new one")
+    say(f"rollout {row['id']}: resuming ({row['state']}, wave {row['wave'] + 1})")
+    return run_rollout(workspace, row["id"], config, say)
+
+
+def pause_rollout(workspace: Workspace, rollout_id: int | None = None) -> dict:
+    """Ask the running controller to pause (it lets updates in flight finish); pauses at once if
+    no controller is running (stctl was killed)."""
+    store = RolloutStore(workspace.fleet_db)
+    try:
+        row = _pick(store, rollout_id)
+        if row["state"] != RUNNING:
+            raise RolloutError(f"rollout {row['id']} is {row['state']}; only a running rollout pauses")
+        lock = ControllerLock(workspace)
+        if lock.acquire():
+            try:
+                store.set_rollout(row["id"], state=PAUSED, detail="paused (no controller was running)")
+            finally:
+                lock.release()
+        else:
+            store.set_rollout(row["id"], requested="pause")
+        return {"id": row["id"], **{k: store.rollout(row["id"])[k] for k in ("state", "requested")}}
+    finally:
+        store.close()
+
+
+def abort_rollout(workspace: Workspace, rollout_id: int | None = None, config: RolloutConfig = RolloutConfig(),
+                  say: Callable[[str], None] = lambda _m: None) -> dict:
+    """Abort: roll back every device the rollout updated. Done here if no controller runs;
+    otherwise asks the controller and waits (bounded) until it has aborted."""
+    store = RolloutStore(workspace.fleet_db)
+    try:
+        row = _pick(store, rollout_id)
+        if row["state"] in FINAL:
+            raise RolloutError(f"rollout {row['id']} is {row['state']}; nothing to abort")
+        store.set_rollout(row["id"], requested="abort")
+        lock = ControllerLock(workspace)
+        if lock.acquire():
+            try:
+                Controller(workspace, store, row["id"], config, say).run()
+            finally:
+                lock.release()
+        else:
+            deadline = time.monotonic() + config.abort_wait_s
+            while store.rollout(row["id"])["state"] != ABORTED:
+                if time.monotonic() >= deadline or not lock.held_elsewhere():
+                    raise RolloutError(f"rollout {row['id']}: the controller did not finish the abort; "
+                                       "run `stctl rollout abort` again")
+                time.sleep(config.poll_s)
+    finally:
+        store.close()
+    return rollout_status(workspace, row["id"])
+
+
+def rollout_status(workspace: Workspace, rollout_id: int | None = None) -> dict:
+    """The rollout, its waves (device counts per state) and devices."""
+    store = RolloutStore(workspace.fleet_db)
+    try:
+        row = _pick(store, rollout_id, unfinished=False)
+        devices = store.devices(row["id"])
+        waves = []
+        plan = RolloutPlan.from_json(row["plan"])
+        for w in store.waves(row["id"]):
+            members = [d for d in devices if d["wave"] == w["idx"]]
+            counts: dict[str, int] = {}
+            for d in members:
+                counts[d["state"]] = counts.get(d["state"], 0) + 1
+            done = sum(1 for d in members if d["state"] not in (PENDING, *IN_FLIGHT))
+            waves.append({"index": w["idx"], "name": w["name"], "state": w["state"], "devices": len(members),
+                          "done": done, "failed": sum(1 for d in members if d["failure"]), "counts": counts,
+                          "soak_s": plan.waves[w["idx"]].soak_s, "detail": w["detail"]})
+        return {"id": row["id"], "model": row["model"], "version": row["version"], "state": row["state"],
+                "requested": row["requested"] or None, "wave": row["wave"], "detail": row["detail"],
+                "plan_file": row["plan_file"], "created_at": row["created_at"], "updated_at": row["updated_at"],
+                "waves": waves,
+                "devices": [{k: d[k] for k in ("device", "wave", "state", "from_version", "job_id", "requests",
+                                               "decode_tokens_per_s", "peak_rss_bytes", "health", "failure",
+                                               "detail")} for d in devices]}
+    finally:
+        store.close()
+
+
+def rollout_events(workspace: Workspace, rollout_id: int) -> list[dict]:
+    store = RolloutStore(workspace.fleet_db)
+    try:
+        return store.events(rollout_id)
+    finally:
+        store.close()
+
+
+__all__ = ["RolloutConfig", "RolloutError", "abort_rollout", "create_rollout", "pause_rollout", "resume_rollout",
+           "rollout_events", "rollout_status", "run_rollout", "start_rollout"]

@@ -1,0 +1,407 @@
+"""Staged rollouts against three real `st-agent serve` processes on 127.0.0.1 (st-demo 1.0.0 active,
+the repository served by the embedded server): a healthy rollout completes wave by wave; a canary
+that fails a gate (an unreachable tokens/s threshold; an unreachable device) halts, the canary
+returns to 1.0.0 and no other device changes; abort mid-wave rolls back; stctl SIGKILLed
+mid-rollout and resumed updates every device exactly once (also when it died between the POST
+and recording its job id). Then the fleet commands on the same agents: device list, health,
+telemetry pull (incremental, idempotent) and show.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sqlite_utils
+from typer.testing import CliRunner
+
+from agent.enrollment import init_data_dir
+from agent_helpers import Agent, Fleet, set_limits
+from release_helpers import serve
+from stctl.cli import app
+from stctl.enroll import enroll_device
+from stctl.fleetdb import open_fleet_db
+from stctl.rollout import (
+    abort_rollout, create_rollout, rollout_events, rollout_status, run_rollout, start_rollout,
+)
+from stctl.workspace import open_workspace
+
+pytest_plugins = ["release_fixtures", "agent_fixtures"]
+
+pytestmark = pytest.mark.slow
+
+DEVICES = {"d1": ["ring=canary", "line=4"], "d2": ["ring=main", "line=4"], "d3": ["ring=main", "line=5"]}
+V1 = {"model": "st-demo", "version": "1.0.0"}
+V2 = {"model": "st-demo", "version": "2.0.0"}
+WAIT_S = 240.0
+
+CANARY_PLAN = """
+max_concurrent = 2
+device_timeout = "3m"
+[gates]
+min_decode_tokens_per_s = {min_tps}
+health_check = true
+[[waves]]
+name = "canary"
+tags = {{ ring = "canary" }}
+count = 1
+soak = "0.5s"
+[[waves]]
+name = "rest"
+percent = 100
+"""
+
+ONE_WAVE_PLAN = """
+max_concurrent = 1
+device_timeout = "3m"
+[gates]
+health_check = false
+[[waves]]
+name = "all"
+percent = 100
+soak = "{soak}"
+"""
+
+
+class Fleet3:
+    def __init__(self, ws, agents: dict[str, Agent]):
+        self.ws, self.agents = ws, agents
+
+    def set_url(self, name: str, url: str) -> None:
+        db = open_fleet_db(self.ws.fleet_db)
+        db["devices"].update(name, {"url": url})
+        db.close()
+
+    def active(self) -> dict[str, dict]:
+        return {name: a.status()["active"] for name, a in self.agents.items()}
+
+    def jobs_since(self, marks: dict[str, float], version: str = "2.0.0") -> dict[str, set[str]]:
+        """Update jobs to `version` created on each device since its mark (device clock)."""
+        out = {}
+        for name, a in self.agents.items():
+            rows = a.get("/v1/telemetry", params={"table": "updates", "since": marks[name], "limit": 1000}).json()["rows"]
+            out[name] = {r["job_id"] for r in rows if r["to_version"] == version and r["state"] == "idle"}
+        return out
+
+    def plan(self, tmp_path: Path, text: str) -> Path:
+        path = tmp_path / "plan.toml"
+        path.write_text(text)
+        return path
+
+
+@pytest.fixture(scope="module")
+def fleet3(published_template, v1_template, tmp_path_factory):
+    """Workspace with d1 (ring=canary), d2, d3 enrolled; each a real agent with st-demo 1.0.0 active."""
+    root = tmp_path_factory.mktemp("fleet3")
+    shutil.copytree(published_template, root / "ws")
+    ws = open_workspace(root / "ws")
+    agents: dict[str, Agent] = {}
+    with serve(ws.repository) as url:
+        try:
+            for name, tags in DEVICES.items():
+                enroll_device(ws, name, "https://127.0.0.1:1", root / f"{name}.enroll", url, tags)
+                fresh = init_data_dir(root / f"{name}.enroll", root / f"{name}-fresh")
+                data_dir = root / name
+                shutil.copytree(v1_template, data_dir)  # st-demo 1.0.0 installed; then this device's identity
+                for rel in ("tls/device.crt", "tls/device.key", "agent.json"):
+                    shutil.copy2(fresh.data_dir / rel, data_dir / rel)
+                set_limits(data_dir, threads=1)
+                agents[name] = Agent(data_dir, Fleet(ws, url, root / f"{name}.enroll")).start(wait=False)
+            fleet = Fleet3(ws, agents)
+            for name, agent in agents.items():
+                agent.wait_ready()
+                fleet.set_url(name, agent.url("").rstrip("/"))
+            yield fleet
+        finally:
+            for agent in agents.values():
+                if agent.process is not None and agent.process.poll() is None:
+                    agent.kill()
+
+
+@pytest.fixture
+def on_v1(fleet3) -> dict[str, float]:
+    """No rollout unfinished, every device on 1.0.0 (a device on 2.0.0 is rolled back); returns each
+    device's clock (the agents run on this host: its clock)."""
+    if _latest(fleet3.ws) is not None:  # a failed test left one behind
+        abort_rollout(fleet3.ws)
+    for name, agent in fleet3.agents.items():
+        if agent.status()["active"] == V2:
+            assert agent.post("/v1/rollback").status_code == 200
+    assert all(v == V1 for v in fleet3.active().values()), fleet3.active()
+    now = time.time()
+    return {name: now for name in fleet3.agents}
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def wait_for(predicate, what: str, timeout: float = WAIT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stctl(ws, *args: str) -> subprocess.Popen:
+    script = Path(sys.executable).with_name("stctl")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "stctl.cli"]
+    return subprocess.Popen(cmd + list(args) + ["--workspace", str(ws.root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+
+
+def device_states(ws, rollout_id: int) -> dict[str, str]:
+    return {d["device"]: d["state"] for d in rollout_status(ws, rollout_id)["devices"]}
+
+
+# ---- rollouts -------------------------------------------------------------------------------------
+def test_healthy_rollout_completes_wave_by_wave(fleet3, on_v1, tmp_path):
+    plan = fleet3.plan(tmp_path, CANARY_PLAN.format(min_tps=0.01))
+    said: list[str] = []
+    result = start_rollout(fleet3.ws, "st-demo", "2.0.0", plan, say=said.append)
+    assert result["state"] == "completed", result
+    assert [(w["name"], w["state"], w["devices"], w["done"]) for w in result["waves"]] == \
+        [("canary", "passed", 1, 1), ("rest", "passed", 2, 2)]
+    assert all(d["state"] == "passed" and d["decode_tokens_per_s"] > 0 and d["peak_rss_bytes"] > 0 and
+               d["health"] == "passed" and d["requests"] == 1 for d in result["devices"]), result["devices"]
+    assert fleet3.active() == {n: V2 for n in DEVICES}
+    # wave by wave: the canary passed its gates before any other device was asked to update
+    events = rollout_events(fleet3.ws, result["id"])
+    canary_passed = next(i for i, e in enumerate(events) if e["device"] == "d1" and e["state"] == "passed")
+    first_other = next(i for i, e in enumerate(events) if e["device"] in ("d2", "d3") and e["state"] == "requesting")
+    assert canary_passed < first_other
+    assert {n: len(j) for n, j in fleet3.jobs_since(on_v1).items()} == {"d1": 1, "d2": 1, "d3": 1}
+
+    shown = CliRunner().invoke(app, ["rollout", "status", "--workspace", str(fleet3.ws.root), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["state"] == "completed"
+    table = CliRunner().invoke(app, ["rollout", "status", "--workspace", str(fleet3.ws.root)], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "canary" in table.output and "completed" in table.output
+
+
+def test_canary_failing_tokens_per_s_gate_halts_and_rolls_back(fleet3, on_v1, tmp_path):
+    plan = fleet3.plan(tmp_path, CANARY_PLAN.format(min_tps=1e9))
+    result = start_rollout(fleet3.ws, "st-demo", "2.0.0", plan)
+    assert result["state"] == "halted", result
+    states = {d["device"]: d for d in result["devices"]}
+    assert states["d1"]["state"] == "rolled_back" and "tokens/s < gate" in states["d1"]["failure"], brief(result)
+    assert states["d2"]["state"] == states["d3"]["state"] == "pending"
+    assert [w["state"] for w in result["waves"]] == ["failed", "pending"]
+    assert fleet3.active() == {n: V1 for n in DEVICES}  # the canary is back on 1.0.0, nobody else moved
+    assert {n: len(j) for n, j in fleet3.jobs_since(on_v1).items()} == {"d1": 1, "d2": 0, "d3": 0}
+
+    # a halted rollout is over: resume refuses with one line
+    out = CliRunner().invoke(app, ["rollout", "resume", "--workspace", str(fleet3.ws.root)])
+    assert out.exit_code == 1 and "no unfinished rollout" in out.output
+
+
+def test_canary_failing_its_health_check_halts_and_nobody_else_moves(fleet3, on_v1, tmp_path):
+    """The canary installs 2.0.0, then (while soaking) one of its files goes bad: its health check
+    fails, the device rolls itself back, the rollout halts before any other device."""
+    import threading
+
+    plan = fleet3.plan(tmp_path, CANARY_PLAN.format(min_tps=0.01).replace('soak = "0.5s"', 'soak = "5s"'))
+    results: list[dict] = []
+    runner = threading.Thread(target=lambda: results.append(start_rollout(fleet3.ws, "st-demo", "2.0.0", plan)))
+    runner.start()
+    try:
+        rollout_id = wait_for(lambda: (r := _latest(fleet3.ws)) and r["id"], "the rollout to be recorded")
+        wait_for(lambda: device_states(fleet3.ws, rollout_id)["d1"] == "updated", "the canary on 2.0.0")
+        shard = fleet3.agents["d1"].data_dir / "releases" / "st-demo" / "2.0.0" / "shards" / "head.safetensors"
+        good = shard.read_bytes()
+        replace_file(shard, good[:-1] + b"\0")  # a new file: the blob it was linked to stays intact
+        runner.join(timeout=WAIT_S)
+    finally:
+        runner.join(timeout=WAIT_S)
+        if "good" in locals():
+            replace_file(shard, good)  # the next tests install 2.0.0 on d1 again
+    [result] = results
+    assert result["state"] == "halted", brief(result)
+    states = {d["device"]: d for d in result["devices"]}
+    assert states["d1"]["state"] == "failed" and states["d1"]["health"] == "failed"
+    assert "health check failed" in states["d1"]["failure"] and "the device rolled back" in states["d1"]["failure"]
+    assert states["d2"]["state"] == states["d3"]["state"] == "pending"
+    assert fleet3.active() == {n: V1 for n in DEVICES}
+    assert {n: len(j) for n, j in fleet3.jobs_since(on_v1).items()} == {"d1": 1, "d2": 0, "d3": 0}
+
+
+def test_unreachable_canary_fails_after_its_timeout(fleet3, on_v1, tmp_path):
+    url = fleet3.agents["d1"].url("").rstrip("/")
+    fleet3.set_url("d1", "https://127.0.0.1:9")  # nothing listens there
+    try:
+        plan = fleet3.plan(tmp_path, CANARY_PLAN.format(min_tps=0.01).replace('"3m"', '"2s"'))
+        result = start_rollout(fleet3.ws, "st-demo", "2.0.0", plan)
+    finally:
+        fleet3.set_url("d1", url)
+    assert result["state"] == "halted"
+    d1 = next(d for d in result["devices"] if d["device"] == "d1")
+    assert d1["state"] == "failed" and "no final update state within 2s" in d1["failure"] and "unreachable" in d1["failure"]
+    assert fleet3.active() == {n: V1 for n in DEVICES}
+    assert {n: len(j) for n, j in fleet3.jobs_since(on_v1).items()} == {"d1": 0, "d2": 0, "d3": 0}
+
+
+def test_abort_mid_wave_rolls_back(fleet3, on_v1, tmp_path):
+    plan = fleet3.plan(tmp_path, ONE_WAVE_PLAN.format(soak="0s"))
+    controller = stctl(fleet3.ws, "rollout", "start", "--model", "st-demo", "--version", "2.0.0", "--plan", str(plan))
+    try:
+        ws = fleet3.ws
+        rollout_id = wait_for(lambda: (r := _latest(ws)) and r["id"], "the rollout to be recorded")
+        wait_for(lambda: "updated" in device_states(ws, rollout_id).values(), "a first device on 2.0.0")
+        result = abort_rollout(ws, rollout_id)  # the controller is alive: asks it, waits until aborted
+        assert result["state"] == "aborted", result
+        assert controller.wait(timeout=WAIT_S) == 1  # the controller's `rollout start` reports the abort
+        assert "aborted" in controller.stdout.read().decode()
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+    states = device_states(fleet3.ws, rollout_id)
+    assert "rolled_back" in states.values() and "pending" in states.values(), states  # stopped mid-wave
+    assert fleet3.active() == {n: V1 for n in DEVICES}
+
+
+def test_pause_lets_the_update_in_flight_finish_and_resume_completes(fleet3, on_v1, tmp_path):
+    plan = fleet3.plan(tmp_path, ONE_WAVE_PLAN.format(soak="0s"))
+    controller = stctl(fleet3.ws, "rollout", "start", "--model", "st-demo", "--version", "2.0.0", "--plan", str(plan))
+    ws = fleet3.ws
+    try:
+        rollout_id = wait_for(lambda: (r := _latest(ws)) and r["id"], "the rollout to be recorded")
+        wait_for(lambda: device_states(ws, rollout_id)["d1"] != "pending", "d1 started")
+        paused = cli(ws, "rollout", "pause", "--json")
+        assert paused.exit_code == 0, paused.output
+        assert controller.wait(timeout=WAIT_S) == 0  # the controller stops by itself after d1
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+    status = rollout_status(ws, rollout_id)
+    assert status["state"] == "paused", status
+    states = device_states(ws, rollout_id)
+    assert states["d1"] == "updated" and states["d3"] == "pending", states  # in flight finished, no new start
+    out = cli(ws, "rollout", "resume", "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["state"] == "completed"
+    assert fleet3.active() == {n: V2 for n in DEVICES}
+    assert {n: len(j) for n, j in fleet3.jobs_since(on_v1).items()} == {"d1": 1, "d2": 1, "d3": 1}
+
+
+def test_killed_stctl_resumes_and_updates_every_device_exactly_once(fleet3, on_v1, tmp_path):
+    plan = fleet3.plan(tmp_path, ONE_WAVE_PLAN.format(soak="0s"))
+    controller = stctl(fleet3.ws, "rollout", "start", "--model", "st-demo", "--version", "2.0.0", "--plan", str(plan))
+    ws = fleet3.ws
+    try:
+        rollout_id = wait_for(lambda: (r := _latest(ws)) and r["id"], "the rollout to be recorded")
+        # kill while the second device's update is in flight (the first is done, the third pending)
+        wait_for(lambda: device_states(ws, rollout_id).get("d2") == "updating", "d2 updating")
+    finally:
+        controller.send_signal(signal.SIGKILL)
+        controller.wait(timeout=30)
+    before = device_states(ws, rollout_id)
+    assert before["d3"] in ("pending", "requesting", "updating"), before  # killed mid-wave
+    assert rollout_status(ws, rollout_id)["state"] == "running"
+
+    out = CliRunner().invoke(app, ["rollout", "resume", "--workspace", str(ws.root), "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output)
+    assert result["state"] == "completed", result
+    assert {d["device"]: (d["state"], d["requests"]) for d in result["devices"]} == \
+        {n: ("passed", 1) for n in DEVICES}
+    assert fleet3.active() == {n: V2 for n in DEVICES}
+    assert {n: len(j) for n, j in fleet3.jobs_since(on_v1).items()} == {"d1": 1, "d2": 1, "d3": 1}
+
+
+def test_died_between_post_and_record_adopts_the_job(fleet3, on_v1, tmp_path):
+    """The narrowest window: the device received the POST, stctl died before writing the job id."""
+    ws = fleet3.ws
+    plan = fleet3.plan(tmp_path, ONE_WAVE_PLAN.format(soak="0s"))
+    rollout_id = create_rollout(ws, "st-demo", "2.0.0", plan)
+    db = open_fleet_db(ws.fleet_db)
+    db["rollout_devices"].update((rollout_id, "d1"), {"state": "requesting", "mark": on_v1["d1"],
+                                                      "from_model": "st-demo", "from_version": "1.0.0"})
+    db.close()
+    lost = fleet3.agents["d1"].update("2.0.0")  # the POST whose answer never got recorded
+    result = run_rollout(ws, rollout_id)
+    assert result["state"] == "completed", (result["detail"], brief(result))
+    d1 = next(d for d in result["devices"] if d["device"] == "d1")
+    assert d1["job_id"] == lost and d1["requests"] == 0  # adopted, not sent again
+    assert {n: len(j) for n, j in fleet3.jobs_since(on_v1).items()} == {"d1": 1, "d2": 1, "d3": 1}
+
+
+def brief(result: dict) -> list:
+    return [(d["device"], d["state"], d["failure"], d["detail"]) for d in result["devices"]]
+
+
+def _latest(ws) -> dict | None:
+    db = sqlite_utils.Database(ws.fleet_db)
+    try:
+        if "rollouts" not in db.table_names():
+            return None
+        rows = list(db.query("SELECT * FROM rollouts ORDER BY id DESC LIMIT 1"))
+        return rows[0] if rows and rows[0]["state"] not in ("completed", "halted", "aborted") else None
+    finally:
+        db.close()
+
+
+# ---- fleet commands on the same agents ------------------------------------------------------------
+def cli(ws, *args: str):
+    return CliRunner().invoke(app, [*args, "--workspace", str(ws.root)], env={"COLUMNS": "200"})
+
+
+def test_fleet_device_list_shows_reachability_release_and_figures(fleet3):
+    out = cli(fleet3.ws, "device", "list", "--json")
+    assert out.exit_code == 0, out.output
+    devices = {d["name"]: d for d in json.loads(out.output)}
+    assert set(devices) == set(DEVICES)
+    assert devices["d1"]["tags"] == {"ring": "canary", "line": "4"}
+    for d in devices.values():
+        assert d["reachable"] is True and d["model"] == "st-demo" and d["version"] in ("1.0.0", "2.0.0")
+        assert d["last_decode_tokens_per_s"] > 0 and d["last_peak_rss_bytes"] > 0  # from the rollouts' pulls
+    url = fleet3.agents["d3"].url("").rstrip("/")
+    fleet3.set_url("d3", "https://127.0.0.1:9")
+    try:
+        out = cli(fleet3.ws, "device", "list")
+    finally:
+        fleet3.set_url("d3", url)
+    assert out.exit_code == 0 and "d3" in out.output and "no" in out.output
+
+
+def test_fleet_health_checks_devices_and_reports_failures(fleet3):
+    out = cli(fleet3.ws, "health", "--device", "d1", "--json")
+    assert out.exit_code == 0, out.output
+    [d1] = json.loads(out.output)
+    assert d1["device"] == "d1" and d1["passed"] is True and d1["decode_tokens_per_s"] > 0
+    listed = {d["name"]: d for d in json.loads(cli(fleet3.ws, "device", "list", "--offline", "--json").output)}
+    assert listed["d1"]["last_health"] == "passed"
+    out = cli(fleet3.ws, "health", "--device", "nope")
+    assert out.exit_code == 1 and "no enrolled device named 'nope'" in out.output and "Traceback" not in out.output
+
+
+def test_fleet_telemetry_pull_is_incremental_and_idempotent(fleet3):
+    ws = fleet3.ws
+    assert cli(ws, "telemetry", "pull").exit_code == 0
+    again = cli(ws, "telemetry", "pull", "--json")
+    assert again.exit_code == 0, again.output
+    assert all(r["generations"] == r["updates"] == r["health_checks"] == 0 for r in json.loads(again.output))
+    agent = fleet3.agents["d2"]
+    version = agent.status()["active"]["version"]
+    agent.complete(max_tokens=3)
+    pulled = json.loads(cli(ws, "telemetry", "pull", "--device", "d2", "--json").output)
+    assert pulled == [{"device": "d2", "generations": 1, "updates": 0, "health_checks": 0, "error": None}]
+    db = open_fleet_db(ws.fleet_db)
+    for table in ("generations", "updates", "health_checks"):  # fleet.db holds exactly the device's rows
+        on_device = agent.get("/v1/telemetry", params={"table": table, "limit": 1000}).json()["rows"]
+        assert db[table].count_where("device = ?", ["d2"]) == len(on_device)
+    db.close()
+    shown = {(r["device"], r["version"]): r for r in json.loads(cli(ws, "telemetry", "show", "--json").output)}
+    d2 = shown[("d2", version)]
+    assert d2["completions"] >= 1 and d2["median_decode_tokens_per_s"] > 0 and d2["p95_peak_rss_bytes"] > 0
+    table = cli(ws, "telemetry", "show", "--device", "d2")
+    assert table.exit_code == 0 and "d2" in table.output and "median" in table.output
