@@ -127,13 +127,14 @@ class Engine:
         reset_peak_rss()
         stats = {"prompt_tokens": ids.numel(), "completion_tokens": 0, "prefill_ms": 0.0, "decode_ms": 0.0}
         self.last_stats = stats
-        decode_s, steps = 0.0, 0
+        decode_s, steps, decode_reads0 = 0.0, 0, 0.0
         try:
             if max_new_tokens == 0:
                 return
             start = time.perf_counter()
             logits = tf.forward(ids)[-1]
             stats["prefill_ms"] = (time.perf_counter() - start) * 1e3
+            decode_reads0 = tf.experts.read_seconds
             while True:
                 token = sample(logits, temperature, top_p, gen)
                 stats["completion_tokens"] += 1
@@ -146,6 +147,8 @@ class Engine:
                 steps += 1
         finally:
             stats["decode_ms"] = decode_s * 1e3
+            # time spent reading experts while decoding (in the reader thread too, when prefetching)
+            stats["decode_read_ms"] = (tf.experts.read_seconds - decode_reads0) * 1e3 if steps else 0.0
             stats["decode_tokens_per_s"] = steps / decode_s if decode_s > 0 else 0.0
             stats["prefill_tokens_per_s"] = ids.numel() / (stats["prefill_ms"] / 1e3) if stats["prefill_ms"] else 0.0
             stats["peak_rss_bytes"] = peak_rss_bytes()

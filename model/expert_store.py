@@ -93,16 +93,25 @@ POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}
 
 
 # ---- storage ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
 class StorageSim:
-    """Throttles reads to `mbps` MB/s after `latency_us` per read: a simulation of eMMC or SATA SSD."""
+    """A simulated eMMC or SATA SSD: one device serving one read at a time at `mbps` MB/s after
+    `latency_us` per read. Reads from several threads queue for the device, as on real storage."""
 
-    mbps: float
-    latency_us: float = 0.0
+    def __init__(self, mbps: float, latency_us: float = 0.0):
+        if mbps <= 0 or latency_us < 0:
+            raise ValueError("storage simulation needs mbps > 0 and latency_us >= 0")
+        self.mbps, self.latency_us = mbps, latency_us
+        self._lock = threading.Lock()
+        self._busy_until = 0.0
 
     def wait(self, nbytes: int, started: float) -> None:
-        target = self.latency_us / 1e6 + nbytes / (self.mbps * 1e6)
-        left = target - (time.perf_counter() - started)
+        """Called after a real read of `nbytes` that began at `started`: sleep until the
+        simulated device would have delivered it."""
+        with self._lock:
+            begin = max(started, self._busy_until)
+            self._busy_until = begin + self.latency_us / 1e6 + nbytes / (self.mbps * 1e6)
+            done = self._busy_until
+        left = done - time.perf_counter()
         if left > 0:
             time.sleep(left)
 

@@ -1,0 +1,123 @@
+"""Experts on a memory budget: the budget moves weights between disk and slots, never the result.
+
+Every configuration of the store (budget from the smallest accepted to unlimited, prefetch on or
+off, LRU or LFU eviction, sparse or dense ReGLU) must compute bit-identical logits and sampled
+tokens, keep its slots inside the budget, and keep its counters consistent.
+"""
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import Engine
+from model.build import build_demo
+from model.errors import BudgetError, IntegrityError
+from model.expert_store import expert_bytes
+
+CONTEXT = 96
+PROMPT = list(range(60, 100))
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("store")
+    build_demo(root / "dense")
+    build_demo(root / "sparse", sparse_down=True)
+    return {"dense": root / "dense", "sparse": root / "sparse"}
+
+
+def smallest_budget(pkg: Path) -> int:
+    """Dense weights + KV cache + one layer's active experts: accepted, and one byte less refused."""
+    engine = Engine.load(pkg, max_context=CONTEXT)
+    cfg = engine.config
+    minimum = (engine.dense_bytes + engine.kv_cache_bytes(CONTEXT)
+               + cfg.moe_num_active_primary_experts * expert_bytes(cfg, engine.manifest.quant))
+    with pytest.raises(BudgetError, match="below the minimum"):
+        Engine.load(pkg, memory_budget_bytes=minimum - 1, max_context=CONTEXT)
+    return minimum
+
+
+def run(engine: Engine) -> tuple[torch.Tensor, list[int], dict]:
+    logits = engine.logits(PROMPT)
+    tokens = list(engine.generate(PROMPT, 24, temperature=0.9, seed=3))
+    return logits, tokens, dict(engine.last_stats)
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_every_budget_prefetch_and_policy_gives_the_unlimited_result(packages, layout):
+    pkg = packages[layout]
+    ref_logits, ref_tokens, ref_stats = run(Engine.load(pkg))
+    assert ref_stats["expert_cache_misses"] == 0 and ref_stats["bytes_read"] == 0
+    lowest = smallest_budget(pkg)
+    total = Engine.load(pkg).weight_bytes
+    for budget in (lowest, lowest + (total - lowest) // 3, lowest + 2 * (total - lowest) // 3, None):
+        for prefetch in (True, False):
+            for policy in ("lru", "lfu"):
+                engine = Engine.load(pkg, memory_budget_bytes=budget, prefetch=prefetch, policy=policy,
+                                     max_context=CONTEXT)
+                logits, tokens, stats = run(engine)
+                label = f"budget={budget} prefetch={prefetch} policy={policy}"
+                assert torch.equal(logits, ref_logits), label
+                assert tokens == ref_tokens, label
+                if budget is not None:
+                    store = engine.transformer.experts
+                    assert engine.dense_bytes + store.nbytes + engine.kv_cache_bytes(CONTEXT) <= budget, label
+                if budget == lowest:
+                    assert stats["expert_cache_misses"] > 0, f"{label}: the smallest budget never missed"
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_counters_add_up(packages, prefetch):
+    pkg = packages["dense"]
+    unlimited = Engine.load(pkg)
+    list(unlimited.generate(PROMPT, 16))
+    lookups = unlimited.last_stats["expert_cache_hits"]
+    engine = Engine.load(pkg, memory_budget_bytes=smallest_budget(pkg), prefetch=prefetch, max_context=CONTEXT)
+    list(engine.generate(PROMPT, 16))
+    s = engine.last_stats
+    size = engine.transformer.experts.expert_bytes
+    assert s["expert_cache_hits"] + s["expert_cache_misses"] == lookups
+    assert s["bytes_read"] == s["expert_cache_misses"] * size  # every miss read exactly once
+    assert 0 <= s["prefetch_hits"] <= s["expert_cache_misses"]
+    if not prefetch:
+        assert s["prefetch_hits"] == 0
+
+
+def _generate_with_deadline(engine: Engine, seconds: float = 120.0) -> BaseException | None:
+    """Run a generation in a thread; a hang fails the test instead of hanging the suite."""
+    outcome: list[BaseException | None] = []
+
+    def target():
+        try:
+            list(engine.generate(PROMPT, 8))
+            outcome.append(None)
+        except BaseException as e:  # the error under test
+            outcome.append(e)
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "decode hung on a bad expert shard"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_bad_expert_shard_raises_a_clear_error_instead_of_hanging(packages, tmp_path, prefetch, damage):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(packages["dense"], pkg)
+    engine = Engine.load(pkg, memory_budget_bytes=smallest_budget(pkg), prefetch=prefetch, max_context=CONTEXT)
+    for shard in sorted((pkg / "shards").glob("layer.*.expert.*.safetensors")):
+        if damage == "missing":
+            shard.unlink()
+        else:
+            data = bytearray(shard.read_bytes())
+            data[-1] ^= 0xFF
+            shard.write_bytes(bytes(data))
+    error = _generate_with_deadline(engine)
+    assert isinstance(error, IntegrityError), repr(error)
+    assert "layer." in str(error) and ("sha256" in str(error) or "missing" in str(error))
