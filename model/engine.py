@@ -27,11 +27,13 @@ DEFAULT_MAX_CONTEXT = 4096
 
 class Engine:
     def __init__(self, package_dir: Path, manifest, cfg: ModelConfig, transformer: Transformer, tokenizer,
-                 dense_bytes: int, memory_budget_bytes: int | None):
+                 dense_bytes: int, memory_budget_bytes: int | None, max_context: int | None, kernel: str):
         self.package_dir, self.manifest, self.config = package_dir, manifest, cfg
         self.transformer, self.tokenizer = transformer, tokenizer
         self.dense_bytes = dense_bytes
         self.memory_budget_bytes = memory_budget_bytes
+        self.max_context = max_context  # a budget reserves KV for this many tokens; None = no limit
+        self.kernel = kernel
         self.last_stats: dict = {}
 
     # ---- loading ---------------------------------------------------------------------------
@@ -58,10 +60,8 @@ class Engine:
                                   max_context=max_context, prefetch=prefetch, policy=policy, storage=storage,
                                   progress=progress)
         tokenizer = load_tokenizer(package_dir, manifest.tokenizer)
-        engine = cls(package_dir, manifest, cfg, loaded.transformer, tokenizer, loaded.dense_bytes, memory_budget_bytes)
-        engine.max_context = max_context if memory_budget_bytes is not None else None
-        engine.kernel = kernel or "dense"
-        return engine
+        return cls(package_dir, manifest, cfg, loaded.transformer, tokenizer, loaded.dense_bytes, memory_budget_bytes,
+                   max_context if memory_budget_bytes is not None else None, kernel or "dense")
 
     # ---- figures ---------------------------------------------------------------------------
     def kv_cache_bytes(self, context_len: int) -> int:

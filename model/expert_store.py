@@ -3,7 +3,8 @@
 Rules this module keeps:
 - Memory is allocated once: `slots` buffers of one expert each, sized from the budget. Loading an
   expert is a `pread` of its three tensors straight into a free slot; nothing is allocated per
-  load, and the matrices the forward pass uses are views of the slot.
+  load, and the matrices the forward pass uses are views of the slot (torch-int4 and bf16
+  matrices are packed or widened copies, rebuilt after each read).
 - An expert is used only from a slot whose read completed; a shard file is checked against the
   manifest's sha256 the first time it is read in this process (reads after that trust the file,
   which the agent re-verifies at install and in every health check).
