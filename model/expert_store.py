@@ -117,6 +117,15 @@ class StorageSim:
             time.sleep(left)
 
 
+def _slot_offsets(ranges) -> list[int]:
+    """Where each (file offset, length) range lands in a slot: back to back, in slot order."""
+    offsets, at = [], 0
+    for _, length in ranges:
+        offsets.append(at)
+        at += length
+    return offsets
+
+
 @dataclass
 class _Layout:
     """Where an expert file's tensors sit: (file offset, length) per part, in slot order."""
@@ -268,6 +277,7 @@ class ExpertStore:
         offset = 0
         fd = os.open(layout.path, os.O_RDONLY)
         try:
+            file_size = os.fstat(fd).st_size
             for file_offset, length in layout.ranges:
                 got = os.preadv(fd, [memoryview(raw[offset:offset + length])], file_offset)
                 if got != length:
@@ -278,22 +288,34 @@ class ExpertStore:
         if self.storage:
             self.storage.wait(self.expert_bytes, started)
         if key not in self.verified:
-            self._verify(key, layout)
+            self._verify(key, layout, raw, file_size)
         if self.repacks:
             slot.weights = self._expert_over(slot.buf)
         self.bytes_read += self.expert_bytes
         self.read_seconds += time.perf_counter() - started
 
-    def _verify(self, key, layout: _Layout) -> None:
+    def _verify(self, key, layout: _Layout, raw, file_size: int) -> None:
+        """Check the file's sha256 from the bytes just read into the slot when the tensors tile the
+        file after its header (safetensors writes them back to back); else re-read the file."""
         entry = self.entries[key]
-        path = layout.path
-        h = hashlib.sha256()
-        size = 0
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-                size += len(block)
-        if size != entry.size or h.hexdigest() != entry.sha256:
+        if file_size != entry.size:
+            raise IntegrityError(f"{entry.file}: size {file_size} bytes, manifest says {entry.size}")
+        h = hashlib.sha256(layout.header)
+        pieces = sorted(zip((r[0] for r in layout.ranges), _slot_offsets(layout.ranges), (r[1] for r in layout.ranges)))
+        position = len(layout.header)
+        for file_offset, slot_offset, length in pieces:
+            if file_offset != position:
+                break
+            h.update(memoryview(raw[slot_offset:slot_offset + length]))
+            position += length
+        else:
+            if position != entry.size or h.hexdigest() != entry.sha256:
+                raise IntegrityError(f"{entry.file}: sha256 mismatch (corrupt or tampered shard)")
+            self.verified.add(key)
+            return
+        with open(layout.path, "rb") as f:
+            data = f.read(entry.size + 1)
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
             raise IntegrityError(f"{entry.file}: sha256 mismatch (corrupt or tampered shard)")
         self.verified.add(key)
 
