@@ -24,17 +24,10 @@ from typing import BinaryIO
 
 from agent.errors import StoreError
 from manifests import ManifestError, ModelManifest
+from agent.files import fsync_dir
 from manifests.release import package_files
 
 MANIFEST_FILE = "manifest.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlobStore:
@@ -74,7 +67,7 @@ class BlobStore:
                 f.write(data)
             self._seal(tmp)
             os.replace(tmp, self.path(sha256))
-            _fsync_dir(self.blobs_dir)
+            fsync_dir(self.blobs_dir)
         return sha256
 
     # ---- the fetch protocol: temp file -> verified -> incoming -> commit -------------------
@@ -99,8 +92,8 @@ class BlobStore:
             staged = self.incoming_dir / sha256
             if staged.exists():
                 os.replace(staged, self.path(sha256))
-        _fsync_dir(self.blobs_dir)
-        _fsync_dir(self.incoming_dir)
+        fsync_dir(self.blobs_dir)
+        fsync_dir(self.incoming_dir)
 
     @staticmethod
     def _seal(path: Path) -> None:
@@ -137,10 +130,10 @@ class BlobStore:
                 f.write(manifest_bytes)
                 os.fsync(f.fileno())
             for folder in {tmp, *(p.parent for p in tmp.rglob("*") if p.is_file())}:
-                _fsync_dir(folder)
+                fsync_dir(folder)
             os.rename(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return manifest

@@ -7,6 +7,7 @@ never see a torn file: they see the old content or the new.
 from __future__ import annotations
 
 import json
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -48,3 +49,27 @@ def read_json(path: Path):
         return json.loads(path.read_bytes())
     except FileNotFoundError:
         return None
+
+
+class FileLock:
+    """An exclusive, non-blocking lock on a file (flock): `acquire` says whether it was taken."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = None
+
+    def acquire(self) -> bool:
+        f = open(self.path, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return False
+        self._file = f
+        return True
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None

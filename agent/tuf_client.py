@@ -23,7 +23,6 @@ One updater per metadata folder at a time (an exclusive lock). Limits live in `C
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import tarfile
@@ -42,6 +41,7 @@ from agent.errors import (
 )
 from agent.fetcher import BundleFetcher, FetcherConfig, HttpFetcher, TransferStats
 from manifests import ManifestError, ModelManifest
+from agent.files import FileLock
 from manifests.release import BUNDLE_INFO, METADATA_DIR, TARGETS_DIR, blob_target, manifest_target, package_files
 
 Progress = Callable[[int, int, str], None]  # (done bytes, total bytes, label)
@@ -73,15 +73,13 @@ class FetchedRelease:
 def metadata_lock(metadata_dir: Path) -> Iterator[None]:
     """Exclusive use of a TUF metadata folder (python-tuf requires a single updater per folder)."""
     metadata_dir.mkdir(parents=True, exist_ok=True)
-    with open(metadata_dir / ".lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UpdaterBusyError(f"{metadata_dir}: another update is using this metadata folder") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    lock = FileLock(metadata_dir / ".lock")
+    if not lock.acquire():
+        raise UpdaterBusyError(f"{metadata_dir}: another update is using this metadata folder")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextmanager

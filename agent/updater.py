@@ -18,7 +18,6 @@ Rules:
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import threading
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 from agent.blobstore import BlobStore
 from agent.config import DeviceConfig
 from agent.errors import AgentError, InstallError, UpdateError, UpdateRefusedError
+from agent.files import FileLock
 from agent.health import HealthResult, check_release
 from agent.install import Installation, Pointer, ReleaseRef
 from agent.lifecycle import (
@@ -46,30 +46,6 @@ BUNDLE_SOURCE = "bundle:"
 _HANDLED = (UpdateError, AgentError, ModelError, ManifestError, OSError)
 
 
-class UpdateLock:
-    """The data dir's exclusive update lock (non-blocking)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._file = None
-
-    def acquire(self) -> bool:
-        f = open(self.path, "a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            return False
-        self._file = f
-        return True
-
-    def release(self) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-
-
 @dataclass
 class Progress:
     done: int = 0
@@ -86,7 +62,7 @@ class Updater:
         self.store = BlobStore(config.store_dir)
         self.install = Installation(config, self.store)
         self.jobs = JobStore(config.jobs_dir, config.limits.jobs_kept)
-        self.lock = UpdateLock(config.update_lock)
+        self.lock = FileLock(config.update_lock)  # the data dir's one update at a time
         self.progress: dict[str, Progress] = {}
         self.finished_by_state: dict[str, int] = {}
         self._engines: dict = {}  # job id -> the engine that passed its health check

@@ -36,7 +36,6 @@ Rules:
 """
 from __future__ import annotations
 
-import fcntl
 import sqlite3
 import statistics
 import threading
@@ -56,7 +55,7 @@ from stctl.errors import StctlError
 from stctl.fleetdb import MIGRATIONS, open_fleet_db
 from stctl.registry import enrolled, write_transaction
 from stctl.telemetry_pull import pull_device
-from stctl.workspace import Workspace
+from stctl.workspace import FileLock, Workspace
 
 # rollout states
 RUNNING, PAUSED, HALTING, HALTED = "running", "paused", "halting", "halted"
@@ -194,34 +193,11 @@ class RolloutStore:
         return row
 
 
-class ControllerLock:
+class ControllerLock(FileLock):
     """The workspace's rollout lock: held by the one stctl process driving a rollout."""
 
     def __init__(self, workspace: Workspace):
-        self.path = workspace.root / LOCK_FILE
-        self._file = None
-
-    def acquire(self) -> bool:
-        f = open(self.path, "a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            return False
-        self._file = f
-        return True
-
-    def release(self) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-
-    def held_elsewhere(self) -> bool:
-        if self.acquire():
-            self.release()
-            return False
-        return True
+        super().__init__(workspace.root / LOCK_FILE)
 
 
 # ---- the controller -----------------------------------------------------------------------------

@@ -130,16 +130,43 @@ class Workspace:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Exclusive lock for commands that change the repository or the keys."""
-        with open(self.root / LOCK_FILE, "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise WorkspaceError(f"{self.root}: another stctl command is changing this workspace; "
-                                     "try again") from None
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        lock = FileLock(self.root / LOCK_FILE)
+        if not lock.acquire():
+            raise WorkspaceError(f"{self.root}: another stctl command is changing this workspace; try again")
+        try:
+            yield
+        finally:
+            lock.release()
+
+
+class FileLock:
+    """An exclusive, non-blocking lock on a file (flock): `acquire` says whether it was taken."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = None
+
+    def acquire(self) -> bool:
+        f = open(self.path, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return False
+        self._file = f
+        return True
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def held_elsewhere(self) -> bool:
+        if self.acquire():
+            self.release()
+            return False
+        return True
 
 
 def open_workspace(path: str | os.PathLike | None = None) -> Workspace:
