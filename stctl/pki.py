@@ -5,7 +5,7 @@ so), `pki/operator.crt`, `pki/operator.key` (0600, plain PEM so HTTP clients can
 Keys are EC P-256 (what Python's ssl module and every TLS stack accept), signatures ECDSA-SHA256.
 
 Role marker (the device API authorises by it): every leaf certificate carries exactly one
-SAN URI `urn:st:role:<role>` and the same role as its subject OU:
+SAN URI `urn:st:role:<role>` (the constants and `certificate_role` live in `manifests.enrollment`, which the agent shares) and the same role as its subject OU:
 - `urn:st:role:operator` (OU=operator): the operator's client certificate, EKU clientAuth;
 - `urn:st:role:device` (OU=device): a device's server certificate, EKU serverAuth and
   clientAuth, with the device's DNS names and IP addresses as SANs so HTTPS to them verifies.
@@ -26,13 +26,11 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from manifests.enrollment import ROLE_DEVICE, ROLE_OPERATOR, ROLE_URI_PREFIX
 from stctl.errors import SigningKeyError, WorkspaceError
 from stctl.keys import passphrase
 from stctl.workspace import ENV_PASSPHRASE, Workspace, atomic_write
 
-ROLE_URI_PREFIX = "urn:st:role:"
-ROLE_OPERATOR = "operator"
-ROLE_DEVICE = "device"
 CA_VALIDITY = timedelta(days=3650)
 LEAF_VALIDITY = timedelta(days=825)
 
@@ -112,15 +110,3 @@ def issue_device_cert(workspace: Workspace, name: str, hosts: list[str]) -> tupl
         raise SigningKeyError(f"{path}: wrong passphrase (${ENV_PASSPHRASE}) or corrupt key file") from None
     ca_cert = x509.load_pem_x509_certificate((workspace.pki_dir / "ca.crt").read_bytes())
     return _issue(ca_key, ca_cert, name, ROLE_DEVICE, hosts)
-
-
-def cert_role(cert_pem: bytes) -> str | None:
-    """The role marker of a certificate (`operator`, `device`), or None if it has none."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    roles = [u[len(ROLE_URI_PREFIX):] for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-             if u.startswith(ROLE_URI_PREFIX)]
-    return roles[0] if len(roles) == 1 else None

@@ -20,7 +20,8 @@ from stctl.bootstrap import init_workspace
 from stctl.cli import app
 from stctl.errors import PublishError, SigningKeyError, WorkspaceError
 from stctl.fleetdb import open_fleet_db
-from stctl.pki import cert_role, issue_device_cert
+from manifests.enrollment import certificate_role as cert_role
+from stctl.pki import issue_device_cert
 from stctl.repository import Repository
 from stctl.workspace import ENV_PASSPHRASE, open_workspace
 from release_helpers import tree_hash
