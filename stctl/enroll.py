@@ -24,7 +24,7 @@ from manifests import ManifestError
 from manifests.enrollment import Enrollment, check_repository_url, parse_device_url, parse_tag
 from manifests.model_manifest import check_name
 from stctl.errors import StctlError, WorkspaceError
-from stctl.fleetdb import MIGRATIONS, open_fleet_db
+from stctl.fleetdb import open_fleet_db, register_migration
 from stctl.pki import issue_device_cert
 from stctl.repository import Repository
 from stctl.workspace import Workspace, atomic_write
@@ -42,8 +42,7 @@ def _create_devices(db: sqlite_utils.Database) -> None:
 
 
 DEVICES_MIGRATION = (2, "devices: one row per enrolled device", _create_devices)
-if all(version != DEVICES_MIGRATION[0] for version, _, _ in MIGRATIONS):
-    MIGRATIONS.append(DEVICES_MIGRATION)
+register_migration(DEVICES_MIGRATION)
 
 
 def enroll_device(workspace: Workspace, name: str, url: str, out: str | os.PathLike,

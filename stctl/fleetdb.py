@@ -28,6 +28,16 @@ MIGRATIONS: list[Migration] = [
 ]
 
 
+def register_migration(migration: Migration) -> None:
+    """Add a module's migration (idempotent; versions are unique and applied in order)."""
+    version = migration[0]
+    existing = [m for m in MIGRATIONS if m[0] == version]
+    if existing and existing[0][1] != migration[1]:
+        raise ValueError(f"fleet.db migration {version} is registered twice")
+    if not existing:
+        MIGRATIONS.append(migration)
+
+
 def open_fleet_db(path: str | os.PathLike) -> sqlite_utils.Database:
     """Open (creating if needed) the fleet database at `path` with every migration applied.
 

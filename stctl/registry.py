@@ -19,7 +19,7 @@ import sqlite_utils
 from stctl.device_client import ClientConfig, DeviceClient, DeviceError, map_devices, release_of
 from stctl.enroll import list_devices
 from stctl.errors import StctlError
-from stctl.fleetdb import MIGRATIONS, open_fleet_db
+from stctl.fleetdb import open_fleet_db, register_migration
 from stctl.workspace import Workspace
 
 
@@ -34,8 +34,7 @@ def _create_device_status(db: sqlite_utils.Database) -> None:
 
 
 STATUS_MIGRATION = (21, "device_status: what each device last said about itself", _create_device_status)
-if all(version != STATUS_MIGRATION[0] for version, _, _ in MIGRATIONS):
-    MIGRATIONS.append(STATUS_MIGRATION)
+register_migration(STATUS_MIGRATION)
 
 
 @contextmanager

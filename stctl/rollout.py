@@ -52,7 +52,7 @@ from manifests import ManifestError
 from manifests.rollout_plan import RolloutPlan, Wave, parse_plan, select_devices
 from stctl.device_client import ClientConfig, DeviceClient, DeviceError, map_devices, release_of
 from stctl.errors import StctlError
-from stctl.fleetdb import MIGRATIONS, open_fleet_db
+from stctl.fleetdb import open_fleet_db, register_migration
 from stctl.registry import enrolled, write_transaction
 from stctl.telemetry_pull import pull_device
 from stctl.workspace import FileLock, Workspace
@@ -98,8 +98,7 @@ def _create_rollouts(db: sqlite_utils.Database) -> None:
 
 
 ROLLOUT_MIGRATION = (22, "rollouts, rollout_waves, rollout_devices, rollout_events", _create_rollouts)
-if all(version != ROLLOUT_MIGRATION[0] for version, _, _ in MIGRATIONS):
-    MIGRATIONS.append(ROLLOUT_MIGRATION)
+register_migration(ROLLOUT_MIGRATION)
 
 
 def _now() -> str:

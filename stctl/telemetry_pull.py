@@ -19,7 +19,7 @@ import sqlite_utils
 
 from manifests.telemetry import TELEMETRY_TABLES, telemetry_row
 from stctl.device_client import ClientConfig, DeviceClient, DeviceError, map_devices
-from stctl.fleetdb import MIGRATIONS, open_fleet_db
+from stctl.fleetdb import open_fleet_db, register_migration
 from stctl.registry import enrolled, write_transaction
 from stctl.workspace import Workspace
 
@@ -40,8 +40,7 @@ def _create_telemetry(db: sqlite_utils.Database) -> None:
 
 TELEMETRY_MIGRATION = (20, "generations, updates, health_checks: device telemetry rows with a device column",
                        _create_telemetry)
-if all(version != TELEMETRY_MIGRATION[0] for version, _, _ in MIGRATIONS):
-    MIGRATIONS.append(TELEMETRY_MIGRATION)
+register_migration(TELEMETRY_MIGRATION)
 
 
 def row_key(device: str, row: dict) -> str:
