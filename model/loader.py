@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from manifests import ModelManifest
+from manifests import ManifestError, ModelManifest
 from model.config import ModelConfig
 from model.errors import BudgetError, PackageError
 from model.expert_store import ExpertStore, StorageSim, expert_bytes
@@ -38,7 +38,7 @@ class _Shards:
     def load(self, name: str) -> dict[str, torch.Tensor]:
         try:
             entry = self.manifest.shard(name)
-        except Exception:
+        except ManifestError:
             raise PackageError(f"{self.dir}: manifest lists no shard {name!r}") from None
         tensors = load_shard(self.dir, entry)
         self.tick()

@@ -67,7 +67,8 @@ def _compile(cc: str, out: Path, cflags: tuple[str, ...] = ()) -> None:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            raise KernelError(f"compiling {_SOURCE.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            last = (proc.stderr.strip().splitlines() or ["no compiler output"])[-1]
+            raise KernelError(f"compiling {_SOURCE.name} failed: {last}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
