@@ -12,9 +12,22 @@ import os
 # PASSIVE under the same load (load average ~16-20, 2 threads; `stctl model bench`).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from model.config import PRESETS, ModelConfig  # noqa: E402
-from model.engine import Engine  # noqa: E402
-from model.errors import BudgetError, CheckpointError, ConfigError, IntegrityError, ModelError, PackageError  # noqa: E402
+from model.errors import (  # noqa: E402  (the error family is light: no torch)
+    BudgetError, CheckpointError, ConfigError, IntegrityError, ModelError, PackageError,
+)
+
+# The rest loads torch; imported on first use, so `from model.errors import ...` (every stctl
+# command) stays cheap.
+_LAZY = {"Engine": "model.engine", "ModelConfig": "model.config", "PRESETS": "model.config"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")
+
 
 __all__ = [
     "PRESETS", "BudgetError", "CheckpointError", "ConfigError", "Engine", "IntegrityError", "ModelConfig",

@@ -12,13 +12,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
+from typing import TYPE_CHECKING
 
 from manifests import ManifestError, ModelManifest, ShardEntry
 from model.errors import IntegrityError, PackageError
+
+if TYPE_CHECKING:  # torch loads only where tensors are read or written, not for hashing and paths
+    import torch
 
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
@@ -107,6 +107,9 @@ def read_verified(package_dir: str | os.PathLike, entry: ShardEntry | None, *, f
 
 def load_shard(package_dir: str | os.PathLike, entry: ShardEntry) -> dict[str, torch.Tensor]:
     """Tensors of a verified shard."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors_bytes
+
     data = read_verified(package_dir, entry)
     try:
         return load_safetensors_bytes(data)
@@ -142,6 +145,8 @@ class PackageWriter:
 
     def add_shard(self, name: str, kind: str, tensors: dict[str, torch.Tensor], *,
                   layer: int | None = None, expert: int | None = None) -> ShardEntry:
+        from safetensors.torch import save as save_safetensors_bytes
+
         data = save_safetensors_bytes({k: v.contiguous() for k, v in tensors.items()})
         file = shard_file(name)
         (self.tmp / file).write_bytes(data)
