@@ -43,6 +43,7 @@ from model.errors import ModelError
 
 log = logging.getLogger("st-agent.updater")
 BUNDLE_SOURCE = "bundle:"
+FINISHING_WAIT_S = 60.0  # how long a request waits for a finished job's garbage collection
 _HANDLED = (UpdateError, AgentError, ModelError, ManifestError, OSError)
 
 
@@ -67,6 +68,7 @@ class Updater:
         self.finished_by_state: dict[str, int] = {}
         self._engines: dict = {}  # job id -> the engine that passed its health check
         self._worker: threading.Thread | None = None
+        self._worker_job: Job | None = None
         self._handlers = {IDLE: self._begin, FETCHING: self._fetch, VERIFYING: self._verify,
                           STAGED: lambda job: "check", HEALTH_CHECKING: self._check, ACTIVATING: self._activate}
 
@@ -84,6 +86,7 @@ class Updater:
             source = url
         else:
             model, version, source = "", "", BUNDLE_SOURCE + str(Path(bundle).resolve())
+        self._await_finishing_worker()
         if not self.lock.acquire():
             raise UpdateRefusedError("another update, rollback or bundle install is in progress on this device")
         try:
@@ -106,8 +109,15 @@ class Updater:
         if parse_version(target.version) < parse_version(active.version):
             raise UpdateRefusedError(f"{target} is older than the active {active}; set allow_downgrade to install it")
 
+    def _await_finishing_worker(self) -> None:
+        """A job that already reports its final state still holds the lock while it collects garbage:
+        a request seen after that state waits for the worker to end instead of being refused."""
+        if self.busy() and self._worker_job is not None and self._worker_job.finished:
+            self.join(FINISHING_WAIT_S)
+
     def start(self, job: Job) -> None:
         """Run `job` in a background thread (the daemon)."""
+        self._worker_job = job
         self._worker = threading.Thread(target=self.run, args=(job,), name=f"update-{job.id[:8]}", daemon=True)
         self._worker.start()
 

@@ -5,6 +5,8 @@ daemon runs, against the session's real repository server."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 
@@ -160,3 +162,23 @@ def test_refused_requests(device_dir):
     (device_dir / "current.json").write_text(json.dumps({"active": {"model": "st-demo", "version": "2.0.0"}}))
     with pytest.raises(UpdateRefusedError, match="allow_downgrade"):
         open_updater(device_dir).request("st-demo", "1.0.0")
+
+
+def test_a_request_right_after_a_job_ends_waits_for_its_cleanup(device_dir):
+    """The daemon saves a job's final state, then collects garbage under the update lock: a client
+    that saw the final state and asks for the next update is served, not refused."""
+    updater = open_updater(device_dir)
+    cleanup_may_end = threading.Event()
+    collect = updater.install.gc
+    updater.install.gc = lambda: (cleanup_may_end.wait(timeout=60), collect())
+    job = updater.request("st-demo", "2.0.0")
+    updater.start(job)
+    deadline = time.monotonic() + 300
+    while not updater.jobs.load(job.id).finished:
+        assert time.monotonic() < deadline, "the update did not finish"
+        time.sleep(0.05)
+    assert updater.busy()  # final state saved; the worker is still collecting garbage
+    threading.Timer(0.5, cleanup_may_end.set).start()
+    following = updater.request("st-demo", "1.0.0", allow_downgrade=True)
+    assert not updater.busy() and following.state == IDLE
+    assert updater.run(following).state == ACTIVE
