@@ -35,7 +35,7 @@ import torch
 from manifests import ModelManifest, ShardEntry
 from model.errors import BudgetError, IntegrityError, PackageError
 from model.matrices import make_matrix
-from model.kernels import SparseReGLUExpert
+from model.kernels import DenseReGLUExpert, SparseReGLUExpert, backend
 from model.model import Expert, ExpertWeights
 from model.package import expert_tensor_names
 
@@ -252,6 +252,8 @@ class ExpertStore:
         if self.sparse:
             return SparseReGLUExpert.from_gate_up(gate_up, down, self.kernel)
         quant = self.manifest.quant
+        if quant == "q4_0" and (self.kernel or backend()) == "c":
+            return DenseReGLUExpert(gate_up, down)
         return ExpertWeights(gate_up=make_matrix(gate_up, quant, "gate_up", self.kernel),
                              down=make_matrix(down, quant, "down", self.kernel))
 

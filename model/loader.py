@@ -15,6 +15,7 @@ from manifests import ManifestError, ModelManifest
 from model.config import ModelConfig
 from model.errors import BudgetError, PackageError
 from model.expert_store import ExpertStore, StorageSim, expert_bytes
+from model.kernels.layer import native_layer
 from model.matrices import EmbeddingRows, make_matrix
 from model.memory import format_size
 from model.model import Block, LayerWeights, Transformer
@@ -82,13 +83,14 @@ def load_transformer(package_dir: Path, manifest: ModelManifest, cfg: ModelConfi
     blocks = []
     for i in range(cfg.num_hidden_layers):
         t, n = shards.load(layer_shard(i)), layer_tensor_names(i)
-        blocks.append(Block(i, cfg, LayerWeights(
+        weights = LayerWeights(
             input_norm=shards.vector(t, n["input_layernorm"], (D,)),
             post_norm=shards.vector(t, n["post_attention_layernorm"], (D,)),
             router=shards.vector(t, n["router"], (E, D)),
             qkv=shards.matrix(t, [n["q_proj"], n["k_proj"], n["v_proj"]], [cfg.q_dim, cfg.kv_dim, cfg.kv_dim], D),
             o=shards.matrix(t, [n["o_proj"]], [D], cfg.q_dim),
-        )))
+        )
+        blocks.append(Block(i, cfg, weights, native_layer(cfg, weights)))
     head_shares_embedding = tied and manifest.quant == "q4_0" and kernel in ("c", "reference")
     dense_bytes = embed_rows.nbytes + final_norm.numel() * 4 + sum(b.w.nbytes for b in blocks)
     dense_bytes += 0 if head_shares_embedding else head.nbytes

@@ -41,6 +41,9 @@ class Expert(Protocol):
 
     def __call__(self, y: torch.Tensor) -> tuple[torch.Tensor, int | None]: ...
 
+    def accumulate(self, y: torch.Tensor, weight: float, acc: torch.Tensor) -> int | None:
+        """acc += weight * out for one contiguous row y [1, D]; returns what `__call__` counts."""
+
 
 @dataclass
 class ExpertWeights:
@@ -56,6 +59,19 @@ class ExpertWeights:
     def __call__(self, y: torch.Tensor) -> tuple[torch.Tensor, None]:
         gate, up = self.gate_up(y).chunk(2, dim=-1)  # [T, F] each
         return self.down(gate.relu_().mul_(up)), None
+
+    def accumulate(self, y: torch.Tensor, weight: float, acc: torch.Tensor) -> None:
+        acc.add_(self(y)[0], alpha=weight)
+
+
+class FastDecode(Protocol):
+    """A layer's single-token step in native code (`model.kernels.layer.NativeLayer`), the same
+    math as `Block.route` and `Block.attention` followed by the post-attention norm."""
+
+    def route(self, h: torch.Tensor, bias: torch.Tensor | None) -> tuple[list[int], list[float]]: ...
+
+    def attend(self, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int, n_keys: int,
+               rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor: ...
 
 
 class ExpertSource(Protocol):
@@ -101,6 +117,16 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    def advance_one(self, pos0: int) -> tuple[int, int]:
+        """Claim the slot of one new token at `pos0`: (slot, number of keys it then sees, slots
+        0 .. n-1, itself included). The caller writes its key and value there."""
+        if pos0 != self.length or pos0 >= self.capacity:
+            raise ValueError(f"KV cache: write at {pos0}+1 but {self.length} written, capacity {self.capacity}")
+        self.length += 1
+        if self.window is None:
+            return pos0, self.length
+        return pos0 % self.window, min(self.length, self.window)
+
     def update(self, pos0: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store k, v [T, G, Hd] at positions pos0..; return (keys, values, key positions) to attend.
 
@@ -114,12 +140,11 @@ class KVCache:
             self.v[pos0:pos0 + t] = v
             self.length += t
             return self.k[:pos0 + t], self.v[:pos0 + t], None if t == 1 else torch.arange(pos0 + t)
-        w = self.window
         if t == 1:  # decode: write into the ring, attend to everything it holds (all in the window)
-            self.k[pos0 % w], self.v[pos0 % w] = k[0], v[0]
-            self.length += 1
-            n = min(self.length, w)
+            slot, n = self.advance_one(pos0)
+            self.k[slot], self.v[slot] = k[0], v[0]
             return self.k[:n], self.v[:n], None
+        w = self.window
         old_pos = torch.arange(max(0, pos0 - w + 1), pos0)  # cached positions a new query can still see
         keys = torch.cat([self.k[old_pos % w], k])  # [S, G, Hd]
         values = torch.cat([self.v[old_pos % w], v])
@@ -146,8 +171,8 @@ class LayerWeights:
 
 
 class Block:
-    def __init__(self, index: int, cfg: ModelConfig, w: LayerWeights):
-        self.index, self.cfg, self.w = index, cfg, w
+    def __init__(self, index: int, cfg: ModelConfig, w: LayerWeights, fast: FastDecode | None = None):
+        self.index, self.cfg, self.w, self.fast = index, cfg, w, fast
         self.rope = cfg.uses_rope(index)
         self.window = cfg.sliding_window_size if cfg.uses_sliding_window(index) else None
         self.router_t = w.router.t().contiguous()  # [D, E]
@@ -220,7 +245,22 @@ class Block:
             out.index_add_(0, rows, contrib * weights[rows, slot, None])
         return out
 
+    def decode_fast(self, h: torch.Tensor, pos0: int, cache: KVCache, rope, experts: ExpertSource) -> torch.Tensor:
+        """`forward` for one token through `self.fast`; h [1, D] is updated in place."""
+        id_list, weights = self.fast.route(h, self.router_bias)  # router before attention ...
+        if self.expert_log is not None:
+            self.expert_log.update(id_list)
+        experts.prefetch(self.index, id_list)  # ... so the expert reads overlap it
+        slot, n_keys = cache.advance_one(pos0)
+        y = self.fast.attend(h, cache.k, cache.v, slot, n_keys, rope if self.rope else None)
+        for e, wk in zip(id_list, weights):
+            with experts.use(self.index, e) as expert:
+                self._count(expert.accumulate(y, wk, h), 1)
+        return h
+
     def forward(self, h: torch.Tensor, pos0: int, cache: KVCache, rope, experts: ExpertSource) -> torch.Tensor:
+        if self.fast is not None and h.shape[0] == 1:
+            return self.decode_fast(h, pos0, cache, rope, experts)
         ids, weights = self.route(h)  # router before attention ...
         id_list = ids[0].tolist() if h.shape[0] == 1 else ids.unique().tolist()
         if self.expert_log is not None:

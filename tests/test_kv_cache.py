@@ -206,3 +206,29 @@ def test_engine_rejects_token_ids_outside_the_vocabulary(zoo):
             engine.logits(bad)
         with pytest.raises(ModelError):
             list(engine.generate(bad, 3))
+
+
+@pytest.mark.parametrize("spec", [KV_SPEC, GEN_SPEC])
+def test_native_decode_layer_equals_the_torch_layer(zoo, spec):
+    """Decode through the native single-token layer (layer.c: router, attention, experts summed in
+    place) and through Block's torch ops: both round activations to Q8_0 the same way, so they
+    differ by float32 summation order only (observed ~3e-7; bound 1e-5, far below what a wrong
+    RoPE half, ring slot or router weight moves)."""
+    _, cfg, _ = zoo.checkpoint(spec)
+    engine = zoo.engine(spec, "q4_0")
+    blocks = engine.transformer.blocks
+    if engine.kernel != "c":
+        pytest.skip("the native layer needs the c kernel backend")
+    assert all(b.fast is not None for b in blocks)
+    ids = _sequence(cfg, 4, 3 * cfg["sliding_window_size"] + 5)
+    native = _decode(engine, ids)
+    fast = [b.fast for b in blocks]
+    try:
+        for b in blocks:
+            b.fast = None
+        torch_ops = _decode(engine, ids)
+    finally:
+        for b, f in zip(blocks, fast):
+            b.fast = f
+    errs = _row_errors(native, torch_ops)
+    assert errs.max() <= 1e-5, f"position {int(errs.argmax())}: native vs torch layer {errs.max():.3g}"

@@ -148,14 +148,15 @@ def expert_weights(f: int, d: int, gen: torch.Generator, frac: float):
     return gate, up, down_t, x
 
 
-def run_fused(lib, gate, up, down_t, x):
+def run_fused(lib, gate, up, down_t, x, weight: float = 0.0, acc: torch.Tensor | None = None):
     f, d = gate.shape[0], x.shape[1]
     d_out = down_t.shape[1] // 18 * QK4_0
     out = torch.full((d_out,), float("nan"))
     xq = torch.empty(d // QK4_0 * Q8_BYTES, dtype=torch.uint8)
     h = torch.full((f,), float("nan"))
     rows = torch.full((f,), -1, dtype=torch.int32)
-    n = lib.st_reglu_sparse(ptr(gate), ptr(up), ptr(down_t), d, f, d_out, ptr(x), ptr(out), ptr(xq), ptr(h), ptr(rows))
+    n = lib.st_reglu_sparse(ptr(gate), ptr(up), ptr(down_t), d, f, d_out, ptr(x), ptr(out), ptr(xq), ptr(h), ptr(rows),
+                            weight, None if acc is None else ptr(acc))
     return out, int(n), rows[:n].clone(), h[:n].clone()
 
 
@@ -192,9 +193,12 @@ def test_reglu_sparse(lib, f, d, frac):
     exact = (g.clamp(min=0) * u) @ dequantize_q4_0(down_t).double()
     if n:
         assert rel(out, exact) < 0.05
-    # deterministic
-    again = run_fused(lib, gate, up, down_t, x)
+    # deterministic; with an accumulator, acc += weight * out (one fused multiply-add per value)
+    acc = torch.randn(out.shape[0], generator=gen)
+    expected = acc + 0.375 * out
+    again = run_fused(lib, gate, up, down_t, x, 0.375, acc)
     assert torch.equal(again[0], out) and again[1] == n
+    assert torch.allclose(acc, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_thread_count_does_not_change_results(lib):

@@ -4,7 +4,7 @@ Rule: every backend computes `x @ dequantize(w).T` from the same GGML Q4_0 bytes
 only in speed and in rounding (the C kernel rounds activations to int8 per 32 values, the torch
 int4 kernel rounds them to bf16 and the scales from fp16 to bf16). Backends, fastest first:
 
-- `c`: `q4_0.c`, compiled on first use with the host's flags into a per-host cache
+- `c`: `q4_0.c` (+ `layer.c`, the single-token decoder layer), compiled on first use with the host's flags into a per-host cache
   (`$ST_KERNEL_CACHE`, default `~/.cache/smallthinker-fleet/kernels`), keyed by the source,
   the compiler, the CPU flags and torch's version;
 - `torch-int4`: `torch.ops.aten._weight_int4pack_mm_for_cpu` on a repacked copy;
@@ -35,9 +35,11 @@ from model.errors import ModelError
 from model.quant import QK4_0, Q4_0_BYTES, dequantize_q4_0, quantize_q4_0, split_q4_0
 
 BACKENDS = ("c", "torch-int4", "reference")
-_SOURCE = Path(__file__).with_name("q4_0.c")
+_HERE = Path(__file__).parent
+_SOURCES = (_HERE / "q4_0.c", _HERE / "layer.c")
+_HEADER = _HERE / "q4_0.h"
 _Q8_BLOCK_BYTES = 4 + QK4_0
-_ABI = 3
+_ABI = 4
 
 
 class KernelError(ModelError):
@@ -63,12 +65,12 @@ def _compile(cc: str, out: Path, cflags: tuple[str, ...] = ()) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
-    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", *cflags, str(_SOURCE), "-o", tmp, "-lm"]
+    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", *cflags, *map(str, _SOURCES), "-o", tmp, "-lm"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no compiler output"])[-1]
-            raise KernelError(f"compiling {_SOURCE.name} failed: {last}")
+            raise KernelError(f"compiling the native kernels failed: {last}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -87,7 +89,7 @@ def _build(cflags: str) -> ctypes.CDLL:
         raise KernelError("no C compiler found (gcc or $CC)")
     flags = tuple(shlex.split(cflags))
     key = hashlib.sha256(
-        b"\0".join([_SOURCE.read_bytes(), cc.encode(), _cpu_flags().encode(), torch.__version__.encode(),
+        b"\0".join([*(f.read_bytes() for f in (*_SOURCES, _HEADER)), cc.encode(), _cpu_flags().encode(), torch.__version__.encode(),
                     " ".join(flags).encode()])
     ).hexdigest()[:16]
     lib_path = _cache_dir() / f"q4_0-{key}.so"
@@ -103,8 +105,18 @@ def _build(cflags: str) -> ctypes.CDLL:
     lib.st_q4_0_matvec_rows.restype = None
     lib.st_q4_0_axpy_rows.argtypes = [vp, i64, i64, vp, vp, i64, vp]
     lib.st_q4_0_axpy_rows.restype = None
-    lib.st_reglu_sparse.argtypes = [vp, vp, vp, i64, i64, i64, vp, vp, vp, vp, vp]
+    lib.st_reglu_sparse.argtypes = [vp, vp, vp, i64, i64, i64, vp, vp, vp, vp, vp, ctypes.c_float, vp]
     lib.st_reglu_sparse.restype = i64
+    lib.st_reglu_dense.argtypes = [vp, vp, i64, i64, i64, vp, ctypes.c_float, vp, vp]
+    lib.st_reglu_dense.restype = None
+    lib.st_reglu_dense_work_floats.argtypes = [i64, i64, i64]
+    lib.st_reglu_dense_work_floats.restype = i64
+    lib.st_route.argtypes = [vp, vp, vp, vp, vp]
+    lib.st_route.restype = None
+    lib.st_attention_work_floats.argtypes = [vp, i64]
+    lib.st_attention_work_floats.restype = i64
+    lib.st_attention_decode.argtypes = [vp, vp, vp, vp, vp, i64, i64, vp, vp, vp]
+    lib.st_attention_decode.restype = None
     lib.st_has_avx2.restype = ctypes.c_int
     return lib
 
@@ -142,6 +154,7 @@ class _Scratch(threading.local):
 _scratch = _Scratch()       # quantized activations
 _scratch_h = _Scratch()     # sparse ReGLU: gate values, then the active rows' coefficients
 _scratch_rows = _Scratch()  # sparse ReGLU: active row indices (int32)
+_scratch_out = _Scratch()   # an expert's output before it is added into the residual
 
 
 class Q4Matrix:
@@ -275,6 +288,27 @@ class SparseReGLUExpert:
             return self._gate.nbytes + self._up.nbytes + self._down_t.numel() * 4
         return self.gate_blocks.numel() + self.up_blocks.numel() + self.down_t_blocks.numel()
 
+    def _native_one(self, x: torch.Tensor, out: torch.Tensor, weight: float, acc: torch.Tensor | None) -> int:
+        """`st_reglu_sparse` on one contiguous row x: out = expert(x); acc += weight * out if acc."""
+        f = self.ffn_features
+        xq = _scratch.get(self.in_features // QK4_0 * _Q8_BLOCK_BYTES)
+        h, rows = _scratch_h.get(4 * f), _scratch_rows.get(4 * f)
+        return int(self._lib.st_reglu_sparse(
+            self.gate_blocks.data_ptr(), self.up_blocks.data_ptr(), self.down_t_blocks.data_ptr(),
+            self.in_features, f, self.out_features, x.data_ptr(), out.data_ptr(),
+            xq.data_ptr(), h.data_ptr(), rows.data_ptr(), weight, None if acc is None else acc.data_ptr(),
+        ))
+
+    def accumulate(self, y: torch.Tensor, weight: float, acc: torch.Tensor) -> int:
+        """acc [1, D_out] += weight * self(y) for one contiguous float32 row y [1, D]; returns the
+        active rows (one native call on the `c` backend)."""
+        if self.kernel != "c" or y.shape[0] != 1:
+            out, active = self(y)
+            acc.add_(out, alpha=weight)
+            return active
+        out = _scratch_out.get(4 * self.out_features).view(torch.float32)
+        return self._native_one(y, out, weight, acc)
+
     def __call__(self, y: torch.Tensor) -> tuple[torch.Tensor, int]:
         """y [T, D] float32 -> (out [T, D_out] float32, number of (token, row) pairs with gate > 0)."""
         if y.dim() != 2 or y.shape[1] != self.in_features:
@@ -284,15 +318,7 @@ class SparseReGLUExpert:
         if self.kernel == "c":
             out = torch.empty(t, self.out_features, dtype=torch.float32)
             if t == 1:
-                f = self.ffn_features
-                xq = _scratch.get(self.in_features // QK4_0 * _Q8_BLOCK_BYTES)
-                h, rows = _scratch_h.get(4 * f), _scratch_rows.get(4 * f)
-                n = self._lib.st_reglu_sparse(
-                    self.gate_blocks.data_ptr(), self.up_blocks.data_ptr(), self.down_t_blocks.data_ptr(),
-                    self.in_features, f, self.out_features, x.data_ptr(), out.data_ptr(),
-                    xq.data_ptr(), h.data_ptr(), rows.data_ptr(),
-                )
-                return out, int(n)
+                return out, self._native_one(x, out, 0.0, None)
             g, u = self._gate(x), self._up(x)
             active = g > 0
             a = g.relu_().mul_(u)
@@ -313,3 +339,37 @@ class SparseReGLUExpert:
             down_t = dequantize_q4_0(self.down_t_blocks)
         active = int((g > 0).sum())
         return g.relu_().mul_(u) @ down_t, active
+
+
+class DenseReGLUExpert:
+    """The dense ReGLU expert down(relu(gate(y)) * up(y)) on the `c` backend: gate_up Q4_0
+    [2F, D] (gate rows, then up rows), down Q4_0 [D_out, F] in HF order. `__call__` runs the two
+    products as `Q4Matrix`es (any T); `accumulate` runs a whole single-token expert in one native
+    call (`st_reglu_dense`) and adds its weighted output in place."""
+
+    def __init__(self, gate_up_blocks: torch.Tensor, down_blocks: torch.Tensor):
+        self.gate_up, self.down = Q4Matrix(gate_up_blocks, "c"), Q4Matrix(down_blocks, "c")
+        self.ffn_features = self.gate_up.out_features // 2
+        if self.down.in_features != self.ffn_features:
+            raise ModelError(f"dense ReGLU shapes disagree: gate_up {tuple(gate_up_blocks.shape)}, "
+                             f"down {tuple(down_blocks.shape)}")
+        self._lib = _native()
+        self._work_bytes = 4 * self._lib.st_reglu_dense_work_floats(
+            self.gate_up.in_features, self.ffn_features, self.down.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+    def __call__(self, y: torch.Tensor) -> tuple[torch.Tensor, None]:
+        gate, up = self.gate_up(y).chunk(2, dim=-1)
+        return self.down(gate.relu_().mul_(up)), None
+
+    def accumulate(self, y: torch.Tensor, weight: float, acc: torch.Tensor) -> None:
+        """acc [1, D_out] += weight * self(y) for one contiguous float32 row y [1, D]."""
+        if y.shape[0] != 1:
+            acc.add_(self(y)[0], alpha=weight)
+            return
+        self._lib.st_reglu_dense(self.gate_up.blocks.data_ptr(), self.down.blocks.data_ptr(),
+                                 self.gate_up.in_features, self.ffn_features, self.down.out_features,
+                                 y.data_ptr(), weight, acc.data_ptr(), _scratch_out.get(self._work_bytes).data_ptr())

@@ -22,25 +22,15 @@
  * threads come from the OpenMP runtime torch already loaded, so torch.set_num_threads applies.
  */
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
 #include <omp.h>
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
-#define QK 32
-#define Q4_BYTES 18
-#define GEMV_ROWS 4      /* weight rows per tile when m = 1 */
+#include "q4_0.h"
+
 #define PACK_ROWS 8      /* weight rows per packed tile when m > 1 */
 #define GEMM_COLS 4      /* activation rows per packed tile pass when m > 1 */
-
-typedef struct {
-    float d;
-    int8_t qs[QK];
-} block_q8;
-
-#define ALWAYS_INLINE inline __attribute__((always_inline))
 
 static inline uint16_t load_u16(const uint8_t *p) {
     uint16_t v;
@@ -48,7 +38,7 @@ static inline uint16_t load_u16(const uint8_t *p) {
     return v;
 }
 
-int st_kernel_abi(void) { return 3; }
+int st_kernel_abi(void) { return ST_ABI; }
 
 int st_num_threads(void) { return omp_get_max_threads(); }
 
@@ -64,7 +54,7 @@ int st_has_avx2(void) {
  * One row of k floats -> k/32 Q8_0 blocks. flip = 0x80 stores q + 128 as unsigned bytes instead
  * of q (the layout the packed prefill kernel wants); flip = 0 is plain Q8_0.
  */
-static void quantize_row_q8_0(const float *v, int64_t nb, block_q8 *out, uint8_t flip) {
+void st_quantize_row(const float *v, int64_t nb, block_q8 *out, uint8_t flip) {
     for (int64_t b = 0; b < nb; b++, v += QK) {
         block_q8 *o = out + b;
 #if defined(__AVX2__)
@@ -99,16 +89,10 @@ static void quantize_row_q8_0(const float *v, int64_t nb, block_q8 *out, uint8_t
 /* x: [m, k] float -> out: [m, k/32] Q8_0 blocks */
 void st_quantize_q8_0(const float *x, int64_t m, int64_t k, block_q8 *out) {
     const int64_t nb = k / QK;
-    for (int64_t r = 0; r < m; r++) quantize_row_q8_0(x + r * k, nb, out + r * nb, 0);
+    for (int64_t r = 0; r < m; r++) st_quantize_row(x + r * k, nb, out + r * nb, 0);
 }
 
 #if defined(__AVX2__)
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /*
  * Decode (m = 1): y[r] = W[r] . x for r < R, R a compile-time constant at every call site so
@@ -299,7 +283,7 @@ void st_q4_0_matmul(const uint8_t *w, int64_t n, int64_t k, const float *x, int6
     #pragma omp parallel if (parallel)
     {
         #pragma omp for schedule(static)
-        for (int64_t t = 0; t < m; t++) quantize_row_q8_0(x + t * k, nb, xq + t * nb, flip);
+        for (int64_t t = 0; t < m; t++) st_quantize_row(x + t * k, nb, xq + t * nb, flip);
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < tiles; i++) {
             const int64_t r0 = i * rows;
@@ -396,8 +380,7 @@ static ALWAYS_INLINE void axpy_pass2(const uint8_t *const *p, int64_t c0b, int n
 }
 #endif
 
-/* Dense m = 1 tile t (GEMV_ROWS rows from t * GEMV_ROWS) of w [n, nb blocks] -> y[row]. */
-static void dense_tile(const uint8_t *w, int64_t row_bytes, int64_t n, const block_q8 *xq, int64_t nb,
+void st_dense_tile(const uint8_t *w, int64_t row_bytes, int64_t n, const block_q8 *xq, int64_t nb,
                        float *y, int64_t t) {
     const int64_t r0 = t * GEMV_ROWS;
     const int nrows = n - r0 < GEMV_ROWS ? (int)(n - r0) : GEMV_ROWS;
@@ -514,9 +497,6 @@ static void axpy_range(const uint8_t *w, int64_t row_bytes, const int32_t *rows,
     }
 }
 
-/* Blocks [lo, hi) of nb for part c of `parts` (contiguous, as even as possible). */
-static inline int64_t split_at(int64_t nb, int c, int parts) { return nb * c / parts; }
-
 /*
  * y[i] = W[rows[i]] . x for i < n_rows. w: n rows of k/32 Q4_0 blocks; rows: int32 indices in
  * [0, n), any order; x: k floats; xq: scratch for k/32 Q8_0 blocks (quantized here).
@@ -530,7 +510,7 @@ void st_q4_0_matvec_rows(const uint8_t *w, int64_t n, int64_t k, const int32_t *
     #pragma omp parallel if (parallel)
     {
         #pragma omp single
-        quantize_row_q8_0(x, nb, xq, 0);
+        st_quantize_row(x, nb, xq, 0);
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) rows_tile(w, row_bytes, rows, n_rows, xq, nb, y + t * GEMV_ROWS, t);
     }
@@ -561,10 +541,12 @@ void st_q4_0_axpy_rows(const uint8_t *wt, int64_t n, int64_t k, const int32_t *r
  * down_t: f rows of d_out/32 blocks (down transposed); x: d floats; out: d_out floats
  * (overwritten). Scratch from the caller: xq (d/32 Q8_0 blocks), h (f floats; on return
  * h[0..n) = a of the active rows), rows (f int32; on return rows[0..n) = the active rows).
- * Returns n, the number of active rows.
+ * With acc (not NULL) also acc += weight * out (a layer's experts summed in place, in the
+ * order of the calls). Returns n, the number of active rows.
  */
 int64_t st_reglu_sparse(const uint8_t *gate, const uint8_t *up, const uint8_t *down_t, int64_t d, int64_t f,
-                        int64_t d_out, const float *x, float *out, block_q8 *xq, float *h, int32_t *rows) {
+                        int64_t d_out, const float *x, float *out, block_q8 *xq, float *h, int32_t *rows,
+                        float weight, float *acc) {
     const int64_t nb = d / QK, row_bytes = nb * Q4_BYTES;
     const int64_t nb_out = d_out / QK, out_row_bytes = nb_out * Q4_BYTES;
     const int64_t tiles = (f + GEMV_ROWS - 1) / GEMV_ROWS;
@@ -573,9 +555,9 @@ int64_t st_reglu_sparse(const uint8_t *gate, const uint8_t *up, const uint8_t *d
     #pragma omp parallel if (parallel)
     {
         #pragma omp single
-        quantize_row_q8_0(x, nb, xq, 0);
+        st_quantize_row(x, nb, xq, 0);
         #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; t++) dense_tile(gate, row_bytes, f, xq, nb, h, t);
+        for (int64_t t = 0; t < tiles; t++) st_dense_tile(gate, row_bytes, f, xq, nb, h, t);
         #pragma omp single
         {
             int64_t n = 0;   /* compact in place: n <= j, so h[j] is read before anything overwrites it */
@@ -592,7 +574,10 @@ int64_t st_reglu_sparse(const uint8_t *gate, const uint8_t *up, const uint8_t *d
             for (int r = 0; r < GEMV_ROWS && t * GEMV_ROWS + r < n_act; r++) h[t * GEMV_ROWS + r] *= u[r];
         }
         const int parts = omp_get_num_threads(), c = omp_get_thread_num();
-        axpy_range(down_t, out_row_bytes, rows, h, n_act, split_at(nb_out, c, parts), split_at(nb_out, c + 1, parts), out);
+        const int64_t b0 = split_at(nb_out, c, parts), b1 = split_at(nb_out, c + 1, parts);
+        axpy_range(down_t, out_row_bytes, rows, h, n_act, b0, b1, out);
+        if (acc != NULL)
+            for (int64_t i = b0 * QK; i < b1 * QK; i++) acc[i] += weight * out[i];
     }
     return n_active;
 }

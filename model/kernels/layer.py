@@ -1,0 +1,77 @@
+"""One decoder layer's single-token step in native code (`layer.c`): the fast path that
+`model.model.Block` takes for decode when its matrices are Q4_0 on the `c` backend.
+
+Rule: the same math as `Block.route` + `Block.attention` + the post-attention norm, in two
+native calls per layer, route then attention, so the router's choice still reaches the expert
+store before attention runs; weight pointers are fixed here once, and the per-call buffers
+(router ids and weights, the experts' input row, work memory) are allocated once per layer.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from model.kernels import Q4Matrix, _native
+
+
+class _Layer(ctypes.Structure):
+    """Mirror of `st_layer` in layer.c."""
+
+    _fields_ = [
+        ("d", ctypes.c_int64), ("n_heads", ctypes.c_int64), ("n_kv_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+        ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("router", ctypes.c_void_p),
+        ("n_experts", ctypes.c_int64), ("top_k", ctypes.c_int64), ("softmax", ctypes.c_int64),
+        ("qkv", ctypes.c_void_p), ("o", ctypes.c_void_p),
+    ]
+
+
+class NativeLayer:
+    """`route(h)` and `attend(h, ...)` for one layer and one token (see layer.c for the math)."""
+
+    def __init__(self, cfg, input_norm: torch.Tensor, post_norm: torch.Tensor, router: torch.Tensor,
+                 qkv: Q4Matrix, o: Q4Matrix):
+        self._keep = [t.to(torch.float32).contiguous() for t in (input_norm, post_norm, router)]
+        norm_in, norm_post, router32 = self._keep
+        self._lib = _native()
+        self._layer = _Layer(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
+            cfg.head_dim ** -0.5, norm_in.data_ptr(), norm_post.data_ptr(), router32.data_ptr(),
+            cfg.moe_num_primary_experts, cfg.moe_num_active_primary_experts,
+            int(cfg.moe_primary_router_apply_softmax), qkv.blocks.data_ptr(), o.blocks.data_ptr(),
+        )
+        self._qkv, self._o = qkv, o  # the weight pointers above stay valid while these live
+        self._ref = ctypes.byref(self._layer)
+        self._ids = (ctypes.c_int32 * cfg.moe_num_active_primary_experts)()
+        self._weights = (ctypes.c_float * cfg.moe_num_active_primary_experts)()
+        self.y = torch.empty(1, cfg.hidden_size)  # the experts' input: post-attention norm of h
+        self._work = torch.empty(0)
+        self._work_base = self._lib.st_attention_work_floats(self._ref, 0)  # + one score per head and key
+        self._heads = cfg.num_attention_heads
+
+
+    def route(self, h: torch.Tensor, bias: torch.Tensor | None) -> tuple[list[int], list[float]]:
+        """Top-k expert ids (best first) and their weights for the residual h [1, D]."""
+        self._lib.st_route(self._ref, None if bias is None else bias.data_ptr(), h.data_ptr(),
+                           self._ids, self._weights)
+        return self._ids[:], self._weights[:]
+
+    def attend(self, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int, n_keys: int,
+               rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """h [1, D] += attention (in place), the new key/value stored at `slot`, attending to
+        `n_keys` cached keys; returns the post-attention norm of h (a reused buffer)."""
+        cos, sin = (None, None) if rope is None else (rope[0].data_ptr(), rope[1].data_ptr())
+        if self._work.numel() < (need := self._work_base + self._heads * n_keys):
+            self._work = torch.empty(max(need, 2 * self._work.numel()))
+        self._lib.st_attention_decode(self._ref, h.data_ptr(), self.y.data_ptr(), k_cache.data_ptr(),
+                                      v_cache.data_ptr(), slot, n_keys, cos, sin, self._work.data_ptr())
+        return self.y
+
+
+def native_layer(cfg, w) -> NativeLayer | None:
+    """The native step for a layer's weights `w` (`model.model.LayerWeights`), or None when its
+    matrices are not Q4_0 on the `c` backend (the layer then decodes through torch)."""
+    if not all(isinstance(m, Q4Matrix) and m.kernel == "c" for m in (w.qkv, w.o)):
+        return None
+    return NativeLayer(cfg, w.input_norm, w.post_norm, w.router, w.qkv, w.o)

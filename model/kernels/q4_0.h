@@ -1,0 +1,45 @@
+/*
+ * What the native kernels share across their sources (q4_0.c: Q4_0 x Q8_0 products; layer.c:
+ * one decoder layer's single-token step built on them). Internal symbols are hidden: only the
+ * st_* functions without a leading underscore are the library's interface to Python.
+ */
+#ifndef ST_Q4_0_H
+#define ST_Q4_0_H
+
+#include <stdint.h>
+#include <string.h>
+
+#define QK 32
+#define Q4_BYTES 18
+#define GEMV_ROWS 4      /* weight rows per tile when m = 1 */
+#define ST_ABI 4
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#define INTERNAL __attribute__((visibility("hidden")))
+
+typedef struct {
+    float d;
+    int8_t qs[QK];
+} block_q8;
+
+/* One row of k floats -> k/32 Q8_0 blocks (flip = 0x80: q + 128 as unsigned bytes). */
+INTERNAL void st_quantize_row(const float *v, int64_t nb, block_q8 *out, uint8_t flip);
+
+/* Dense m = 1 tile t (GEMV_ROWS rows from t * GEMV_ROWS) of w [n, nb blocks]: y[row] = w[row] . x. */
+INTERNAL void st_dense_tile(const uint8_t *w, int64_t row_bytes, int64_t n, const block_q8 *xq, int64_t nb,
+                            float *y, int64_t t);
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* Blocks [split_at(c), split_at(c + 1)) of nb are part c of `parts` (contiguous, as even as possible). */
+static inline int64_t split_at(int64_t nb, int c, int parts) { return nb * c / parts; }
+
+#endif
