@@ -153,11 +153,11 @@ def run_fused(lib, gate, up, down_t, x, weight: float = 0.0, acc: torch.Tensor |
     d_out = down_t.shape[1] // 18 * QK4_0
     out = torch.full((d_out,), float("nan"))
     xq = torch.empty(d // QK4_0 * Q8_BYTES, dtype=torch.uint8)
-    h = torch.full((f,), float("nan"))
+    h = torch.full((2 * f,), float("nan"))
     rows = torch.full((f,), -1, dtype=torch.int32)
     n = lib.st_reglu_sparse(ptr(gate), ptr(up), ptr(down_t), d, f, d_out, ptr(x), ptr(out), ptr(xq), ptr(h), ptr(rows),
                             weight, None if acc is None else ptr(acc))
-    return out, int(n), rows[:n].clone(), h[:n].clone()
+    return out, int(n), rows[:n].clone(), h[f:f + n].clone()
 
 
 @pytest.mark.parametrize("f,d", SHAPES)

@@ -152,7 +152,7 @@ class _Scratch(threading.local):
 
 
 _scratch = _Scratch()       # quantized activations
-_scratch_h = _Scratch()     # sparse ReGLU: gate values, then the active rows' coefficients
+_scratch_h = _Scratch()     # sparse ReGLU: gate values, and the active rows' coefficients
 _scratch_rows = _Scratch()  # sparse ReGLU: active row indices (int32)
 _scratch_out = _Scratch()   # an expert's output before it is added into the residual
 
@@ -292,7 +292,7 @@ class SparseReGLUExpert:
         """`st_reglu_sparse` on one contiguous row x: out = expert(x); acc += weight * out if acc."""
         f = self.ffn_features
         xq = _scratch.get(self.in_features // QK4_0 * _Q8_BLOCK_BYTES)
-        h, rows = _scratch_h.get(4 * f), _scratch_rows.get(4 * f)
+        h, rows = _scratch_h.get(8 * f), _scratch_rows.get(4 * f)
         return int(self._lib.st_reglu_sparse(
             self.gate_blocks.data_ptr(), self.up_blocks.data_ptr(), self.down_t_blocks.data_ptr(),
             self.in_features, f, self.out_features, x.data_ptr(), out.data_ptr(),

@@ -86,9 +86,33 @@ void st_route(const st_layer *L, const float *bias, const float *h, int32_t *ids
 /* Floats of work memory st_attention_decode needs with up to max_keys visible keys. */
 int64_t st_attention_work_floats(const st_layer *L, int64_t max_keys) {
     const int64_t q_dim = L->n_heads * L->head_dim, kv_dim = L->n_kv_heads * L->head_dim;
-    const int64_t widest = L->d > q_dim ? L->d : q_dim;
-    const int64_t xq_floats = (int64_t)((widest / QK * sizeof(block_q8) + sizeof(float) - 1) / sizeof(float));
-    return 2 * L->d + q_dim + 2 * kv_dim + q_dim + L->n_heads * max_keys + xq_floats;
+    return L->d + q_dim + 2 * kv_dim + q_dim + L->n_heads * max_keys;
+}
+
+/* The attention of kv group g for the one new token (its key and value go to cache slot `slot`). */
+static void attend_group(const st_layer *L, int64_t g, float *qkv, float *att, float *scores, float *k_cache,
+                         float *v_cache, int64_t slot, int64_t n_keys, const float *cos, const float *sin) {
+    const int64_t H = L->n_heads, G = L->n_kv_heads, hd = L->head_dim, group = H / G;
+    const int64_t q_dim = H * hd, kv_dim = G * hd;
+    float *k = qkv + q_dim + g * hd, *v = qkv + q_dim + kv_dim + g * hd;
+    if (cos != NULL) rope(k, cos, sin, hd);
+    memcpy(k_cache + slot * kv_dim + g * hd, k, (size_t)hd * sizeof(float));
+    memcpy(v_cache + slot * kv_dim + g * hd, v, (size_t)hd * sizeof(float));
+    for (int64_t head = g * group; head < (g + 1) * group; head++) {
+        float *q = qkv + head * hd, *s = scores + head * n_keys, *out = att + head * hd;
+        if (cos != NULL) rope(q, cos, sin, hd);
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t j = 0; j < n_keys; j++) {
+            s[j] = dot(q, k_cache + (j * G + g) * hd, hd) * L->scale;
+            if (s[j] > mx) mx = s[j];
+        }
+        for (int64_t j = 0; j < n_keys; j++) sum += (s[j] = expf(s[j] - mx));
+        memset(out, 0, (size_t)hd * sizeof(float));
+        for (int64_t j = 0; j < n_keys; j++) {
+            const float p = s[j] / sum, *vj = v_cache + (j * G + g) * hd;
+            for (int64_t i = 0; i < hd; i++) out[i] += p * vj[i];
+        }
+    }
 }
 
 /*
@@ -96,54 +120,31 @@ int64_t st_attention_work_floats(const st_layer *L, int64_t max_keys) {
  * keys (slot among them): h [d] += o(attention(input_norm(h))), then y [d] = post_norm(h).
  * k_cache, v_cache: [capacity, n_kv_heads, head_dim]; cos, sin: [head_dim] for this position,
  * or NULL on a layer without RoPE; work: st_attention_work_floats(L, n_keys) floats.
+ * Threads meet at three barriers (qkv done, attention done, o done): each one quantizes the
+ * activations it needs itself (identical bits) instead of waiting for one thread to do it, and
+ * the attention is split by kv group, whose key/value writes only its own heads read.
  */
 void st_attention_decode(const st_layer *L, float *h, float *y, float *k_cache, float *v_cache, int64_t slot,
                          int64_t n_keys, const float *cos, const float *sin, float *work) {
     const int64_t d = L->d, H = L->n_heads, G = L->n_kv_heads, hd = L->head_dim;
-    const int64_t q_dim = H * hd, kv_dim = G * hd, n_qkv = q_dim + 2 * kv_dim, group = H / G;
+    const int64_t q_dim = H * hd, kv_dim = G * hd, n_qkv = q_dim + 2 * kv_dim;
     const int64_t nb_d = d / QK, nb_q = q_dim / QK;
-    float *x = work, *qkv = x + d, *att = qkv + n_qkv, *o_out = att + q_dim, *scores = o_out + d;
-    block_q8 *xq = (block_q8 *)(scores + H * n_keys);
+    float *o_out = work, *qkv = o_out + d, *att = qkv + n_qkv, *scores = att + q_dim;
     const int64_t tiles_qkv = (n_qkv + GEMV_ROWS - 1) / GEMV_ROWS, tiles_o = (d + GEMV_ROWS - 1) / GEMV_ROWS;
     #pragma omp parallel if (omp_get_max_threads() > 1)
     {
-        #pragma omp single
-        {
-            rms_norm(h, L->input_norm, d, L->eps, x);
-            st_quantize_row(x, nb_d, xq, 0);
-        }
+        float x[d];
+        block_q8 xq[(nb_d > nb_q ? nb_d : nb_q)];
+        rms_norm(h, L->input_norm, d, L->eps, x);
+        st_quantize_row(x, nb_d, xq, 0);
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles_qkv; t++) st_dense_tile(L->qkv, nb_d * Q4_BYTES, n_qkv, xq, nb_d, qkv, t);
-        #pragma omp single
-        {
-            float *k = qkv + q_dim, *v = k + kv_dim;
-            if (cos != NULL)
-                for (int64_t g = 0; g < G; g++) rope(k + g * hd, cos, sin, hd);
-            memcpy(k_cache + slot * kv_dim, k, (size_t)kv_dim * sizeof(float));
-            memcpy(v_cache + slot * kv_dim, v, (size_t)kv_dim * sizeof(float));
-        }
         #pragma omp for schedule(static)
-        for (int64_t head = 0; head < H; head++) {
-            const int64_t g = head / group;
-            float *q = qkv + head * hd, *s = scores + head * n_keys, *out = att + head * hd;
-            if (cos != NULL) rope(q, cos, sin, hd);
-            float mx = -INFINITY, sum = 0.0f;
-            for (int64_t j = 0; j < n_keys; j++) {
-                s[j] = dot(q, k_cache + (j * G + g) * hd, hd) * L->scale;
-                if (s[j] > mx) mx = s[j];
-            }
-            for (int64_t j = 0; j < n_keys; j++) sum += (s[j] = expf(s[j] - mx));
-            memset(out, 0, (size_t)hd * sizeof(float));
-            for (int64_t j = 0; j < n_keys; j++) {
-                const float p = s[j] / sum, *v = v_cache + (j * G + g) * hd;
-                for (int64_t i = 0; i < hd; i++) out[i] += p * v[i];
-            }
-        }
-        #pragma omp single
+        for (int64_t g = 0; g < G; g++) attend_group(L, g, qkv, att, scores, k_cache, v_cache, slot, n_keys, cos, sin);
         st_quantize_row(att, nb_q, xq, 0);
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles_o; t++) st_dense_tile(L->o, nb_q * Q4_BYTES, d, xq, nb_q, o_out, t);
-        #pragma omp single
+        #pragma omp single nowait
         {
             for (int64_t i = 0; i < d; i++) h[i] += o_out[i];
             rms_norm(h, L->post_norm, d, L->eps, y);
@@ -153,33 +154,31 @@ void st_attention_decode(const st_layer *L, float *h, float *y, float *k_cache, 
 
 /* Floats of work memory st_reglu_dense needs. */
 int64_t st_reglu_dense_work_floats(int64_t d, int64_t f, int64_t d_out) {
-    const int64_t widest = d > f ? d : f;
-    return 2 * f + d_out + (int64_t)((widest / QK * sizeof(block_q8) + sizeof(float) - 1) / sizeof(float));
+    (void)d;
+    return 2 * f + d_out;
 }
 
 /*
  * A dense ReGLU expert for one activation row, added in place: acc [d_out] += weight *
  * down(relu(gate . x) * (up . x)). gate_up: Q4_0 [2f, d] (gate rows, then up rows); down: Q4_0
- * [d_out, f]; x [d]; work: st_reglu_dense_work_floats(d, f, d_out) floats.
+ * [d_out, f]; x [d]; work: st_reglu_dense_work_floats(d, f, d_out) floats. One barrier (gate and
+ * up done): each thread quantizes x and then relu(gate) * up itself.
  */
 void st_reglu_dense(const uint8_t *gate_up, const uint8_t *down, int64_t d, int64_t f, int64_t d_out,
                     const float *x, float weight, float *acc, float *work) {
     const int64_t nb_d = d / QK, nb_f = f / QK;
     float *g = work, *out = g + 2 * f;
-    block_q8 *xq = (block_q8 *)(out + d_out);
     const int64_t tiles_gu = (2 * f + GEMV_ROWS - 1) / GEMV_ROWS, tiles_down = (d_out + GEMV_ROWS - 1) / GEMV_ROWS;
     #pragma omp parallel if (omp_get_max_threads() > 1)
     {
-        #pragma omp single
+        block_q8 xq[(nb_d > nb_f ? nb_d : nb_f)];
+        float a[f];
         st_quantize_row(x, nb_d, xq, 0);
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles_gu; t++) st_dense_tile(gate_up, nb_d * Q4_BYTES, 2 * f, xq, nb_d, g, t);
-        #pragma omp single
-        {
-            for (int64_t j = 0; j < f; j++) g[j] = (g[j] > 0.0f ? g[j] : 0.0f) * g[f + j];
-            st_quantize_row(g, nb_f, xq, 0);
-        }
-        #pragma omp for schedule(static)
+        for (int64_t j = 0; j < f; j++) a[j] = (g[j] > 0.0f ? g[j] : 0.0f) * g[f + j];
+        st_quantize_row(a, nb_f, xq, 0);
+        #pragma omp for schedule(static) nowait
         for (int64_t t = 0; t < tiles_down; t++) {
             st_dense_tile(down, nb_f * Q4_BYTES, d_out, xq, nb_f, out, t);
             for (int64_t r = t * GEMV_ROWS; r < (t + 1) * GEMV_ROWS && r < d_out; r++) acc[r] += weight * out[r];

@@ -426,6 +426,11 @@ static void axpy_range(const uint8_t *w, int64_t row_bytes, const int32_t *rows,
         const uint8_t *p[AXPY_GROUP];   /* padded with the group's last row (coefficient 0) */
         for (int i = 0; i < AXPY_GROUP; i++) p[i] = w + (int64_t)rows[g + (i < G ? i : G - 1)] * row_bytes;
 #if defined(__AVX2__)
+        /* the next group's spans of its rows start arriving while this group computes: short
+           spans of scattered rows are latency-bound and the hardware prefetcher does not see them */
+        for (int64_t i = g + AXPY_GROUP; i < g + 2 * AXPY_GROUP && i < n_rows; i++)
+            for (int64_t off = b0 * Q4_BYTES; off < b1 * Q4_BYTES; off += 64)
+                _mm_prefetch((const char *)w + (int64_t)rows[i] * row_bytes + off, _MM_HINT_T0);
         const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         const __m256 c0 = _mm256_maskload_ps(coeffs + g, _mm256_cmpgt_epi32(_mm256_set1_epi32(G), lanes));
         const __m256 c1 = _mm256_maskload_ps(coeffs + g + 8, _mm256_cmpgt_epi32(_mm256_set1_epi32(G - 8), lanes));
@@ -539,43 +544,47 @@ void st_q4_0_axpy_rows(const uint8_t *wt, int64_t n, int64_t k, const int32_t *r
  *   for active j only; out = sum over active j of a_j * dequant(down_t[j]).
  * gate, up: f rows of d/32 Q4_0 blocks (e.g. the two halves of a fused gate_up matrix);
  * down_t: f rows of d_out/32 blocks (down transposed); x: d floats; out: d_out floats
- * (overwritten). Scratch from the caller: xq (d/32 Q8_0 blocks), h (f floats; on return
- * h[0..n) = a of the active rows), rows (f int32; on return rows[0..n) = the active rows).
+ * (overwritten). Scratch from the caller: h (2f floats; on return h[f..f+n) = a of the active
+ * rows), rows (f int32; on return rows[0..n) = the active rows); xq is unused (each thread
+ * quantizes x itself, so threads meet at two barriers only: gate done, a done).
  * With acc (not NULL) also acc += weight * out (a layer's experts summed in place, in the
  * order of the calls). Returns n, the number of active rows.
  */
 int64_t st_reglu_sparse(const uint8_t *gate, const uint8_t *up, const uint8_t *down_t, int64_t d, int64_t f,
                         int64_t d_out, const float *x, float *out, block_q8 *xq, float *h, int32_t *rows,
                         float weight, float *acc) {
+    (void)xq;
     const int64_t nb = d / QK, row_bytes = nb * Q4_BYTES;
     const int64_t nb_out = d_out / QK, out_row_bytes = nb_out * Q4_BYTES;
     const int64_t tiles = (f + GEMV_ROWS - 1) / GEMV_ROWS;
+    float *g = h, *coef = h + f;
     int64_t n_active = 0;
     const int parallel = f * d >= 65536 && omp_get_max_threads() > 1;
     #pragma omp parallel if (parallel)
     {
-        #pragma omp single
-        st_quantize_row(x, nb, xq, 0);
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; t++) st_dense_tile(gate, row_bytes, f, xq, nb, h, t);
-        #pragma omp single
-        {
-            int64_t n = 0;   /* compact in place: n <= j, so h[j] is read before anything overwrites it */
-            for (int64_t j = 0; j < f; j++)
-                if (h[j] > 0.0f) { rows[n] = (int32_t)j; h[n] = h[j]; n++; }
-            n_active = n;
-        }
-        const int64_t n_act = n_active;
-        const int64_t atiles = (n_act + GEMV_ROWS - 1) / GEMV_ROWS;
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < atiles; t++) {
-            float u[GEMV_ROWS];
-            rows_tile(up, row_bytes, rows, n_act, xq, nb, u, t);
-            for (int r = 0; r < GEMV_ROWS && t * GEMV_ROWS + r < n_act; r++) h[t * GEMV_ROWS + r] *= u[r];
-        }
         const int parts = omp_get_num_threads(), c = omp_get_thread_num();
+        block_q8 xq_own[nb];
+        st_quantize_row(x, nb, xq_own, 0);
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) st_dense_tile(gate, row_bytes, f, xq_own, nb, g, t);
+        /* every thread lists the active rows (the same list); each fills its share of rows/coef */
+        int32_t active[f];
+        int64_t n = 0;
+        for (int64_t j = 0; j < f; j++)
+            if (g[j] > 0.0f) active[n++] = (int32_t)j;
+        if (c == 0) n_active = n;
+        const int64_t i0 = split_at(n, c, parts), i1 = split_at(n, c + 1, parts);
+        for (int64_t i0t = i0; i0t < i1; i0t += GEMV_ROWS) {
+            float u[GEMV_ROWS];
+            rows_tile(up, row_bytes, active + i0t, i1 - i0t, xq_own, nb, u, 0);
+            for (int r = 0; r < GEMV_ROWS && i0t + r < i1; r++) {
+                rows[i0t + r] = active[i0t + r];
+                coef[i0t + r] = g[active[i0t + r]] * u[r];
+            }
+        }
+        #pragma omp barrier
         const int64_t b0 = split_at(nb_out, c, parts), b1 = split_at(nb_out, c + 1, parts);
-        axpy_range(down_t, out_row_bytes, rows, h, n_act, b0, b1, out);
+        axpy_range(down_t, out_row_bytes, rows, coef, n, b0, b1, out);
         if (acc != NULL)
             for (int64_t i = b0 * QK; i < b1 * QK; i++) acc[i] += weight * out[i];
     }
