@@ -26,7 +26,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,8 +237,11 @@ class ExpertStore:
         self.queue: queue.Queue = queue.Queue()
         self.reader = threading.Thread(target=self._reader_loop, name="expert-reader", daemon=True)
         self.reader.start()
+        self.all_resident = False
         if budget_bytes is None:
             self.preload()
+            self.resident = {key: nullcontext(slot.weights) for key, slot in self.where.items()}
+            self.all_resident = True
 
     def _make_slot(self, index: int) -> _Slot:
         buf = torch.empty(self.expert_bytes // (1 if self.dtype == torch.uint8 else 2), dtype=self.dtype)
@@ -383,10 +386,14 @@ class ExpertStore:
                 self.outstanding += 1
                 self.queue.put((key, slot))
 
-    @contextmanager
     def use(self, layer: int, expert: int):
         """The expert's weights, pinned (never evicted) for the duration of the block."""
-        key = (layer, expert)
+        if self.all_resident:  # nothing is ever evicted or read: no pin, no lock
+            return self.resident[(layer, expert)]
+        return self._use_slot((layer, expert))
+
+    @contextmanager
+    def _use_slot(self, key):
         with self.lock:
             slot = self.where.get(key)
             must_read = slot is None
