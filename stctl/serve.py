@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -91,13 +92,24 @@ class RepositoryHandler(SimpleHTTPRequestHandler):
             super().log_message(format, *args)
 
 
+class RepositoryServer(ThreadingHTTPServer):
+    """Serves each request in its own thread; a client that hangs up mid-download (a device
+    that lost power or its link) is routine here and is not reported as a server error."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return
+        super().handle_error(request, client_address)
+
+
 def make_server(repository_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080,
-                handler: type[RepositoryHandler] = RepositoryHandler, quiet: bool = True) -> ThreadingHTTPServer:
+                handler: type[RepositoryHandler] = RepositoryHandler, quiet: bool = True) -> RepositoryServer:
     """An HTTP server for `repository_dir` (call `serve_forever()`; port 0 picks a free port)."""
     root = Path(repository_dir)
     if not (root / METADATA_DIR / "timestamp.json").is_file():
         raise WorkspaceError(f"{root}: not a TUF repository folder (no {METADATA_DIR}/timestamp.json)")
-    server = ThreadingHTTPServer((host, port), functools.partial(handler, directory=str(root)))
-    server.daemon_threads = True
+    server = RepositoryServer((host, port), functools.partial(handler, directory=str(root)))
     server.quiet = quiet
     return server

@@ -3,6 +3,7 @@ resumed downloads, any static server, offline bundles, key rotation, one updater
 from __future__ import annotations
 
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -167,3 +168,19 @@ def test_rotation_killed_half_way_is_repaired_by_refresh(workspace, tmp_path, mo
             device.client(url).fetch_release("st-demo", "2.0.0")
         assert repo.refresh()["resigned"] == ["timestamp", "snapshot", "targets"]
         assert device.client(url).fetch_release("st-demo", "2.0.0").manifest.version == "2.0.0"
+
+
+def test_a_client_hanging_up_mid_download_is_not_a_server_error(workspace, capfd):
+    """A device that loses power mid-download resets its connection: routine, so no traceback."""
+    blob = max((p for p in workspace.repository.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    path = "/" + blob.relative_to(workspace.repository).as_posix()
+    with serve(workspace.repository) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                s.recv(1)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close -> RST
+        with urllib.request.urlopen(url + "/metadata/timestamp.json", timeout=5) as r:
+            assert r.status == 200  # the server still serves
+    assert "Traceback" not in capfd.readouterr().err
