@@ -367,15 +367,23 @@ class ExpertStore:
             slot.ready.set()
         self.bytes_read = 0
 
-    def prefetch(self, layer: int, expert_ids: list[int]) -> None:
-        """Count the router's lookups and queue reads for the missing experts (if prefetch is on)."""
+    def prefetch(self, layer: int, expert_ids: list[int]) -> list[int]:
+        """Count the router's lookups and queue reads for the missing experts (if prefetch is on);
+        returns the experts in the order they will be ready: resident ones first, then the
+        missing ones in the order their reads were queued."""
+        if self.all_resident:
+            self.hits += len(expert_ids)
+            return expert_ids
+        resident, missing = [], []
         with self.lock:
             for e in expert_ids:
                 key = (layer, e)
                 if key in self.where:
                     self.hits += 1
+                    resident.append(e)
                     continue
                 self.misses += 1
+                missing.append(e)
                 if not self.prefetch_enabled:
                     continue
                 slot = self._claim_slot(key)
@@ -385,6 +393,7 @@ class ExpertStore:
                 slot.pins += 1  # held until `use` takes it
                 self.outstanding += 1
                 self.queue.put((key, slot))
+        return resident + missing
 
     def use(self, layer: int, expert: int):
         """The expert's weights, pinned (never evicted) for the duration of the block."""

@@ -75,10 +75,12 @@ class FastDecode(Protocol):
 
 
 class ExpertSource(Protocol):
-    """Where a layer gets its experts: `prefetch` is told the router's choice before attention;
-    `use` yields an expert's weights (waiting for its read) and keeps them resident meanwhile."""
+    """Where a layer gets its experts: `prefetch` is told the router's choice before attention and
+    returns the same experts in the order they will be ready (resident ones first, then reads in
+    queue order), the order the layer then computes them in; `use` yields an expert's weights
+    (waiting for its read) and keeps them resident meanwhile."""
 
-    def prefetch(self, layer: int, expert_ids: list[int]) -> None: ...
+    def prefetch(self, layer: int, expert_ids: list[int]) -> list[int]: ...
 
     def use(self, layer: int, expert: int) -> ContextManager[Expert]: ...
 
@@ -229,11 +231,12 @@ class Block:
             id_list: list[int]) -> torch.Tensor:
         if y.shape[0] == 1:
             out = None
-            for e, wk in zip(id_list, weights[0].tolist()):
+            weight_of = dict(zip(ids[0].tolist(), weights[0].tolist()))
+            for e in id_list:
                 with experts.use(self.index, e) as expert:
                     contrib, active = expert(y)
                 self._count(active, 1)
-                contrib.mul_(wk)
+                contrib.mul_(weight_of[e])
                 out = contrib if out is None else out.add_(contrib)
             return out
         out = torch.zeros_like(y)  # [T, D]
@@ -250,12 +253,13 @@ class Block:
         id_list, weights = self.fast.route(h, self.router_bias)  # router before attention ...
         if self.expert_log is not None:
             self.expert_log.update(id_list)
-        experts.prefetch(self.index, id_list)  # ... so the expert reads overlap it
+        ready_order = experts.prefetch(self.index, id_list)  # ... so the expert reads overlap it
         slot, n_keys = cache.advance_one(pos0)
         y = self.fast.attend(h, cache.k, cache.v, slot, n_keys, rope if self.rope else None)
-        for e, wk in zip(id_list, weights):
+        weight_of = dict(zip(id_list, weights))
+        for e in ready_order:
             with experts.use(self.index, e) as expert:
-                self._count(expert.accumulate(y, wk, h), 1)
+                self._count(expert.accumulate(y, weight_of[e], h), 1)
         return h
 
     def forward(self, h: torch.Tensor, pos0: int, cache: KVCache, rope, experts: ExpertSource) -> torch.Tensor:
@@ -265,7 +269,7 @@ class Block:
         id_list = ids[0].tolist() if h.shape[0] == 1 else ids.unique().tolist()
         if self.expert_log is not None:
             self.expert_log.update(id_list)
-        experts.prefetch(self.index, id_list)  # ... so the expert reads overlap it
+        id_list = experts.prefetch(self.index, id_list)  # ... so the expert reads overlap it
         h = h + self.attention(rms_norm(h, self.w.input_norm, self.cfg.rms_norm_eps), pos0, cache, rope)
         y = rms_norm(h, self.w.post_norm, self.cfg.rms_norm_eps)
         return h.add_(self.moe(y, ids, weights, experts, id_list))
