@@ -6,7 +6,10 @@
 Scenarios (each engine run is a separate `stctl model bench` process, so RSS figures are its own):
 - in-memory: every weight resident; llama.cpp on the exported GGUF with its defaults.
 - budget: `--budget` (default 1GiB) for dense + experts + KV, page cache dropped first;
-  llama.cpp in a memory cgroup of the same size (cgroup v1, root), with its repacked copy off.
+  llama.cpp in a memory cgroup of the same size (cgroup v1, root), with its repacked copy off;
+  then the engine inside the same cgroup, its budget what the cap leaves after its own runtime
+  baseline (RSS after importing torch and the engine and loading the kernels, before the
+  package loads), so both processes face the same cap.
 - prefetch: simulated `--storage-mbps` storage, a budget holding ~25% of the experts, prefetch
   on vs off; reports compute and read time per token and the overlap efficiency.
 - skew: the budget scenario again with `--router-skew` (a Zipf stand-in for hot experts).
@@ -20,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -90,29 +94,79 @@ def memory_cgroup(limit_bytes: int):
         group.rmdir()
 
 
+def cgroups_available() -> bool:
+    return CGROUP.is_dir() and os.geteuid() == 0
+
+
+def capped(limit_bytes: int, run: Callable[[], dict]) -> dict:
+    """`run()` (which starts a child process) inside a memory cgroup of `limit_bytes`, page cache
+    dropped first; adds what the cgroup saw (its peak includes page cache the child read)."""
+    drop_caches()
+    with memory_cgroup(limit_bytes) as group:
+        try:
+            result = run()
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            result = {"error": str(e)}
+        result.update(cgroup_limit_bytes=limit_bytes, cgroup=cgroup_figures(group))
+    return result
+
+
+def cgroup_figures(group: Path) -> dict:
+    oom = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
+    return {"max_usage_bytes": int((group / "memory.max_usage_in_bytes").read_text()),
+            "limit_hits": int((group / "memory.failcnt").read_text()), "oom_kills": int(oom.get("oom_kill", 0))}
+
+
 def engine_run(pkg: Path, args, *extra: str) -> dict:
     return stctl("model", "bench", str(pkg), "--threads", str(args.threads), "--tokens", str(args.tokens),
                  "--prompt-tokens", str(args.prompt_tokens), "--json", *extra)
+
+
+def engine_under_cap(pkg: Path, args, cap_bytes: int) -> dict:
+    """The engine in a child of this script whose budget is `cap_bytes` minus its own runtime baseline."""
+    request = {"package": str(pkg), "cap_bytes": cap_bytes, "threads": args.threads, "tokens": args.tokens,
+               "prompt_tokens": args.prompt_tokens, "root": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--engine-child"], input=json.dumps(request),
+                          capture_output=True, text=True, timeout=7200)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output (killed by the OOM killer?)"]
+        raise RuntimeError(f"engine run failed (exit {proc.returncode}): {tail[0]}")
+    return json.loads(proc.stdout)
+
+
+def _engine_child(request: dict) -> dict:
+    sys.path.insert(0, request["root"])
+    from model.bench import run_bench
+    from model.kernels import backend
+    from model.memory import current_rss_bytes
+
+    backend()  # the kernels built and loaded: part of the runtime, like torch
+    baseline = current_rss_bytes()
+    budget = request["cap_bytes"] - baseline
+    result = run_bench(request["package"], memory_budget_bytes=budget, threads=request["threads"],
+                       tokens=request["tokens"], prompt_tokens=request["prompt_tokens"])
+    result.update(cap_bytes=request["cap_bytes"], runtime_baseline_rss_bytes=baseline)
+    return result
 
 
 def peer_run(gguf: Path, args, cgroup_bytes: int | None = None, **kw) -> dict | None:
     if args.skip_llama or not llama_cpp_available():
         return None
     prompt = list(range(10, 10 + args.prompt_tokens))
-    try:
-        if cgroup_bytes and CGROUP.is_dir() and os.geteuid() == 0:
-            drop_caches()
-            with memory_cgroup(cgroup_bytes):
-                result = measure_llama_cpp(gguf, args.threads, prompt, args.tokens, **kw)
-            result["cgroup_limit_bytes"] = cgroup_bytes
-            return result
+
+    def run() -> dict:
         return measure_llama_cpp(gguf, args.threads, prompt, args.tokens, **kw)
+
+    if cgroup_bytes and cgroups_available():
+        return capped(cgroup_bytes, run)
+    try:
+        return run()
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         return {"error": str(e)}
 
 
 def ratio(ours: dict, peer: dict | None, key: str = "decode_tokens_per_s") -> float | None:
-    if not peer or key not in peer or not peer[key]:
+    if not peer or key not in peer or not peer[key] or key not in ours:
         return None
     return round(ours[key] / peer[key], 3)
 
@@ -131,7 +185,11 @@ def main() -> None:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--skip-llama", action="store_true", help="do not run the llama.cpp peer")
     ap.add_argument("--json", action="store_true", help="print JSON (the only output format)")
+    ap.add_argument("--engine-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.engine_child:
+        print(json.dumps(_engine_child(json.load(sys.stdin))))
+        return
     sys.path.insert(0, str(ROOT))
     from model.memory import parse_size
 
@@ -166,6 +224,10 @@ def main() -> None:
         log(f"budget {args.budget}: llama.cpp in a memory cgroup")
         peer = peer_run(gguf, args, cgroup_bytes=budget, extra_kwargs={"use_extra_bufts": False}) if gguf else None
         report["budget"] = {"budget_bytes": budget, "engine": ours, "llama_cpp": peer, "decode_ratio": ratio(ours, peer)}
+        log(f"budget {args.budget}: engine in the same memory cgroup, budget = cap - its runtime baseline")
+        capped_ours = (capped(budget, lambda: engine_under_cap(sparse_pkg, args, budget)) if cgroups_available()
+                       else {"skipped": f"needs root and the cgroup v1 memory controller at {CGROUP}"})
+        report["budget"].update(engine_in_cgroup=capped_ours, decode_ratio_in_cgroup=ratio(capped_ours, peer))
         report.setdefault("machine", ours["machine"])
 
     if "prefetch" in scenarios:

@@ -44,7 +44,9 @@ class Engine:
         """Load a verified package.
 
         `memory_budget_bytes` covers dense weights + expert cache + a KV cache of `max_context`
-        tokens; None keeps every expert resident. `progress()` is called as dense shards load.
+        tokens; None keeps every expert resident. The runtime itself is outside the budget: ~220 MB
+        RSS before a package loads (interpreter, torch, kernels), ~15 MB more of code the first
+        forward pass touches (tests/test_memory_budget.py). `progress()` is called as dense shards load.
         """
         if threads is not None:
             if threads < 1:
