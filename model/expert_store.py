@@ -19,10 +19,8 @@ Rules this module keeps:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
-import struct
 import threading
 import time
 from collections import OrderedDict
@@ -37,7 +35,7 @@ from model.errors import BudgetError, IntegrityError, PackageError
 from model.matrices import make_matrix
 from model.kernels import DenseReGLUExpert, SparseReGLUExpert, backend
 from model.model import Expert, ExpertWeights
-from model.package import expert_tensor_names
+from model.package import ShardFile, expert_tensor_names
 
 _PARTS = ("gate", "up", "down")
 _READ_TIMEOUT_S = 60.0
@@ -136,33 +134,17 @@ class _Layout:
 
 
 def _read_layout(package_dir: Path, entry: ShardEntry, part_bytes: tuple[int, ...]) -> _Layout:
-    path = package_dir / entry.file
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise IntegrityError(f"{entry.file}: truncated shard")
-            n = struct.unpack("<Q", head)[0]
-            if n > 1 << 20:
-                raise IntegrityError(f"{entry.file}: implausible safetensors header length {n}")
-            header_json = f.read(n)
-    except FileNotFoundError:
-        raise IntegrityError(f"{entry.file}: missing from package {package_dir}") from None
-    try:
-        header = json.loads(header_json)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise IntegrityError(f"{entry.file}: corrupt safetensors header") from None
-    ranges = []
-    for part, expected in zip(_PARTS, part_bytes):
-        name = expert_tensor_names(entry.layer, entry.expert)[part]
-        info = header.get(name)
-        if not isinstance(info, dict) or "data_offsets" not in info:
-            raise PackageError(f"{entry.file}: missing tensor {name}")
-        start, end = info["data_offsets"]
-        if end - start != expected:
-            raise PackageError(f"{entry.file}: {name} has {end - start} bytes, expected {expected}")
-        ranges.append((8 + n + start, end - start))
-    return _Layout(path, tuple(ranges), head + header_json)
+    with ShardFile(package_dir, entry) as shard:
+        ranges = []
+        for part, expected in zip(_PARTS, part_bytes):
+            name = expert_tensor_names(entry.layer, entry.expert)[part]
+            stored = shard.tensors.get(name)
+            if stored is None:
+                raise PackageError(f"{entry.file}: missing tensor {name}")
+            if stored.length != expected:
+                raise PackageError(f"{entry.file}: {name} has {stored.length} bytes, expected {expected}")
+            ranges.append((stored.offset, stored.length))
+        return _Layout(shard.path, tuple(ranges), shard.header)
 
 
 def _part_shapes(cfg, quant: str, transposed_down: bool = False) -> tuple[tuple[int, int], ...]:
