@@ -13,8 +13,9 @@ Rules this module keeps:
 - `prefetch` (called right after a layer's router, before its attention) queues the missing
   experts to the reader thread, so reads overlap attention; `use` waits only for what has not
   arrived.
-- Counters: a lookup is a hit when the expert was resident when the router asked for it, a miss
-  otherwise; a prefetch hit is a miss whose read finished before the expert was needed.
+- Counters: a lookup is a hit when the expert was resident when the router asked for it and
+  still is when the layer uses it, a miss otherwise (every miss is read once, every read is a
+  miss); a prefetch hit is a miss whose read finished before the expert was needed.
 """
 from __future__ import annotations
 
@@ -170,7 +171,8 @@ class _Slot:
         self.ready = threading.Event()
         self.error: Exception | None = None
         self.pins = 0
-        self.prefetched = False  # loaded by prefetch and not used yet
+        self.held = False  # pinned by the router's lookup (`prefetch`) until `use` takes the pin
+        self.prefetched = False  # its read was queued by `prefetch` (counts a prefetch hit when used)
 
 
 class ExpertStore:
@@ -215,6 +217,7 @@ class ExpertStore:
         self.verified: set = set()
         self.lock = threading.Lock()
         self.hits = self.misses = self.prefetch_hits = self.bytes_read = self.outstanding = 0
+        self.counted_hits: set = set()  # the last lookup's hits (a later read turns one into a miss)
         self.read_seconds = 0.0
         self.queue: queue.Queue = queue.Queue()
         self.reader = threading.Thread(target=self._reader_loop, name="expert-reader", daemon=True)
@@ -352,17 +355,25 @@ class ExpertStore:
     def prefetch(self, layer: int, expert_ids: list[int]) -> list[int]:
         """Count the router's lookups and queue reads for the missing experts (if prefetch is on);
         returns the experts in the order they will be ready: resident ones first, then the
-        missing ones in the order their reads were queued."""
+        missing ones in the order their reads were queued. One token's choice (at most top-k
+        experts) stays pinned until used, so reading the missing ones cannot evict the resident
+        ones; a batch's (prefill) can be larger than the pool, so only its reads are pinned."""
         if self.all_resident:
             self.hits += len(expert_ids)
             return expert_ids
+        hold_hits = len(expert_ids) <= self.cfg.moe_num_active_primary_experts
         resident, missing = [], []
         with self.lock:
+            self.counted_hits.clear()
             for e in expert_ids:
                 key = (layer, e)
-                if key in self.where:
+                slot = self.where.get(key)
+                if slot is not None:
                     self.hits += 1
+                    self.counted_hits.add(key)
                     resident.append(e)
+                    if hold_hits and not slot.held:
+                        self._hold(slot)
                     continue
                 self.misses += 1
                 missing.append(e)
@@ -372,10 +383,14 @@ class ExpertStore:
                 if slot is None:
                     continue  # every slot busy: `use` reads it when needed
                 slot.prefetched = True
-                slot.pins += 1  # held until `use` takes it
-                self.outstanding += 1
+                self._hold(slot)
                 self.queue.put((key, slot))
         return resident + missing
+
+    def _hold(self, slot: _Slot) -> None:
+        slot.held = True
+        slot.pins += 1
+        self.outstanding += 1
 
     def use(self, layer: int, expert: int):
         """The expert's weights, pinned (never evicted) for the duration of the block."""
@@ -389,15 +404,21 @@ class ExpertStore:
             slot = self.where.get(key)
             must_read = slot is None
             if must_read:
+                if key in self.counted_hits:  # a batch's reads evicted it after its lookup: it missed
+                    self.counted_hits.discard(key)
+                    self.hits -= 1
+                    self.misses += 1
                 slot = self._claim_slot(key)
                 if slot is None:
                     raise BudgetError("every expert slot is pinned; the budget is too small for this batch")
                 slot.pins += 1
-            elif slot.prefetched:  # the prefetch's pin becomes this use's pin
-                slot.prefetched = False
+            elif slot.held:  # the lookup's pin becomes this use's pin
+                slot.held = False
                 self.outstanding -= 1
-                if slot.ready.is_set():
-                    self.prefetch_hits += 1
+                if slot.prefetched:
+                    slot.prefetched = False
+                    if slot.ready.is_set():
+                        self.prefetch_hits += 1
             else:
                 slot.pins += 1
         try:
@@ -421,14 +442,14 @@ class ExpertStore:
                     self._drop(slot)
 
     def settle(self) -> None:
-        """Release prefetch pins a forward pass did not consume (e.g. it stopped on an error)."""
+        """Release lookup pins a forward pass did not consume (e.g. it stopped on an error)."""
         if not self.outstanding:
             return
         with self.lock:
             for slot in self.slots:
-                if slot.prefetched:
+                if slot.held:
                     slot.ready.wait(_READ_TIMEOUT_S)
-                    slot.prefetched = False
+                    slot.held = slot.prefetched = False
                     slot.pins -= 1
                     if slot.error is not None and slot.pins == 0:
                         self._drop(slot)
