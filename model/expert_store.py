@@ -178,9 +178,9 @@ class _Slot:
 class ExpertStore:
     """Expert cache with a byte budget over a package's expert shards (q4_0 or bf16)."""
 
-    def __init__(self, package_dir: Path, manifest: ModelManifest, config, *, budget_bytes: int | None,
-                 kernel: str | None = None, policy: str = "lru", prefetch: bool = True,
-                 storage: StorageSim | None = None):
+    def __init__(self, package_dir: Path, manifest: ModelManifest, config, *, kernel: str | None = None,
+                 policy: str = "lru", prefetch: bool = True, storage: StorageSim | None = None):
+        """Check the package's experts and size one slot (`slot_bytes`); `allocate` then makes the pool."""
         self.package_dir, self.manifest, self.cfg = package_dir, manifest, config
         self.entries = {(e.layer, e.expert): e for e in manifest.expert_shards()}
         expected = {(i, e) for i in range(config.num_hidden_layers) for e in range(config.moe_num_primary_experts)}
@@ -199,20 +199,26 @@ class ExpertStore:
         dtype, itemsize = (torch.uint8, 1) if manifest.quant == "q4_0" else (torch.bfloat16, 2)
         self.part_bytes = tuple(r * c * itemsize for r, c in self.shapes)
         self.expert_bytes = expert_bytes(config, manifest.quant)
+        self.kernel, self.dtype = kernel, dtype
+        # torch-int4 matrices are packed copies, bf16 ones float32 copies: rebuilt after each read,
+        # and counted against the budget with the slot they come from
+        self.repacks = (kernel or backend()) == "torch-int4" or manifest.quant != "q4_0"
+        self.slot_bytes = self.expert_bytes + (self._expert_over(self._new_buffer().zero_()).nbytes if self.repacks else 0)
+        self.policy_name, self.prefetch_enabled, self.storage = policy, prefetch, storage
+
+    def allocate(self, budget_bytes: int | None) -> None:
+        """Make the slot pool: as many slots as `budget_bytes` holds (None: every expert, read now)."""
+        config = self.cfg
         total = len(self.entries)
-        n_slots = total if budget_bytes is None else min(total, budget_bytes // self.expert_bytes)
+        n_slots = total if budget_bytes is None else min(total, budget_bytes // self.slot_bytes)
         minimum = config.moe_num_active_primary_experts
         if n_slots < minimum:
             raise BudgetError(f"expert budget {budget_bytes} bytes holds {n_slots} experts; "
-                              f"a layer needs {minimum} ({minimum * self.expert_bytes} bytes)")
-        self.kernel, self.dtype = kernel, dtype
-        # torch-int4 matrices are packed copies, bf16 ones float32 copies: rebuilt after each read
-        self.repacks = kernel == "torch-int4" or manifest.quant != "q4_0"
+                              f"a layer needs {minimum} ({minimum * self.slot_bytes} bytes)")
         self.slots = [self._make_slot(i) for i in range(n_slots)]
         self.free = list(reversed(self.slots))
         self.where: dict = {}  # (layer, expert) -> slot
-        self.policy = POLICIES[policy]()
-        self.prefetch_enabled, self.storage = prefetch, storage
+        self.policy = POLICIES[self.policy_name]()
         self.layouts: dict = {}
         self.verified: set = set()
         self.lock = threading.Lock()
@@ -228,8 +234,11 @@ class ExpertStore:
             self.resident = {key: nullcontext(slot.weights) for key, slot in self.where.items()}
             self.all_resident = True
 
+    def _new_buffer(self) -> torch.Tensor:
+        return torch.empty(self.expert_bytes // (1 if self.dtype == torch.uint8 else 2), dtype=self.dtype)
+
     def _make_slot(self, index: int) -> _Slot:
-        buf = torch.empty(self.expert_bytes // (1 if self.dtype == torch.uint8 else 2), dtype=self.dtype)
+        buf = self._new_buffer()
         return _Slot(index, buf, None if self.repacks else self._expert_over(buf))
 
     def _expert_over(self, buf: torch.Tensor) -> Expert:
@@ -247,7 +256,7 @@ class ExpertStore:
 
     @property
     def nbytes(self) -> int:
-        return len(self.slots) * self.expert_bytes
+        return len(self.slots) * self.slot_bytes
 
     @property
     def capacity(self) -> int:

@@ -20,7 +20,7 @@ import torch
 from manifests import ManifestError, ModelManifest
 from model.config import ModelConfig
 from model.errors import BudgetError, PackageError
-from model.expert_store import ExpertStore, StorageSim, expert_bytes
+from model.expert_store import ExpertStore, StorageSim
 from model.kernels.layer import native_layer
 from model.matrices import EmbeddingRows, EmbeddingRowsOnDisk, head_keeps_stored_table, make_matrix
 from model.memory import format_size
@@ -146,10 +146,11 @@ def load_transformer(package_dir: Path, manifest: ModelManifest, cfg: ModelConfi
         tick()
     dense_bytes = embed_rows.nbytes + final_norm.numel() * 4 + sum(b.w.nbytes for b in blocks)
     dense_bytes += 0 if head_is_table else head.nbytes
+    experts = ExpertStore(package_dir, manifest, cfg, kernel=kernel, policy=policy, prefetch=prefetch, storage=storage)
     expert_budget = None
     if memory_budget_bytes is not None:
         kv = Transformer.kv_cache_bytes(cfg, max_context)
-        minimum = dense_bytes + kv + cfg.moe_num_active_primary_experts * expert_bytes(cfg, quant)
+        minimum = dense_bytes + kv + cfg.moe_num_active_primary_experts * experts.slot_bytes
         if memory_budget_bytes < minimum:
             raise BudgetError(
                 f"memory budget {format_size(memory_budget_bytes)} is below the minimum {format_size(minimum)}: "
@@ -157,6 +158,5 @@ def load_transformer(package_dir: Path, manifest: ModelManifest, cfg: ModelConfi
                 f"{cfg.moe_num_active_primary_experts} experts"
             )
         expert_budget = memory_budget_bytes - dense_bytes - kv
-    experts = ExpertStore(package_dir, manifest, cfg, budget_bytes=expert_budget, kernel=kernel,
-                          policy=policy, prefetch=prefetch, storage=storage)
+    experts.allocate(expert_budget)
     return Loaded(Transformer(cfg, embed_rows, blocks, final_norm, head, experts), dense_bytes)

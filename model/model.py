@@ -177,7 +177,6 @@ class Block:
         self.index, self.cfg, self.w, self.fast = index, cfg, w, fast
         self.rope = cfg.uses_rope(index)
         self.window = cfg.sliding_window_size if cfg.uses_sliding_window(index) else None
-        self.router_t = w.router.t().contiguous()  # [D, E]
         self.scale = cfg.head_dim ** -0.5
         self.router_bias: torch.Tensor | None = None  # [E], benchmarks only (see model/bench.py)
         self.expert_log: set | None = None  # experts used, when a benchmark tracks them
@@ -190,7 +189,7 @@ class Block:
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts and their weights [T, K] from the pre-norm residual h [T, D]."""
-        logits = h @ self.router_t  # [T, E]
+        logits = h @ self.w.router.t()  # [T, E]
         if self.router_bias is not None:
             logits = logits + self.router_bias
         top, ids = logits.topk(self.cfg.moe_num_active_primary_experts, dim=-1)  # [T, K]

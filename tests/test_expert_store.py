@@ -16,7 +16,6 @@ import torch
 from model import Engine
 from model.build import build_demo
 from model.errors import BudgetError, IntegrityError
-from model.expert_store import expert_bytes
 
 CONTEXT = 96
 PROMPT = list(range(60, 100))
@@ -35,7 +34,7 @@ def smallest_budget(pkg: Path) -> int:
     engine = Engine.load(pkg, max_context=CONTEXT)
     cfg = engine.config
     minimum = (engine.dense_bytes + engine.kv_cache_bytes(CONTEXT)
-               + cfg.moe_num_active_primary_experts * expert_bytes(cfg, engine.manifest.quant))
+               + cfg.moe_num_active_primary_experts * engine.transformer.experts.slot_bytes)
     with pytest.raises(BudgetError, match="below the minimum"):
         Engine.load(pkg, memory_budget_bytes=minimum - 1, max_context=CONTEXT)
     return minimum
