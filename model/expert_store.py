@@ -1,13 +1,17 @@
 """Experts on a memory budget: a fixed pool of slots, a replacement policy, a background reader.
 
 Rules this module keeps:
-- Memory is allocated once: `slots` buffers of one expert each, sized from the budget. Loading an
-  expert is a `pread` of its three tensors straight into a free slot; nothing is allocated per
-  load, and the matrices the forward pass uses are views of the slot (torch-int4 and bf16
-  matrices are packed or widened copies, rebuilt after each read).
+- Memory is allocated once: `slots` buffers of one expert file each, sized from the budget.
+  Loading an expert is one `pread` of its whole file (header and three tensors) into a free slot,
+  with O_DIRECT where the file system allows it: the read bypasses the page cache, so the
+  budget is all the memory the experts take (a page-cache copy would count against a memory
+  cgroup, and on a PC at its limit would evict the slots' own pages). Nothing is allocated per
+  load; the matrices the forward pass uses are views of the slot (torch-int4 and bf16 matrices
+  are packed or widened copies, rebuilt after each read and counted with their slot).
 - An expert is used only from a slot whose read completed; a shard file is checked against the
-  manifest's sha256 the first time it is read in this process (reads after that trust the file,
-  which the agent re-verifies at install and in every health check).
+  manifest's size and sha256 the first time it is read in this process, from the bytes in the
+  slot (reads after that trust the file, which the agent re-verifies at install and in every
+  health check).
 - A slot in use (`use` context) or waiting for its read is never evicted; the policy picks the
   victim among the rest.
 - `prefetch` (called right after a layer's router, before its attention) queues the missing
@@ -19,6 +23,7 @@ Rules this module keeps:
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import queue
@@ -116,22 +121,13 @@ class StorageSim:
             time.sleep(left)
 
 
-def _slot_offsets(ranges) -> list[int]:
-    """Where each (file offset, length) range lands in a slot: back to back, in slot order."""
-    offsets, at = [], 0
-    for _, length in ranges:
-        offsets.append(at)
-        at += length
-    return offsets
-
-
 @dataclass
 class _Layout:
-    """Where an expert file's tensors sit: (file offset, length) per part, in slot order."""
+    """Where an expert file's gate, up and down tensors sit: (file offset, length) each; gate
+    and up are adjacent, so a slot holding the file holds the fused gate_up as one view."""
 
     path: Path
     ranges: tuple[tuple[int, int], ...]
-    header: bytes
 
 
 def _read_layout(package_dir: Path, entry: ShardEntry, part_bytes: tuple[int, ...]) -> _Layout:
@@ -145,7 +141,36 @@ def _read_layout(package_dir: Path, entry: ShardEntry, part_bytes: tuple[int, ..
             if stored.length != expected:
                 raise PackageError(f"{entry.file}: {name} has {stored.length} bytes, expected {expected}")
             ranges.append((stored.offset, stored.length))
-        return _Layout(shard.path, tuple(ranges), shard.header)
+        (gate_at, gate_len), (up_at, _), _ = ranges
+        if up_at != gate_at + gate_len:
+            raise PackageError(f"{entry.file}: gate and up tensors are not adjacent (not written by stctl?)")
+        return _Layout(shard.path, tuple(ranges))
+
+
+_DIRECT_ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length in whole blocks
+
+
+def _align_up(n: int) -> int:
+    return -(-n // _DIRECT_ALIGN) * _DIRECT_ALIGN
+
+
+def _aligned_bytes(n: int) -> torch.Tensor:
+    """n bytes starting at a block-aligned address."""
+    raw = torch.empty(n + _DIRECT_ALIGN, dtype=torch.uint8)
+    shift = -raw.data_ptr() % _DIRECT_ALIGN
+    return raw[shift:shift + n]
+
+
+def _direct_io_works(path: Path) -> bool:
+    """Whether `path`'s file system accepts O_DIRECT (tmpfs, and non-Linux systems, do not)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    try:
+        os.close(os.open(path, os.O_RDONLY | flag))
+    except OSError:
+        return False
+    return True
 
 
 def _part_shapes(cfg, quant: str, transposed_down: bool = False) -> tuple[tuple[int, int], ...]:
@@ -200,10 +225,14 @@ class ExpertStore:
         self.part_bytes = tuple(r * c * itemsize for r, c in self.shapes)
         self.expert_bytes = expert_bytes(config, manifest.quant)
         self.kernel, self.dtype = kernel, dtype
+        self.image_bytes = _align_up(max(e.size for e in self.entries.values()))  # the largest file
+        first = self.entries[(0, 0)]
+        self.direct = _direct_io_works(package_dir / first.file)
         # torch-int4 matrices are packed copies, bf16 ones float32 copies: rebuilt after each read,
         # and counted against the budget with the slot they come from
         self.repacks = (kernel or backend()) == "torch-int4" or manifest.quant != "q4_0"
-        self.slot_bytes = self.expert_bytes + (self._expert_over(self._new_buffer().zero_()).nbytes if self.repacks else 0)
+        copy_bytes = self._expert_from_parts(*self._blank_parts()).nbytes if self.repacks else 0
+        self.slot_bytes = self.image_bytes + copy_bytes
         self.policy_name, self.prefetch_enabled, self.storage = policy, prefetch, storage
 
     def allocate(self, budget_bytes: int | None) -> None:
@@ -234,18 +263,24 @@ class ExpertStore:
             self.resident = {key: nullcontext(slot.weights) for key, slot in self.where.items()}
             self.all_resident = True
 
-    def _new_buffer(self) -> torch.Tensor:
-        return torch.empty(self.expert_bytes // (1 if self.dtype == torch.uint8 else 2), dtype=self.dtype)
-
     def _make_slot(self, index: int) -> _Slot:
-        buf = self._new_buffer()
-        return _Slot(index, buf, None if self.repacks else self._expert_over(buf))
+        return _Slot(index, _aligned_bytes(self.image_bytes), None)
 
-    def _expert_over(self, buf: torch.Tensor) -> Expert:
-        """The expert whose weights are views of `buf` (gate rows, up rows, down or downT)."""
+    def _blank_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero gate_up and down tensors of one expert's shapes (to size the copies a kernel makes)."""
         (f, cols), _, down_shape = self.shapes
-        gate_up = buf[: 2 * f * cols].view(2 * f, cols)
-        down = buf[2 * f * cols:].view(*down_shape)
+        return torch.zeros(2 * f, cols, dtype=self.dtype), torch.zeros(*down_shape, dtype=self.dtype)
+
+    def _expert_in(self, image: torch.Tensor, layout: _Layout) -> Expert:
+        """The expert whose weights are views of the file image in a slot."""
+        (f, cols), _, down_shape = self.shapes
+        (gate_at, gate_len), (_, up_len), (down_at, down_len) = layout.ranges
+        gate_up = image[gate_at:gate_at + gate_len + up_len].view(self.dtype).view(2 * f, cols)
+        down = image[down_at:down_at + down_len].view(self.dtype).view(*down_shape)
+        return self._expert_from_parts(gate_up, down)
+
+    def _expert_from_parts(self, gate_up: torch.Tensor, down: torch.Tensor) -> Expert:
+        """gate_up [2F, .] (gate rows, then up rows) and down (or downT) as the kernel wants them."""
         if self.sparse:
             return SparseReGLUExpert.from_gate_up(gate_up, down, self.kernel)
         quant = self.manifest.quant
@@ -270,53 +305,42 @@ class ExpertStore:
         return layout
 
     def _read_into(self, key, slot: _Slot) -> None:
-        layout = self._layout(key)
+        entry, layout = self.entries[key], self._layout(key)
         started = time.perf_counter()
-        raw = slot.buf.view(torch.uint8).numpy()
-        offset = 0
-        fd = os.open(layout.path, os.O_RDONLY)
-        try:
-            file_size = os.fstat(fd).st_size
-            for file_offset, length in layout.ranges:
-                got = os.preadv(fd, [memoryview(raw[offset:offset + length])], file_offset)
-                if got != length:
-                    raise IntegrityError(f"{self.entries[key].file}: truncated shard")
-                offset += length
-        finally:
-            os.close(fd)
+        self._read_file(layout.path, entry.size, slot.buf)
         if self.storage:
-            self.storage.wait(self.expert_bytes, started)
+            self.storage.wait(entry.size, started)
         if key not in self.verified:
-            self._verify(key, layout, raw, file_size)
-        if self.repacks:
-            slot.weights = self._expert_over(slot.buf)
-        self.bytes_read += self.expert_bytes
-        self.read_seconds += time.perf_counter() - started
-
-    def _verify(self, key, layout: _Layout, raw, file_size: int) -> None:
-        """Check the file's sha256 from the bytes just read into the slot when the tensors tile the
-        file after its header (safetensors writes them back to back); else re-read the file."""
-        entry = self.entries[key]
-        if file_size != entry.size:
-            raise IntegrityError(f"{entry.file}: size {file_size} bytes, manifest says {entry.size}")
-        h = hashlib.sha256(layout.header)
-        pieces = sorted(zip((r[0] for r in layout.ranges), _slot_offsets(layout.ranges), (r[1] for r in layout.ranges)))
-        position = len(layout.header)
-        for file_offset, slot_offset, length in pieces:
-            if file_offset != position:
-                break
-            h.update(memoryview(raw[slot_offset:slot_offset + length]))
-            position += length
-        else:
-            if position != entry.size or h.hexdigest() != entry.sha256:
+            if hashlib.sha256(slot.buf[:entry.size].numpy()).hexdigest() != entry.sha256:
                 raise IntegrityError(f"{entry.file}: sha256 mismatch (corrupt or tampered shard)")
             self.verified.add(key)
-            return
-        with open(layout.path, "rb") as f:
-            data = f.read(entry.size + 1)
-        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise IntegrityError(f"{entry.file}: sha256 mismatch (corrupt or tampered shard)")
-        self.verified.add(key)
+        slot.weights = self._expert_in(slot.buf, layout)
+        self.bytes_read += self.expert_bytes  # weights, not the file header
+        self.read_seconds += time.perf_counter() - started
+
+    def _read_file(self, path: Path, size: int, image: torch.Tensor) -> None:
+        """The whole file into `image` with one read (O_DIRECT: whole blocks, past the end is fine)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if self.direct else 0))
+        except FileNotFoundError:
+            raise IntegrityError(f"{path.name}: missing from package {self.package_dir}") from None
+        try:
+            if (actual := os.fstat(fd).st_size) != size:
+                raise IntegrityError(f"{path.name}: size {actual} bytes, manifest says {size}")
+            direct = self.direct
+            try:
+                got = os.preadv(fd, [memoryview(image[:_align_up(size) if direct else size].numpy())], 0)
+            except OSError as e:
+                if not (direct and e.errno == errno.EINVAL):
+                    raise
+                got = None  # the file system took O_DIRECT at open but refuses it at read
+        finally:
+            os.close(fd)
+        if got is None:
+            self.direct = _direct_io_works(package_dir / first.file)
+            return self._read_file(path, size, image)
+        if got != size:
+            raise IntegrityError(f"{path.name}: truncated shard")
 
     def _reader_loop(self) -> None:
         while (job := self.queue.get()) is not None:

@@ -6,7 +6,11 @@ tokens, keep its slots inside the budget, and keep its counters consistent.
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -120,3 +124,42 @@ def test_bad_expert_shard_raises_a_clear_error_instead_of_hanging(packages, tmp_
     error = _generate_with_deadline(engine)
     assert isinstance(error, IntegrityError), repr(error)
     assert "layer." in str(error) and ("sha256" in str(error) or "missing" in str(error))
+
+
+def _cached_pages(path: Path) -> int:
+    """Pages of `path` in the page cache (mincore on a read-only mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                               ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    size, page = path.stat().st_size, mmap.PAGESIZE
+    with open(path, "rb") as f:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value), "mmap failed"
+    try:
+        vec = (ctypes.c_ubyte * (-(-size // page)))()
+        assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0
+        return sum(v & 1 for v in vec)
+    finally:
+        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT") or sys.platform != "linux", reason="O_DIRECT and mincore are Linux")
+def test_expert_reads_bypass_the_page_cache(packages, tmp_path):
+    """A memory budget is all the memory experts take: reads go straight into the slots
+    (O_DIRECT), so the page cache holds at most the read-ahead of the header read that gave an
+    expert file's layout (4 pages here), not the file (~27 pages)."""
+    pkg = tmp_path / "pkg"
+    shutil.copytree(packages["dense"], pkg)
+    experts = sorted((pkg / "shards").glob("layer.*.expert.*.safetensors"))
+    for shard in experts:
+        with open(shard, "rb") as f:
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    engine = Engine.load(pkg, memory_budget_bytes=smallest_budget(pkg), max_context=CONTEXT)
+    store = engine.transformer.experts
+    if not store.direct:
+        pytest.skip(f"the file system under {tmp_path} refuses O_DIRECT")
+    list(engine.generate(PROMPT, 8))
+    assert store.bytes_read > 0
+    pages = {shard.name: (_cached_pages(shard), -(-shard.stat().st_size // mmap.PAGESIZE)) for shard in experts}
+    assert all(2 * cached < total for cached, total in pages.values()), pages
