@@ -11,7 +11,8 @@ Scenarios (each engine run is a separate `stctl model bench` process, so RSS fig
   baseline (RSS after importing torch and the engine and loading the kernels, before the
   package loads), so both processes face the same cap.
 - prefetch: simulated `--storage-mbps` storage, a budget holding ~25% of the experts, prefetch
-  on vs off; reports compute and read time per token and the overlap efficiency.
+  on, off, and on with look-ahead (`--lookahead`); reports compute and read time per token and
+  the overlap efficiency (t_off - t_on) / min(compute, read) of each.
 - skew: the budget scenario again with `--router-skew` (a Zipf stand-in for hot experts).
 Prints one JSON document; never asserts speed.
 """
@@ -234,18 +235,24 @@ def main() -> None:
         probe = engine_run(sparse_pkg, args, "--tokens", "2")
         quarter = probe["dense_bytes"] + probe["expert_cache_bytes"] // 4 + probe["kv_cache_bytes"] + (64 << 20)
         runs = {}
-        for mode in ("on", "off"):
+        mode_flags = {"on": [], "off": ["--no-prefetch"], "on_lookahead": ["--lookahead"]}
+        for mode, extra in mode_flags.items():
             log(f"prefetch {mode}: simulated {args.storage_mbps} MB/s, budget {quarter}")
             flags = ["--memory-budget", str(quarter), "--storage-mbps", str(args.storage_mbps)]
-            runs[mode] = engine_run(sparse_pkg, args, *flags, *([] if mode == "on" else ["--no-prefetch"]))
-        off, on = runs["off"], runs["on"]
+            runs[mode] = engine_run(sparse_pkg, args, *flags, *extra)
+        off = runs["off"]
         read = off["read_ms_per_token"]
         compute = off["decode_ms_per_token"] - read
-        saved = off["decode_ms_per_token"] - on["decode_ms_per_token"]
+
+        def efficiency(run: dict) -> float | None:
+            saved = off["decode_ms_per_token"] - run["decode_ms_per_token"]
+            return round(saved / min(compute, read), 3) if min(compute, read) > 0 else None
+
         report["prefetch"] = {
-            "storage_mbps_simulated": args.storage_mbps, "budget_bytes": quarter,
-            "on": on, "off": off, "compute_ms_per_token": compute, "read_ms_per_token": read,
-            "overlap_efficiency": round(saved / min(compute, read), 3) if min(compute, read) > 0 else None,
+            "storage_mbps_simulated": args.storage_mbps, "budget_bytes": quarter, **runs,
+            "compute_ms_per_token": compute, "read_ms_per_token": read,
+            "overlap_efficiency": efficiency(runs["on"]),
+            "overlap_efficiency_lookahead": efficiency(runs["on_lookahead"]),
         }
 
     if "skew" in scenarios:

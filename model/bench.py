@@ -38,6 +38,7 @@ def zipf_router_bias(experts: int, layers: int, skew: float, seed: int = 0) -> l
 
 
 def run_bench(package: str | Path, *, memory_budget_bytes: int | None = None, prefetch: bool = True,
+              lookahead: bool = False,
               storage_mbps: float | None = None, storage_latency_us: float = 0.0, threads: int | None = None,
               tokens: int = 64, prompt_tokens: int = 32, policy: str = "lru", router_skew: float = 0.0,
               max_context: int | None = None, seed: int = 0) -> dict:
@@ -45,7 +46,7 @@ def run_bench(package: str | Path, *, memory_budget_bytes: int | None = None, pr
     kw = {"max_context": max_context} if max_context else {"max_context": prompt_tokens + tokens + 1}
     started = time.perf_counter()
     engine = Engine.load(package, memory_budget_bytes=memory_budget_bytes, threads=threads, prefetch=prefetch,
-                         policy=policy, storage=storage, **kw)
+                         lookahead=lookahead, policy=policy, storage=storage, **kw)
     load_s = time.perf_counter() - started
     cfg = engine.config
     if router_skew:
@@ -67,6 +68,9 @@ def run_bench(package: str | Path, *, memory_budget_bytes: int | None = None, pr
         "expert_slots": store.capacity,
         "experts_total": cfg.num_hidden_layers * cfg.moe_num_primary_experts,
         "prefetch": prefetch,
+        "lookahead": store.lookahead,
+        "lookahead_reads": store.lookahead_reads,
+        "lookahead_hits": store.lookahead_hits,
         "policy": policy,
         "storage": {"simulated": True, "mbps": storage_mbps, "latency_us": storage_latency_us,
                     "label": "simulated eMMC/SATA SSD"} if storage else {"simulated": False},

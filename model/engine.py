@@ -39,14 +39,16 @@ class Engine:
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
     def load(cls, package_dir: str | Path, *, memory_budget_bytes: int | None = None, threads: int | None = None,
-             kernel: str | None = None, prefetch: bool = True, policy: str = "lru",
+             kernel: str | None = None, prefetch: bool = True, lookahead: bool = False, policy: str = "lru",
              storage: StorageSim | None = None, max_context: int = DEFAULT_MAX_CONTEXT, progress=None) -> Engine:
         """Load a verified package.
 
         `memory_budget_bytes` covers dense weights + expert cache + a KV cache of `max_context`
         tokens; None keeps every expert resident. The runtime itself is outside the budget: ~220 MB
         RSS before a package loads (interpreter, torch, kernels), ~15 MB more of code the first
-        forward pass touches (tests/test_memory_budget.py). `progress()` is called as dense shards load.
+        forward pass touches (tests/test_memory_budget.py). `lookahead` (with a budget and prefetch)
+        also queues the next layer's likely experts, guessed by its router on the current residual.
+        `progress()` is called as dense shards load.
         """
         if threads is not None:
             if threads < 1:
@@ -59,7 +61,8 @@ class Engine:
             cfg.check_quantizable()
         kernel = kernel or (backend() if manifest.quant == "q4_0" else None)
         loaded = load_transformer(package_dir, manifest, cfg, kernel=kernel, memory_budget_bytes=memory_budget_bytes,
-                                  max_context=max_context, prefetch=prefetch, policy=policy, storage=storage,
+                                  max_context=max_context, prefetch=prefetch, lookahead=lookahead, policy=policy,
+                                  storage=storage,
                                   progress=progress)
         tokenizer = load_tokenizer(package_dir, manifest.tokenizer)
         return cls(package_dir, manifest, cfg, loaded.transformer, tokenizer, loaded.dense_bytes, memory_budget_bytes,

@@ -49,7 +49,7 @@ _READ_TIMEOUT_S = 60.0
 
 # ---- replacement policies ---------------------------------------------------------------------
 class LRUPolicy:
-    """Evict the expert used least recently."""
+    """Evict an expert never used since its read first, else the one used least recently."""
 
     name = "lru"
 
@@ -64,6 +64,9 @@ class LRUPolicy:
         self.order.pop(key, None)
 
     def victim(self, candidates: set):
+        never_used = candidates - self.order.keys()  # e.g. read on a look-ahead guess that was wrong
+        if never_used:
+            return min(never_used)
         return next((k for k in self.order if k in candidates), None)
 
 
@@ -198,13 +201,15 @@ class _Slot:
         self.pins = 0
         self.held = False  # pinned by the router's lookup (`prefetch`) until `use` takes the pin
         self.prefetched = False  # its read was queued by `prefetch` (counts a prefetch hit when used)
+        self.ahead = False  # read on a look-ahead guess that no lookup has confirmed yet
 
 
 class ExpertStore:
     """Expert cache with a byte budget over a package's expert shards (q4_0 or bf16)."""
 
     def __init__(self, package_dir: Path, manifest: ModelManifest, config, *, kernel: str | None = None,
-                 policy: str = "lru", prefetch: bool = True, storage: StorageSim | None = None):
+                 policy: str = "lru", prefetch: bool = True, lookahead: bool = False,
+                 storage: StorageSim | None = None):
         """Check the package's experts and size one slot (`slot_bytes`); `allocate` then makes the pool."""
         self.package_dir, self.manifest, self.cfg = package_dir, manifest, config
         self.entries = {(e.layer, e.expert): e for e in manifest.expert_shards()}
@@ -234,6 +239,7 @@ class ExpertStore:
         copy_bytes = self._expert_from_parts(*self._blank_parts()).nbytes if self.repacks else 0
         self.slot_bytes = self.image_bytes + copy_bytes
         self.policy_name, self.prefetch_enabled, self.storage = policy, prefetch, storage
+        self.lookahead = lookahead and prefetch
 
     def allocate(self, budget_bytes: int | None) -> None:
         """Make the slot pool: as many slots as `budget_bytes` holds (None: every expert, read now)."""
@@ -253,12 +259,14 @@ class ExpertStore:
         self.lock = threading.Lock()
         self.hits = self.misses = self.prefetch_hits = self.bytes_read = self.outstanding = 0
         self.counted_hits: set = set()  # the last lookup's hits (a later read turns one into a miss)
+        self.lookahead_reads = self.lookahead_hits = 0
         self.read_seconds = 0.0
         self.queue: queue.Queue = queue.Queue()
         self.reader = threading.Thread(target=self._reader_loop, name="expert-reader", daemon=True)
         self.reader.start()
         self.all_resident = False
         if budget_bytes is None:
+            self.lookahead = False
             self.preload()
             self.resident = {key: nullcontext(slot.weights) for key, slot in self.where.items()}
             self.all_resident = True
@@ -363,7 +371,7 @@ class ExpertStore:
                 return None
             slot = self.where.pop(victim)
             self.policy.remove(victim)
-        slot.key, slot.error, slot.prefetched = key, None, False
+        slot.key, slot.error, slot.prefetched, slot.ahead = key, None, False, False
         slot.ready.clear()
         self.where[key] = slot
         return slot
@@ -395,12 +403,19 @@ class ExpertStore:
             self.hits += len(expert_ids)
             return expert_ids
         hold_hits = len(expert_ids) <= self.cfg.moe_num_active_primary_experts
-        resident, missing = [], []
+        resident, guessed, missing = [], [], []
         with self.lock:
             self.counted_hits.clear()
             for e in expert_ids:
                 key = (layer, e)
                 slot = self.where.get(key)
+                if slot is not None and slot.ahead:  # read on a look-ahead guess: a miss, already queued
+                    slot.ahead, slot.prefetched = False, True
+                    self.misses += 1
+                    self.lookahead_hits += 1
+                    guessed.append(e)
+                    self._hold(slot)
+                    continue
                 if slot is not None:
                     self.hits += 1
                     self.counted_hits.add(key)
@@ -418,7 +433,26 @@ class ExpertStore:
                 slot.prefetched = True
                 self._hold(slot)
                 self.queue.put((key, slot))
-        return resident + missing
+        return resident + guessed + missing
+
+    def prefetch_ahead(self, layer: int, expert_ids: list[int]) -> None:
+        """Look-ahead: queue reads for the experts `layer` will probably pick (its router on the
+        previous layer's residual), behind the reads already queued. Nothing is pinned or counted:
+        the layer's own lookup counts a guessed expert as a miss (and a prefetch hit if it arrived),
+        and a wrong guess is an ordinary evictable slot (`lookahead_reads` - `lookahead_hits`)."""
+        if not self.lookahead:
+            return
+        with self.lock:
+            for e in expert_ids:
+                key = (layer, e)
+                if key in self.where:
+                    continue
+                slot = self._claim_slot(key)
+                if slot is None:
+                    return
+                slot.ahead = True
+                self.lookahead_reads += 1
+                self.queue.put((key, slot))
 
     def _hold(self, slot: _Slot) -> None:
         slot.held = True

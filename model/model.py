@@ -80,7 +80,11 @@ class ExpertSource(Protocol):
     queue order), the order the layer then computes them in; `use` yields an expert's weights
     (waiting for its read) and keeps them resident meanwhile."""
 
+    lookahead: bool  # whether `prefetch_ahead` wants the next layer's guessed experts
+
     def prefetch(self, layer: int, expert_ids: list[int]) -> list[int]: ...
+
+    def prefetch_ahead(self, layer: int, expert_ids: list[int]) -> None: ...
 
     def use(self, layer: int, expert: int) -> ContextManager[Expert]: ...
 
@@ -175,6 +179,7 @@ class LayerWeights:
 class Block:
     def __init__(self, index: int, cfg: ModelConfig, w: LayerWeights, fast: FastDecode | None = None):
         self.index, self.cfg, self.w, self.fast = index, cfg, w, fast
+        self.next: Block | None = None  # the following layer (look-ahead prefetch)
         self.rope = cfg.uses_rope(index)
         self.window = cfg.sliding_window_size if cfg.uses_sliding_window(index) else None
         self.scale = cfg.head_dim ** -0.5
@@ -255,6 +260,9 @@ class Block:
         ready_order = experts.prefetch(self.index, id_list)  # ... so the expert reads overlap it
         slot, n_keys = cache.advance_one(pos0)
         y = self.fast.attend(h, cache.k, cache.v, slot, n_keys, rope if self.rope else None)
+        if experts.lookahead and self.next is not None and self.next.fast is not None:
+            # the next layer's router on this residual: its likely experts, read while these compute
+            experts.prefetch_ahead(self.next.index, self.next.fast.route(h, self.next.router_bias)[0])
         weight_of = dict(zip(id_list, weights))
         for e in ready_order:
             with experts.use(self.index, e) as expert:
@@ -281,6 +289,8 @@ class Transformer:
                  final_norm: torch.Tensor, head: Matrix, experts: ExpertSource):
         self.cfg, self.embed_rows, self.blocks = cfg, embed_rows, blocks
         self.final_norm, self.head, self.experts = final_norm, head, experts
+        for block, following in zip(blocks, blocks[1:]):
+            block.next = following
         self.caches: list[KVCache] = []
         self.pos = 0
 

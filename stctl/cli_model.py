@@ -143,6 +143,8 @@ def bench(
     package: Path = typer.Argument(..., help="Model package directory."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Budget for dense + experts + KV, e.g. 1GiB."),
     no_prefetch: bool = typer.Option(False, "--no-prefetch", help="Read experts only when a layer needs them."),
+    lookahead: bool = typer.Option(False, "--lookahead",
+                                   help="Also prefetch the next layer's likely experts (its router on this residual)."),
     storage_mbps: Optional[float] = typer.Option(None, "--storage-mbps", help="Simulate storage at N MB/s (eMMC/SATA SSD)."),
     storage_latency_us: float = typer.Option(0.0, "--storage-latency-us", help="Simulated latency per read."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
@@ -165,7 +167,8 @@ def bench(
     if tokens < 2 or prompt_tokens < 1:
         fail("--tokens must be >= 2 and --prompt-tokens >= 1")
     result = run_bench(package, memory_budget_bytes=parse_size(memory_budget) if memory_budget else None,
-                       prefetch=not no_prefetch, storage_mbps=storage_mbps, storage_latency_us=storage_latency_us,
+                       prefetch=not no_prefetch, lookahead=lookahead, storage_mbps=storage_mbps,
+                       storage_latency_us=storage_latency_us,
                        threads=threads, tokens=tokens, prompt_tokens=prompt_tokens, policy=policy,
                        router_skew=router_skew)
     if as_json:

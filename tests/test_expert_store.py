@@ -58,12 +58,12 @@ def test_every_budget_prefetch_and_policy_gives_the_unlimited_result(packages, l
     lowest = smallest_budget(pkg)
     total = Engine.load(pkg).weight_bytes
     for budget in (lowest, lowest + (total - lowest) // 3, lowest + 2 * (total - lowest) // 3, None):
-        for prefetch in (True, False):
+        for prefetch, lookahead in ((True, False), (True, True), (False, False)):
             for policy in ("lru", "lfu"):
-                engine = Engine.load(pkg, memory_budget_bytes=budget, prefetch=prefetch, policy=policy,
-                                     max_context=CONTEXT)
+                engine = Engine.load(pkg, memory_budget_bytes=budget, prefetch=prefetch, lookahead=lookahead,
+                                     policy=policy, max_context=CONTEXT)
                 logits, tokens, stats = run(engine)
-                label = f"budget={budget} prefetch={prefetch} policy={policy}"
+                label = f"budget={budget} prefetch={prefetch} lookahead={lookahead} policy={policy}"
                 assert torch.equal(logits, ref_logits), label
                 assert tokens == ref_tokens, label
                 if budget is not None:
@@ -163,3 +163,20 @@ def test_expert_reads_bypass_the_page_cache(packages, tmp_path):
     assert store.bytes_read > 0
     pages = {shard.name: (_cached_pages(shard), -(-shard.stat().st_size // mmap.PAGESIZE)) for shard in experts}
     assert all(2 * cached < total for cached, total in pages.values()), pages
+
+
+def test_lookahead_reads_add_up(packages):
+    """Look-ahead reads the next layer's guessed experts: a right guess is that lookup's miss (read
+    once, ahead of time), a wrong one an extra read; the tokens never change."""
+    pkg = packages["dense"]
+    unlimited = Engine.load(pkg)
+    reference = list(unlimited.generate(PROMPT, 16))
+    lookups = unlimited.last_stats["expert_cache_hits"]
+    budget = smallest_budget(pkg) + 8 * unlimited.transformer.experts.slot_bytes
+    engine = Engine.load(pkg, memory_budget_bytes=budget, lookahead=True, max_context=CONTEXT)
+    assert list(engine.generate(PROMPT, 16)) == reference
+    s, store = engine.last_stats, engine.transformer.experts
+    assert s["expert_cache_hits"] + s["expert_cache_misses"] == lookups
+    assert 0 < store.lookahead_hits <= store.lookahead_reads
+    reads = s["expert_cache_misses"] - store.lookahead_hits + store.lookahead_reads
+    assert s["bytes_read"] == reads * store.expert_bytes
