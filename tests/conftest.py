@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,3 +126,22 @@ class Zoo:
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> Zoo:
     return Zoo(tmp_path_factory.mktemp("zoo"))
+
+
+def error_within(seconds: float, work, what: str) -> BaseException | None:
+    """Run `work()` in a thread and return what it raised (None if nothing): a hang fails the test
+    ("`what` hung") instead of hanging the suite."""
+    outcome: list[BaseException | None] = []
+
+    def target():
+        try:
+            work()
+            outcome.append(None)
+        except BaseException as e:  # the error under test
+            outcome.append(e)
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"{what} hung"
+    return outcome[0]

@@ -11,12 +11,12 @@ import mmap
 import os
 import shutil
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import error_within
 from model import Engine
 from model.build import build_demo
 from model.errors import BudgetError, IntegrityError
@@ -90,24 +90,6 @@ def test_counters_add_up(packages, prefetch):
         assert s["prefetch_hits"] == 0
 
 
-def _generate_with_deadline(engine: Engine, seconds: float = 120.0) -> BaseException | None:
-    """Run a generation in a thread; a hang fails the test instead of hanging the suite."""
-    outcome: list[BaseException | None] = []
-
-    def target():
-        try:
-            list(engine.generate(PROMPT, 8))
-            outcome.append(None)
-        except BaseException as e:  # the error under test
-            outcome.append(e)
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    assert not worker.is_alive(), "decode hung on a bad expert shard"
-    return outcome[0]
-
-
 @pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_bad_expert_shard_raises_a_clear_error_instead_of_hanging(packages, tmp_path, prefetch, damage):
@@ -121,7 +103,7 @@ def test_bad_expert_shard_raises_a_clear_error_instead_of_hanging(packages, tmp_
             data = bytearray(shard.read_bytes())
             data[-1] ^= 0xFF
             shard.write_bytes(bytes(data))
-    error = _generate_with_deadline(engine)
+    error = error_within(120.0, lambda: list(engine.generate(PROMPT, 8)), "decode on a bad expert shard")
     assert isinstance(error, IntegrityError), repr(error)
     assert "layer." in str(error) and ("sha256" in str(error) or "missing" in str(error))
 

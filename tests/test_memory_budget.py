@@ -13,11 +13,12 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
+from conftest import error_within
 
 from model.build import build_package
 from model.checkpoint import RandomWeights
@@ -115,26 +116,6 @@ def test_untied_embedding_rows_come_from_the_shard_and_are_not_resident(package)
     assert torch.equal(engine.transformer.embed_rows(ids), dequantize_q4_0(table[ids]))
 
 
-def _load_within(seconds: float, pkg: Path) -> BaseException | None:
-    """Engine.load in a thread: a hang fails the test instead of hanging the suite."""
-    from model import Engine
-
-    outcome: list[BaseException | None] = []
-
-    def target():
-        try:
-            Engine.load(pkg, memory_budget_bytes=BUDGET, max_context=CONTEXT)
-            outcome.append(None)
-        except BaseException as e:  # the error under test
-            outcome.append(e)
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    assert not worker.is_alive(), "loading hung on a bad embed shard"
-    return outcome[0]
-
-
 @pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "fifo"])
 def test_a_bad_embed_shard_is_a_one_line_integrity_error_at_load(package, tmp_path, damage):
     pkg = tmp_path / "pkg"
@@ -149,7 +130,10 @@ def test_a_bad_embed_shard_is_a_one_line_integrity_error_at_load(package, tmp_pa
         embed.write_bytes(data[:-18])
     elif damage == "fifo":
         os.mkfifo(embed)
-    error = _load_within(60, pkg)
+    from model import Engine
+
+    error = error_within(60, lambda: Engine.load(pkg, memory_budget_bytes=BUDGET, max_context=CONTEXT),
+                         "loading a bad embed shard")
     assert isinstance(error, IntegrityError), repr(error)
     assert "shards/embed.safetensors" in str(error) and "\n" not in str(error)
 
