@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from conftest import error_within
-
 from model.build import build_package
 from model.checkpoint import RandomWeights
 from model.config import ModelConfig
