@@ -26,19 +26,22 @@ def llama_cpp_available() -> bool:
 
 
 def measure_llama_cpp(gguf_path: str | Path, threads: int, prompt_ids: list[int], n_decode: int,
-                      flash_attn: bool = False, extra_kwargs: dict | None = None,
+                      flash_attn: bool = False, extra_kwargs: dict | None = None, madvise_random: bool = False,
                       timeout_s: float = CHILD_TIMEOUT_S) -> dict | None:
     """Prefill and decode tokens/s and peak RSS of llama.cpp on `gguf_path`; None without llama_cpp.
 
     `extra_kwargs` go to `llama_cpp.Llama(...)` as they are (JSON-serialisable values only), except
     `use_extra_bufts` (False = llama.cpp's `--no-repack`), which is set in the model parameters.
+    `madvise_random` marks llama.cpp's mapping of the file MADV_RANDOM after loading (no
+    read-ahead: under a memory cap each fault reads one page instead of a window).
     """
     if not llama_cpp_available():
         return None
     if threads < 1 or n_decode < 0 or not prompt_ids:
         raise ValueError("threads >= 1, n_decode >= 0 and a non-empty prompt are required")
     request = {"gguf_path": str(gguf_path), "threads": threads, "prompt_ids": [int(i) for i in prompt_ids],
-               "n_decode": n_decode, "flash_attn": flash_attn, "extra_kwargs": extra_kwargs or {}}
+               "n_decode": n_decode, "flash_attn": flash_attn, "extra_kwargs": extra_kwargs or {},
+               "madvise_random": madvise_random}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child"], input=json.dumps(request),
                           capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
@@ -52,6 +55,24 @@ def _peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _madvise_random(path: str) -> int:
+    """MADV_RANDOM on every mapping of `path` in this process; returns how many bytes it covered."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    target, covered = str(Path(path).resolve()), 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() == target:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if libc.madvise(start, end - start, mmap.MADV_RANDOM) == 0:
+                    covered += end - start
+    return covered
 
 
 def _run_child(req: dict) -> dict:
@@ -81,6 +102,7 @@ def _run_child(req: dict) -> dict:
         **extra,
     )
     load_s = time.perf_counter() - start
+    advised = _madvise_random(req["gguf_path"]) if req.get("madvise_random") else 0
     n_vocab = llm.n_vocab()
 
     def greedy() -> int:
@@ -102,6 +124,7 @@ def _run_child(req: dict) -> dict:
         "prefill_tokens_per_s": len(prompt) / prefill_s if prefill_s > 0 else 0.0,
         "decode_ms": decode_s * 1e3, "decode_tokens_per_s": n_decode / decode_s if decode_s > 0 else 0.0,
         "peak_rss_bytes": _peak_rss_bytes(), "rss_before_load_bytes": rss_before_load,
+        "madvise_random_bytes": advised,
         "generated_ids": generated,
     }
 
