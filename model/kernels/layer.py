@@ -50,7 +50,6 @@ class NativeLayer:
         self._work_base = self._lib.st_attention_work_floats(self._ref, 0)  # + one score per head and key
         self._heads = cfg.num_attention_heads
 
-
     def route(self, h: torch.Tensor, bias: torch.Tensor | None) -> tuple[list[int], list[float]]:
         """Top-k expert ids (best first) and their weights for the residual h [1, D]."""
         self._lib.st_route(self._ref, None if bias is None else bias.data_ptr(), h.data_ptr(),
