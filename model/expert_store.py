@@ -1,4 +1,4 @@
-"""Experts on a memory budget: a fixed pool of slots, a replacement policy, a background reader.
+"""Experts on a memory budget: a fixed pool of slots, a replacement policy, background readers.
 
 Rules this module keeps:
 - Memory is allocated once: `slots` buffers of one expert file each, sized from the budget.
@@ -15,7 +15,7 @@ Rules this module keeps:
 - A slot in use (`use` context) or waiting for its read is never evicted; the policy picks the
   victim among the rest.
 - `prefetch` (called right after a layer's router, before its attention) queues the missing
-  experts to the reader thread, so reads overlap attention; `use` waits only for what has not
+  experts to the reader threads, so reads overlap attention; `use` waits only for what has not
   arrived.
 - Counters: a lookup is a hit when the expert was resident when the router asked for it and
   still is when the layer uses it, a miss otherwise (every miss is read once, every read is a
@@ -45,6 +45,9 @@ from model.package import ShardFile, expert_tensor_names
 
 _PARTS = ("gate", "up", "down")
 _READ_TIMEOUT_S = 60.0
+# Reader threads: two, so one read's Python work (open, checks, views) overlaps the other's device
+# time, as a device queue would; the storage simulator still serves one read at a time.
+_READERS = 2
 
 
 # ---- replacement policies ---------------------------------------------------------------------
@@ -257,13 +260,16 @@ class ExpertStore:
         self.layouts: dict = {}
         self.verified: set = set()
         self.lock = threading.Lock()
+        self.counter_lock = threading.Lock()  # read counters (readers and `use` both count)
         self.hits = self.misses = self.prefetch_hits = self.bytes_read = self.outstanding = 0
         self.counted_hits: set = set()  # the last lookup's hits (a later read turns one into a miss)
         self.lookahead_reads = self.lookahead_hits = 0
         self.read_seconds = 0.0
         self.queue: queue.Queue = queue.Queue()
-        self.reader = threading.Thread(target=self._reader_loop, name="expert-reader", daemon=True)
-        self.reader.start()
+        self.readers = [threading.Thread(target=self._reader_loop, name=f"expert-reader-{i}", daemon=True)
+                        for i in range(_READERS)]
+        for reader in self.readers:
+            reader.start()
         self.all_resident = False
         if budget_bytes is None:
             self.lookahead = False
@@ -323,8 +329,9 @@ class ExpertStore:
                 raise IntegrityError(f"{entry.file}: sha256 mismatch (corrupt or tampered shard)")
             self.verified.add(key)
         slot.weights = self._expert_in(slot.buf, layout)
-        self.bytes_read += self.expert_bytes  # weights, not the file header
-        self.read_seconds += time.perf_counter() - started
+        with self.counter_lock:
+            self.bytes_read += self.expert_bytes  # weights, not the file header
+            self.read_seconds += time.perf_counter() - started
 
     def _read_file(self, path: Path, size: int, image: torch.Tensor) -> None:
         """The whole file into `image` with one read (O_DIRECT: whole blocks, past the end is fine)."""
@@ -523,8 +530,9 @@ class ExpertStore:
             self.outstanding = 0
 
     def close(self) -> None:
-        """Stop the reader thread."""
-        self.queue.put(None)
+        """Stop the reader threads."""
+        for _ in self.readers:
+            self.queue.put(None)
 
     def stats(self) -> dict:
         return {"expert_cache_hits": self.hits, "expert_cache_misses": self.misses,
