@@ -1,4 +1,5 @@
-"""How the agent writes its state files: whole or not at all.
+"""How state files are written, on the device and in the operator's workspace alike (stctl
+uses this module too): whole or not at all, and one writer at a time where a lock says so.
 
 Rule: temp file in the same folder, fsync, `os.replace`, fsync the folder (where the OS allows
 opening a folder; Windows does not, and its `MoveFileEx` replace is already atomic). Readers
@@ -73,3 +74,9 @@ class FileLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+
+    def held_elsewhere(self) -> bool:
+        if self.acquire():
+            self.release()
+            return False
+        return True

@@ -17,9 +17,8 @@ from stctl.errors import WorkspaceError
 from stctl.fleetdb import open_fleet_db
 from stctl.pki import create_pki
 from stctl.repository import create_repository
-from stctl.workspace import (
-    CONFIG_FILE, ENV_PASSPHRASE, Config, Workspace, atomic_write, fsync_dir, open_workspace, render_config,
-)
+from agent.files import atomic_write, fsync_dir
+from stctl.workspace import CONFIG_FILE, ENV_PASSPHRASE, Config, Workspace, open_workspace, render_config
 
 # Moved into DIR in this order; the config last marks the workspace complete.
 _ENTRIES = ("keys", "pki", "repository", "fleet.db", CONFIG_FILE)

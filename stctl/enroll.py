@@ -27,7 +27,8 @@ from stctl.errors import StctlError, WorkspaceError
 from stctl.fleetdb import open_fleet_db, register_migration
 from stctl.pki import issue_device_cert
 from stctl.repository import Repository
-from stctl.workspace import Workspace, atomic_write
+from agent.files import atomic_write
+from stctl.workspace import Workspace
 
 ENV_REPOSITORY_URL = "STCTL_REPOSITORY_URL"
 

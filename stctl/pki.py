@@ -29,7 +29,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from manifests.enrollment import ROLE_DEVICE, ROLE_OPERATOR, ROLE_URI_PREFIX
 from stctl.errors import SigningKeyError, WorkspaceError
 from stctl.keys import passphrase
-from stctl.workspace import ENV_PASSPHRASE, Workspace, atomic_write
+from agent.files import atomic_write
+from stctl.workspace import ENV_PASSPHRASE, Workspace
 
 CA_VALIDITY = timedelta(days=3650)
 LEAF_VALIDITY = timedelta(days=825)

@@ -45,7 +45,8 @@ from model.package import MANIFEST_FILE
 from stctl import keys
 from stctl.errors import PublishError, ReleaseNotFoundError, SigningKeyError, WorkspaceError
 from stctl.fleetdb import open_fleet_db
-from stctl.workspace import Expiry, Workspace, atomic_write, fsync_dir
+from agent.files import atomic_write, fsync_dir
+from stctl.workspace import Expiry, Workspace
 
 Progress = Callable[[int, int, str], None]  # (done, total, label)
 _SERIALIZER = JSONSerializer(compact=False)

@@ -55,7 +55,8 @@ from stctl.errors import StctlError
 from stctl.fleetdb import open_fleet_db, register_migration
 from stctl.registry import enrolled, write_transaction
 from stctl.telemetry_pull import pull_device
-from stctl.workspace import FileLock, Workspace
+from agent.files import FileLock
+from stctl.workspace import Workspace
 
 # rollout states
 RUNNING, PAUSED, HALTING, HALTED = "running", "paused", "halting", "halted"

@@ -5,16 +5,14 @@ Layout (DESIGN.md): `stctl.toml` (config), `repository/metadata/` and `repositor
 signing keys, 0600), `fleet.db`.
 
 Rules: a directory is a workspace when it holds `stctl.toml` (written last by `stctl init`);
-every file in it is written whole or not at all (`atomic_write`: temp file in the same folder,
-fsync, `os.replace`); commands that change the repository hold the workspace lock, so two
+every file in it is written whole or not at all (`agent.files.atomic_write`: temp file in the same
+folder, fsync, `os.replace`); commands that change the repository hold the workspace lock, so two
 publishes never interleave.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import re
-import tempfile
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from agent.files import FileLock
 from manifests.release import METADATA_DIR, TARGETS_DIR
 from stctl.errors import WorkspaceError
 
@@ -139,36 +138,6 @@ class Workspace:
             lock.release()
 
 
-class FileLock:
-    """An exclusive, non-blocking lock on a file (flock): `acquire` says whether it was taken."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._file = None
-
-    def acquire(self) -> bool:
-        f = open(self.path, "a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            return False
-        self._file = f
-        return True
-
-    def release(self) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-
-    def held_elsewhere(self) -> bool:
-        if self.acquire():
-            self.release()
-            return False
-        return True
-
-
 def open_workspace(path: str | os.PathLike | None = None) -> Workspace:
     """The workspace at `path` (default: $STCTL_WORKSPACE, else the current directory)."""
     root = Path(path or os.environ.get(ENV_WORKSPACE) or ".").resolve()
@@ -179,28 +148,3 @@ def open_workspace(path: str | os.PathLike | None = None) -> Workspace:
         raise WorkspaceError(f"{root}: not a fleet workspace (no {CONFIG_FILE}); "
                              "create one with `stctl init DIR`") from None
     return Workspace(root=root, config=parse_config(text, str(config_path)))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path` whole or not at all (temp file in the same folder, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
