@@ -23,9 +23,7 @@ Rules this module keeps:
 """
 from __future__ import annotations
 
-import errno
 import hashlib
-import os
 import queue
 import threading
 import time
@@ -37,6 +35,7 @@ from pathlib import Path
 import torch
 
 from manifests import ModelManifest, ShardEntry
+from model.direct_io import WholeFileReader, align_up, aligned_bytes
 from model.errors import BudgetError, IntegrityError, PackageError
 from model.matrices import make_matrix
 from model.kernels import DenseReGLUExpert, SparseReGLUExpert, backend
@@ -153,32 +152,6 @@ def _read_layout(package_dir: Path, entry: ShardEntry, part_bytes: tuple[int, ..
         return _Layout(shard.path, tuple(ranges))
 
 
-_DIRECT_ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length in whole blocks
-
-
-def _align_up(n: int) -> int:
-    return -(-n // _DIRECT_ALIGN) * _DIRECT_ALIGN
-
-
-def _aligned_bytes(n: int) -> torch.Tensor:
-    """n bytes starting at a block-aligned address."""
-    raw = torch.empty(n + _DIRECT_ALIGN, dtype=torch.uint8)
-    shift = -raw.data_ptr() % _DIRECT_ALIGN
-    return raw[shift:shift + n]
-
-
-def _direct_io_works(path: Path) -> bool:
-    """Whether `path`'s file system accepts O_DIRECT (tmpfs, and non-Linux systems, do not)."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return False
-    try:
-        os.close(os.open(path, os.O_RDONLY | flag))
-    except OSError:
-        return False
-    return True
-
-
 def _part_shapes(cfg, quant: str, transposed_down: bool = False) -> tuple[tuple[int, int], ...]:
     """Stored shapes of gate, up, down (or downT): Q4_0 blocks (uint8) or bf16 elements."""
     D, Fh = cfg.hidden_size, cfg.moe_ffn_hidden_size
@@ -233,9 +206,8 @@ class ExpertStore:
         self.part_bytes = tuple(r * c * itemsize for r, c in self.shapes)
         self.expert_bytes = expert_bytes(config, manifest.quant)
         self.kernel, self.dtype = kernel, dtype
-        self.image_bytes = _align_up(max(e.size for e in self.entries.values()))  # the largest file
-        first = self.entries[(0, 0)]
-        self.direct = _direct_io_works(package_dir / first.file)
+        self.image_bytes = align_up(max(e.size for e in self.entries.values()))  # the largest file
+        self.reader = WholeFileReader()
         # torch-int4 matrices are packed copies, bf16 ones float32 copies: rebuilt after each read,
         # and counted against the budget with the slot they come from
         self.repacks = (kernel or backend()) == "torch-int4" or manifest.quant != "q4_0"
@@ -278,7 +250,7 @@ class ExpertStore:
             self.all_resident = True
 
     def _make_slot(self, index: int) -> _Slot:
-        return _Slot(index, _aligned_bytes(self.image_bytes), None)
+        return _Slot(index, aligned_bytes(self.image_bytes), None)
 
     def _blank_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero gate_up and down tensors of one expert's shapes (to size the copies a kernel makes)."""
@@ -334,28 +306,13 @@ class ExpertStore:
             self.read_seconds += time.perf_counter() - started
 
     def _read_file(self, path: Path, size: int, image: torch.Tensor) -> None:
-        """The whole file into `image` with one read (O_DIRECT: whole blocks, past the end is fine)."""
+        """The whole shard file into `image` with one read."""
         try:
-            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if self.direct else 0))
+            got = self.reader.read(path, size, image)
         except FileNotFoundError:
             raise IntegrityError(f"{path.name}: missing from package {self.package_dir}") from None
-        try:
-            if (actual := os.fstat(fd).st_size) != size:
-                raise IntegrityError(f"{path.name}: size {actual} bytes, manifest says {size}")
-            direct = self.direct
-            try:
-                got = os.preadv(fd, [memoryview(image[:_align_up(size) if direct else size].numpy())], 0)
-            except OSError as e:
-                if not (direct and e.errno == errno.EINVAL):
-                    raise
-                got = None  # the file system took O_DIRECT at open but refuses it at read
-        finally:
-            os.close(fd)
-        if got is None:
-            self.direct = _direct_io_works(package_dir / first.file)
-            return self._read_file(path, size, image)
         if got != size:
-            raise IntegrityError(f"{path.name}: truncated shard")
+            raise IntegrityError(f"{path.name}: size {got} bytes, manifest says {size}")
 
     def _reader_loop(self) -> None:
         while (job := self.queue.get()) is not None:
