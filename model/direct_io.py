@@ -3,9 +3,9 @@
 Rules:
 - A file is read with one `preadv` into a buffer the caller allocated once (`aligned_bytes`):
   nothing is allocated per read.
-- O_DIRECT is used when the file system accepts it: decided per reader at its first file, and
-  dropped for good when an open or a read is refused with EINVAL (some file systems accept the
-  flag at open and refuse it at read). Without it the read is buffered and the bytes are the same.
+- O_DIRECT is used while the file system accepts it: dropped for good, per reader, when an
+  open or a read is refused with EINVAL (tmpfs refuses it at open, some file systems only at
+  read). Without it the read is buffered and the bytes are the same.
 - A file whose size is not the expected one is not read: the caller gets its size and decides
   what that means (a truncated shard, a stale cache file).
 """
@@ -31,38 +31,26 @@ def aligned_bytes(n: int) -> torch.Tensor:
     return raw[shift:shift + n]
 
 
-def direct_io_works(path: Path) -> bool:
-    """Whether `path`'s file system accepts O_DIRECT (tmpfs, and non-Linux systems, do not)."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return False
-    try:
-        os.close(os.open(path, os.O_RDONLY | flag))
-    except OSError:
-        return False
-    return True
-
-
 class WholeFileReader:
     """Reads whole files of known size into aligned buffers (one reader per file system)."""
 
     def __init__(self) -> None:
-        self.direct: bool | None = None  # decided at the first file
+        self.direct: bool | None = None  # None until a file was opened
 
     def read(self, path: Path, size: int, image: torch.Tensor) -> int:
         """Read `path` into `image` (>= align_up(size) bytes at an aligned address) when the file
         has `size` bytes; returns the bytes read, or the file's size when it is not `size` (then
         nothing is read). FileNotFoundError when the file is missing."""
-        if self.direct is None:
-            self.direct = direct_io_works(path)
-        direct = self.direct
+        flag = getattr(os, "O_DIRECT", 0)
+        direct = self.direct is not False and bool(flag)
         try:
-            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+            fd = os.open(path, os.O_RDONLY | (flag if direct else 0))
         except OSError as e:
             if not (direct and e.errno == errno.EINVAL):
                 raise
-            self.direct = False  # a file system that refuses the flag at open
+            self.direct = False  # a file system that refuses the flag at open (tmpfs)
             return self.read(path, size, image)
+        self.direct = direct
         try:
             actual = os.fstat(fd).st_size
             if actual != size:

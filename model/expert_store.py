@@ -6,8 +6,12 @@ Rules this module keeps:
   with O_DIRECT where the file system allows it: the read bypasses the page cache, so the
   budget is all the memory the experts take (a page-cache copy would count against a memory
   cgroup, and on a PC at its limit would evict the slots' own pages). Nothing is allocated per
-  load; the matrices the forward pass uses are views of the slot (torch-int4 and bf16 matrices
-  are packed or widened copies, rebuilt after each read and counted with their slot).
+  load; the matrices the forward pass uses are views of the slot (bf16 matrices are widened
+  copies, rebuilt after each read and counted with their slot).
+- The torch-int4 kernel wants its own packed layout: its slots hold an expert's file from the
+  per-host packed cache (`model.packed_cache`), read the same way, and the matrices are views
+  of it. An expert missing from that cache is read from its shard once, packed in its slot and
+  written to the cache; the shards stay the source of truth.
 - An expert is used only from a slot whose read completed; a shard file is checked against the
   manifest's size and sha256 the first time it is read in this process, from the bytes in the
   slot (reads after that trust the file, which the agent re-verifies at install and in every
@@ -38,9 +42,10 @@ from manifests import ModelManifest, ShardEntry
 from model.direct_io import WholeFileReader, align_up, aligned_bytes
 from model.errors import BudgetError, IntegrityError, PackageError
 from model.matrices import make_matrix
-from model.kernels import DenseReGLUExpert, SparseReGLUExpert, backend
+from model.kernels import DenseReGLUExpert, Q4Matrix, SparseReGLUExpert, backend
 from model.model import Expert, ExpertWeights
 from model.package import ShardFile, expert_tensor_names
+from model.packed_cache import PackedExpertCache, PackedLayout, default_root
 
 _PARTS = ("gate", "up", "down")
 _READ_TIMEOUT_S = 60.0
@@ -161,6 +166,12 @@ def _part_shapes(cfg, quant: str, transposed_down: bool = False) -> tuple[tuple[
     return ((Fh, D), (Fh, D), (D, Fh))
 
 
+def _int4_tensors(expert: ExpertWeights) -> dict[str, torch.Tensor]:
+    """A torch-int4 expert's packed tensors, by the names its packed cache file uses."""
+    return {f"{part}.{name}": t for part, m in (("gate_up", expert.gate_up), ("down", expert.down))
+            for name, t in m.int4_pack().items()}
+
+
 def expert_bytes(cfg, quant: str) -> int:
     """Bytes one expert occupies in a slot."""
     itemsize = 1 if quant == "q4_0" else 2
@@ -208,11 +219,19 @@ class ExpertStore:
         self.kernel, self.dtype = kernel, dtype
         self.image_bytes = align_up(max(e.size for e in self.entries.values()))  # the largest file
         self.reader = WholeFileReader()
-        # torch-int4 matrices are packed copies, bf16 ones float32 copies: rebuilt after each read,
-        # and counted against the budget with the slot they come from
-        self.repacks = (kernel or backend()) == "torch-int4" or manifest.quant != "q4_0"
-        copy_bytes = self._expert_from_parts(*self._blank_parts()).nbytes if self.repacks else 0
-        self.slot_bytes = self.image_bytes + copy_bytes
+        self.buffer_bytes, copy_bytes = self.image_bytes, 0
+        self.packed = self.packed_layout = None
+        int4 = manifest.quant == "q4_0" and (kernel or backend()) == "torch-int4"
+        root = default_root() if int4 and not self.sparse else None
+        if root is not None:  # slots hold packed cache files (an expert is packed in its slot once)
+            self.packed = PackedExpertCache(root)
+            self.packed_layout = PackedLayout(_int4_tensors(self._expert_from_parts(*self._blank_parts())))
+            self.buffer_bytes = max(self.image_bytes, align_up(self.packed_layout.file_bytes))
+        elif int4 or manifest.quant != "q4_0":
+            # packed (sparse torch-int4) or float32 (bf16) copies, rebuilt after each read and
+            # counted against the budget with the slot they come from
+            copy_bytes = self._expert_from_parts(*self._blank_parts()).nbytes
+        self.slot_bytes = self.buffer_bytes + copy_bytes
         self.policy_name, self.prefetch_enabled, self.storage = policy, prefetch, storage
         self.lookahead = lookahead and prefetch
 
@@ -250,7 +269,7 @@ class ExpertStore:
             self.all_resident = True
 
     def _make_slot(self, index: int) -> _Slot:
-        return _Slot(index, aligned_bytes(self.image_bytes), None)
+        return _Slot(index, aligned_bytes(self.buffer_bytes), None)
 
     def _blank_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero gate_up and down tensors of one expert's shapes (to size the copies a kernel makes)."""
@@ -291,19 +310,38 @@ class ExpertStore:
         return layout
 
     def _read_into(self, key, slot: _Slot) -> None:
-        entry, layout = self.entries[key], self._layout(key)
+        entry = self.entries[key]
         started = time.perf_counter()
-        self._read_file(layout.path, entry.size, slot.buf)
-        if self.storage:
-            self.storage.wait(entry.size, started)
-        if key not in self.verified:
-            if hashlib.sha256(slot.buf[:entry.size].numpy()).hexdigest() != entry.sha256:
-                raise IntegrityError(f"{entry.file}: sha256 mismatch (corrupt or tampered shard)")
-            self.verified.add(key)
-        slot.weights = self._expert_in(slot.buf, layout)
+        packed = self.packed
+        if packed is not None and packed.load(self.packed_layout, entry.sha256, slot.buf):
+            if self.storage:
+                self.storage.wait(self.packed_layout.file_bytes, started)
+            slot.weights = self._packed_expert(slot.buf)
+            weight_bytes = self.packed_layout.payload_bytes
+        else:
+            layout = self._layout(key)
+            self._read_file(layout.path, entry.size, slot.buf)
+            if self.storage:
+                self.storage.wait(entry.size, started)
+            if key not in self.verified:
+                if hashlib.sha256(slot.buf[:entry.size].numpy()).hexdigest() != entry.sha256:
+                    raise IntegrityError(f"{entry.file}: sha256 mismatch (corrupt or tampered shard)")
+                self.verified.add(key)
+            slot.weights = self._expert_in(slot.buf, layout)
+            if packed is not None:  # the repacked copies move into the slot (and the cache)
+                self.packed_layout.write(slot.buf, _int4_tensors(slot.weights), entry.sha256)
+                packed.save(self.packed_layout, entry.sha256, slot.buf)
+                slot.weights = self._packed_expert(slot.buf)
+            weight_bytes = self.expert_bytes
         with self.counter_lock:
-            self.bytes_read += self.expert_bytes  # weights, not the file header
+            self.bytes_read += weight_bytes  # weights, not file headers
             self.read_seconds += time.perf_counter() - started
+
+    def _packed_expert(self, image: torch.Tensor) -> ExpertWeights:
+        """The expert whose torch-int4 matrices are views of a packed cache file in a slot."""
+        t, D, F = self.packed_layout.views(image), self.cfg.hidden_size, self.cfg.moe_ffn_hidden_size
+        return ExpertWeights(gate_up=Q4Matrix.from_int4_pack(t["gate_up.packed"], t["gate_up.scales"], 2 * F, D),
+                             down=Q4Matrix.from_int4_pack(t["down.packed"], t["down.scales"], D, F))
 
     def _read_file(self, path: Path, size: int, image: torch.Tensor) -> None:
         """The whole shard file into `image` with one read."""

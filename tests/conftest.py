@@ -123,6 +123,14 @@ class Zoo:
         return self._weights[key]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def packed_cache_root(tmp_path_factory) -> Path:
+    """The torch-int4 packed expert cache of this test session (not the user's ~/.cache)."""
+    root = tmp_path_factory.mktemp("packed-cache")
+    os.environ["ST_PACKED_CACHE"] = str(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> Zoo:
     return Zoo(tmp_path_factory.mktemp("zoo"))

@@ -191,6 +191,21 @@ class Q4Matrix:
         self.scales = torch.stack([scale, torch.zeros_like(scale)], dim=-1).to(torch.bfloat16).contiguous()
         del self.blocks
 
+    def int4_pack(self) -> dict[str, torch.Tensor]:
+        """The torch-int4 kernel's packed weights and scales (`from_int4_pack` takes them back)."""
+        if self.kernel != "torch-int4":
+            raise ModelError(f"a {self.kernel} matrix has no int4 pack")
+        return {"packed": self.packed, "scales": self.scales}
+
+    @classmethod
+    def from_int4_pack(cls, packed: torch.Tensor, scales: torch.Tensor, out_features: int,
+                       in_features: int) -> "Q4Matrix":
+        """A torch-int4 matrix over an existing pack (e.g. views of a packed cache file): no repacking."""
+        m = cls.__new__(cls)
+        m.kernel, m.out_features, m.in_features = "torch-int4", out_features, in_features
+        m.packed, m.scales = packed, scales
+        return m
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] float32 -> [T, out] float32."""
         if self.kernel == "c":
