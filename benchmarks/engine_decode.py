@@ -15,6 +15,9 @@ Scenarios (each engine run is a separate `stctl model bench` process, so RSS fig
   on, off, and on with look-ahead (`--lookahead`); reports compute and read time per token and
   the overlap efficiency (t_off - t_on) / min(compute, read) of each.
 - skew: the budget scenario again with `--router-skew` (a Zipf stand-in for hot experts).
+- int4-cache: the torch-int4 fallback kernel (hosts without a C compiler) under the budget, dense
+  package: its packed expert cache off (every read repacked), cold (first run: each expert read
+  from its shard, packed and written once) and warm (each read one packed file).
 Prints one JSON document; never asserts speed.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -40,15 +44,16 @@ CGROUP = Path("/sys/fs/cgroup/memory")
 # the first forward pass touches (~15 MB, tests/test_memory_budget.py) and the file pages of
 # header reads; at zero headroom the cgroup reclaims torch's code pages over and over.
 CAP_HEADROOM = 64 << 20
-SCENARIOS = ("in-memory", "budget", "prefetch", "skew")
+SCENARIOS = ("in-memory", "budget", "prefetch", "skew", "int4-cache")
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def stctl(*args: str, timeout: float = 7200) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "stctl.cli", *args], capture_output=True, text=True, timeout=timeout)
+def stctl(*args: str, timeout: float = 7200, env: dict | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "stctl.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
     if proc.returncode != 0:
         raise RuntimeError(f"stctl {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout)
@@ -123,9 +128,9 @@ def cgroup_figures(group: Path) -> dict:
             "limit_hits": int((group / "memory.failcnt").read_text()), "oom_kills": int(oom.get("oom_kill", 0))}
 
 
-def engine_run(pkg: Path, args, *extra: str) -> dict:
+def engine_run(pkg: Path, args, *extra: str, env: dict | None = None) -> dict:
     return stctl("model", "bench", str(pkg), "--threads", str(args.threads), "--tokens", str(args.tokens),
-                 "--prompt-tokens", str(args.prompt_tokens), "--json", *extra)
+                 "--prompt-tokens", str(args.prompt_tokens), "--json", *extra, env=env)
 
 
 def engine_under_cap(pkg: Path, args, cap_bytes: int) -> dict:
@@ -276,6 +281,18 @@ def main() -> None:
                                                "--router-skew", str(args.router_skew)),
                           "engine_lfu": engine_run(sparse_pkg, args, "--memory-budget", str(budget),
                                                    "--router-skew", str(args.router_skew), "--policy", "lfu")}
+
+    if "int4-cache" in scenarios:
+        report["int4_cache"] = {"budget_bytes": budget}
+        with tempfile.TemporaryDirectory(prefix="st-packed-") as cache:
+            for mode, root in (("off", "off"), ("cold", cache), ("warm", cache)):
+                log(f"int4-cache {mode}: torch-int4 kernel under {args.budget}")
+                drop_caches()
+                started = time.perf_counter()
+                run = engine_run(pkg, args, "--memory-budget", str(budget),
+                                 env={"ST_KERNEL": "torch-int4", "ST_PACKED_CACHE": root})
+                report["int4_cache"][mode] = {**run, "wall_seconds": round(time.perf_counter() - started, 2)}
+        report.setdefault("machine", run["machine"])
     print(json.dumps(report, indent=2))
 
 
