@@ -10,7 +10,7 @@ Scenarios (each engine run is a separate `stctl model bench` process, so RSS fig
   once with its plain mmap and once with the mapping MADV_RANDOM (ratios use its better run);
   then the engine inside the same cgroup, its budget what the cap leaves after its own runtime
   baseline (RSS after importing torch and the engine and loading the kernels, before the
-  package loads), so both processes face the same cap.
+  package loads), so both processes face the same cap; once more there with `--lookahead`.
 - prefetch: simulated `--storage-mbps` storage, a budget holding ~25% of the experts, prefetch
   on, off, and on with look-ahead (`--lookahead`); reports compute and read time per token and
   the overlap efficiency (t_off - t_on) / min(compute, read) of each.
@@ -133,10 +133,10 @@ def engine_run(pkg: Path, args, *extra: str, env: dict | None = None) -> dict:
                  "--prompt-tokens", str(args.prompt_tokens), "--json", *extra, env=env)
 
 
-def engine_under_cap(pkg: Path, args, cap_bytes: int) -> dict:
+def engine_under_cap(pkg: Path, args, cap_bytes: int, lookahead: bool = False) -> dict:
     """The engine in a child of this script whose budget is `cap_bytes` minus its own runtime baseline."""
     request = {"package": str(pkg), "cap_bytes": cap_bytes, "threads": args.threads, "tokens": args.tokens,
-               "prompt_tokens": args.prompt_tokens, "root": str(ROOT)}
+               "prompt_tokens": args.prompt_tokens, "root": str(ROOT), "lookahead": lookahead}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--engine-child"], input=json.dumps(request),
                           capture_output=True, text=True, timeout=7200)
     if proc.returncode != 0:
@@ -155,7 +155,8 @@ def _engine_child(request: dict) -> dict:
     baseline = current_rss_bytes()
     budget = request["cap_bytes"] - baseline - request.get("headroom_bytes", CAP_HEADROOM)
     result = run_bench(request["package"], memory_budget_bytes=budget, threads=request["threads"],
-                       tokens=request["tokens"], prompt_tokens=request["prompt_tokens"])
+                       tokens=request["tokens"], prompt_tokens=request["prompt_tokens"],
+                       lookahead=request.get("lookahead", False))
     result.update(cap_bytes=request["cap_bytes"], runtime_baseline_rss_bytes=baseline,
                   headroom_bytes=request.get("headroom_bytes", CAP_HEADROOM))
     return result
@@ -247,6 +248,11 @@ def main() -> None:
         capped_ours = (capped(budget, lambda: engine_under_cap(sparse_pkg, args, budget)) if cgroups_available()
                        else {"skipped": f"needs root and the cgroup v1 memory controller at {CGROUP}"})
         report["budget"].update(engine_in_cgroup=capped_ours, decode_ratio_in_cgroup=ratio(capped_ours, best))
+        if cgroups_available():
+            log(f"budget {args.budget}: engine in the same memory cgroup, with look-ahead")
+            capped_ahead = capped(budget, lambda: engine_under_cap(sparse_pkg, args, budget, lookahead=True))
+            report["budget"].update(engine_in_cgroup_lookahead=capped_ahead,
+                                    decode_ratio_in_cgroup_lookahead=ratio(capped_ahead, best))
         report.setdefault("machine", ours["machine"])
 
     if "prefetch" in scenarios:
