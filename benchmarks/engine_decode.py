@@ -136,7 +136,8 @@ def engine_run(pkg: Path, args, *extra: str, env: dict | None = None) -> dict:
 def engine_under_cap(pkg: Path, args, cap_bytes: int, lookahead: bool = False) -> dict:
     """The engine in a child of this script whose budget is `cap_bytes` minus its own runtime baseline."""
     request = {"package": str(pkg), "cap_bytes": cap_bytes, "threads": args.threads, "tokens": args.tokens,
-               "prompt_tokens": args.prompt_tokens, "root": str(ROOT), "lookahead": lookahead}
+               "prompt_tokens": args.prompt_tokens, "root": str(ROOT), "lookahead": lookahead,
+               "headroom_bytes": args.cap_headroom}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--engine-child"], input=json.dumps(request),
                           capture_output=True, text=True, timeout=7200)
     if proc.returncode != 0:
@@ -193,6 +194,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--budget", default="1GiB")
+    ap.add_argument("--cap-headroom", type=int, default=CAP_HEADROOM,
+                    help="bytes an engine in a memory cgroup leaves free besides budget and runtime")
     ap.add_argument("--storage-mbps", type=float, default=500.0)
     ap.add_argument("--router-skew", type=float, default=1.0)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))

@@ -7,12 +7,14 @@ Rules:
   open or a read is refused with EINVAL (tmpfs refuses it at open, some file systems only at
   read). Without it the read is buffered and the bytes are the same.
 - A file whose size is not the expected one is not read: the caller gets its size and decides
-  what that means (a truncated shard, a stale cache file).
+  what that means (a truncated shard, a stale cache file). Anything but a regular file (a FIFO
+  left where a file should be) is refused without blocking.
 """
 from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 import torch
@@ -31,6 +33,10 @@ def aligned_bytes(n: int) -> torch.Tensor:
     return raw[shift:shift + n]
 
 
+class NotARegularFile(OSError):
+    """The path names a FIFO, device or directory, not a file."""
+
+
 class WholeFileReader:
     """Reads whole files of known size into aligned buffers (one reader per file system)."""
 
@@ -40,11 +46,12 @@ class WholeFileReader:
     def read(self, path: Path, size: int, image: torch.Tensor) -> int:
         """Read `path` into `image` (>= align_up(size) bytes at an aligned address) when the file
         has `size` bytes; returns the bytes read, or the file's size when it is not `size` (then
-        nothing is read). FileNotFoundError when the file is missing."""
+        nothing is read). FileNotFoundError when the file is missing, NotARegularFile when it is
+        not a file."""
         flag = getattr(os, "O_DIRECT", 0)
         direct = self.direct is not False and bool(flag)
         try:
-            fd = os.open(path, os.O_RDONLY | (flag if direct else 0))
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (flag if direct else 0))
         except OSError as e:
             if not (direct and e.errno == errno.EINVAL):
                 raise
@@ -52,7 +59,10 @@ class WholeFileReader:
             return self.read(path, size, image)
         self.direct = direct
         try:
-            actual = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise NotARegularFile(errno.EINVAL, "not a regular file", str(path))
+            actual = info.st_size
             if actual != size:
                 return actual
             try:  # O_DIRECT: whole blocks, reading past the end is fine

@@ -39,12 +39,12 @@ from pathlib import Path
 import torch
 
 from manifests import ModelManifest, ShardEntry
-from model.direct_io import WholeFileReader, align_up, aligned_bytes
+from model.direct_io import NotARegularFile, WholeFileReader, align_up, aligned_bytes
 from model.errors import BudgetError, IntegrityError, PackageError
 from model.matrices import make_matrix
 from model.kernels import DenseReGLUExpert, Q4Matrix, SparseReGLUExpert, backend
 from model.model import Expert, ExpertWeights
-from model.package import ShardFile, expert_tensor_names
+from model.package import expert_tensor_names, parse_shard_header
 from model.packed_cache import PackedExpertCache, PackedLayout, default_root
 
 _PARTS = ("gate", "up", "down")
@@ -136,25 +136,27 @@ class _Layout:
     """Where an expert file's gate, up and down tensors sit: (file offset, length) each; gate
     and up are adjacent, so a slot holding the file holds the fused gate_up as one view."""
 
-    path: Path
     ranges: tuple[tuple[int, int], ...]
 
 
-def _read_layout(package_dir: Path, entry: ShardEntry, part_bytes: tuple[int, ...]) -> _Layout:
-    with ShardFile(package_dir, entry) as shard:
-        ranges = []
-        for part, expected in zip(_PARTS, part_bytes):
-            name = expert_tensor_names(entry.layer, entry.expert)[part]
-            stored = shard.tensors.get(name)
-            if stored is None:
-                raise PackageError(f"{entry.file}: missing tensor {name}")
-            if stored.length != expected:
-                raise PackageError(f"{entry.file}: {name} has {stored.length} bytes, expected {expected}")
-            ranges.append((stored.offset, stored.length))
-        (gate_at, gate_len), (up_at, _), _ = ranges
-        if up_at != gate_at + gate_len:
-            raise PackageError(f"{entry.file}: gate and up tensors are not adjacent (not written by stctl?)")
-        return _Layout(shard.path, tuple(ranges))
+def _parse_layout(entry: ShardEntry, image: torch.Tensor, part_bytes: tuple[int, ...]) -> _Layout:
+    """The layout of the verified expert file in `image`: parsed from the bytes already read, so an
+    expert's file is read once, past the page cache (a separate header read would leave its
+    read-ahead there)."""
+    _, tensors = parse_shard_header(lambda offset, n: image[offset:offset + n].numpy().tobytes(), entry.size, entry.file)
+    ranges = []
+    for part, expected in zip(_PARTS, part_bytes):
+        name = expert_tensor_names(entry.layer, entry.expert)[part]
+        stored = tensors.get(name)
+        if stored is None:
+            raise PackageError(f"{entry.file}: missing tensor {name}")
+        if stored.length != expected:
+            raise PackageError(f"{entry.file}: {name} has {stored.length} bytes, expected {expected}")
+        ranges.append((stored.offset, stored.length))
+    (gate_at, gate_len), (up_at, _), _ = ranges
+    if up_at != gate_at + gate_len:
+        raise PackageError(f"{entry.file}: gate and up tensors are not adjacent (not written by stctl?)")
+    return _Layout(tuple(ranges))
 
 
 def _part_shapes(cfg, quant: str, transposed_down: bool = False) -> tuple[tuple[int, int], ...]:
@@ -249,7 +251,6 @@ class ExpertStore:
         self.where: dict = {}  # (layer, expert) -> slot
         self.policy = POLICIES[self.policy_name]()
         self.layouts: dict = {}
-        self.verified: set = set()
         self.lock = threading.Lock()
         self.counter_lock = threading.Lock()  # read counters (readers and `use` both count)
         self.hits = self.misses = self.prefetch_hits = self.bytes_read = self.outstanding = 0
@@ -303,12 +304,6 @@ class ExpertStore:
         return len(self.slots)
 
     # ---- reading ----------------------------------------------------------------------------
-    def _layout(self, key) -> _Layout:
-        layout = self.layouts.get(key)
-        if layout is None:
-            layout = self.layouts[key] = _read_layout(self.package_dir, self.entries[key], self.part_bytes)
-        return layout
-
     def _read_into(self, key, slot: _Slot) -> None:
         entry = self.entries[key]
         started = time.perf_counter()
@@ -319,14 +314,14 @@ class ExpertStore:
             slot.weights = self._packed_expert(slot.buf)
             weight_bytes = self.packed_layout.payload_bytes
         else:
-            layout = self._layout(key)
-            self._read_file(layout.path, entry.size, slot.buf)
+            self._read_file(self.package_dir / entry.file, entry.size, slot.buf)
             if self.storage:
                 self.storage.wait(entry.size, started)
-            if key not in self.verified:
+            layout = self.layouts.get(key)
+            if layout is None:  # the first read of this file in this process: check it, then parse it
                 if hashlib.sha256(slot.buf[:entry.size].numpy()).hexdigest() != entry.sha256:
                     raise IntegrityError(f"{entry.file}: sha256 mismatch (corrupt or tampered shard)")
-                self.verified.add(key)
+                layout = self.layouts[key] = _parse_layout(entry, slot.buf, self.part_bytes)
             slot.weights = self._expert_in(slot.buf, layout)
             if packed is not None:  # the repacked copies move into the slot (and the cache)
                 self.packed_layout.write(slot.buf, _int4_tensors(slot.weights), entry.sha256)
@@ -349,6 +344,8 @@ class ExpertStore:
             got = self.reader.read(path, size, image)
         except FileNotFoundError:
             raise IntegrityError(f"{path.name}: missing from package {self.package_dir}") from None
+        except NotARegularFile:
+            raise IntegrityError(f"{path.name}: not a regular file") from None
         if got != size:
             raise IntegrityError(f"{path.name}: size {got} bytes, manifest says {size}")
 

@@ -61,6 +61,7 @@ class _ShardRead:
     def keep_open(self) -> ShardFile:
         """The verified shard, left open past the `with` block (for reads after load)."""
         self.kept_open = True
+        self.shard.advise_random()  # single rows from now on
         return self.shard
 
     def has(self, name: str) -> bool:

@@ -133,6 +133,12 @@ class _PackageFile:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def advise_random(self) -> None:
+        """Reads from now on are scattered and small: no read-ahead (nothing left in the page cache
+        beyond the pages read)."""
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._io.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+
     def pread(self, offset: int, buf: memoryview) -> None:
         """Fill `buf` with the file's bytes from `offset`; the file ending first is an IntegrityError."""
         done, want = 0, buf.nbytes
@@ -205,34 +211,12 @@ class ShardFile(_PackageFile):
             raise
 
     def _parse_header(self) -> tuple[bytes, dict[str, TensorRange]]:
-        bad = f"{self.file}: not a valid safetensors file"
-        if self.size < 8:
-            raise IntegrityError(f"{bad} (only {self.size} bytes)")
-        prefix = bytearray(8)
-        self.pread(0, memoryview(prefix))
-        n = struct.unpack("<Q", prefix)[0]
-        if n > min(_MAX_HEADER_BYTES, self.size - 8):
-            raise IntegrityError(f"{bad} (header length {n})")
-        raw = bytearray(n)
-        self.pread(8, memoryview(raw))
-        try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise IntegrityError(f"{bad} (header is not JSON)") from None
-        if not isinstance(header, dict):
-            raise IntegrityError(f"{bad} (header is not a JSON object)")
-        data_start, tensors = 8 + n, {}
-        for name, info in header.items():
-            if name != "__metadata__":
-                tensors[name] = _tensor_range(info, data_start, bad, name)
-        position = data_start  # the tensors must tile the rest of the file, no gaps, no overlaps
-        for t in sorted(tensors.values(), key=lambda t: t.offset):
-            if t.offset != position:
-                raise IntegrityError(f"{bad} (tensor bytes do not tile the file)")
-            position += t.length
-        if position != self.size:
-            raise IntegrityError(f"{bad} (tensors end at byte {position}, file at {self.size})")
-        return bytes(prefix + raw), tensors
+        def read_at(offset: int, n: int) -> bytearray:
+            buf = bytearray(n)
+            self.pread(offset, memoryview(buf))
+            return buf
+
+        return parse_shard_header(read_at, self.size, self.file)
 
     def read_into(self, targets: dict[str, memoryview]) -> None:
         """Read the whole file once, in file order: each tensor named in `targets` straight into its
@@ -251,6 +235,37 @@ class ShardFile(_PackageFile):
             else:
                 self.hash_range(h, t.offset, t.offset + t.length, scratch)
         self.require(h)
+
+
+def parse_shard_header(read_at, size: int, file: str) -> tuple[bytes, dict[str, TensorRange]]:
+    """A safetensors file's header bytes and its tensors (name -> TensorRange), from `read_at(offset,
+    n)`, which returns n bytes of the file (a file of `size` bytes, named `file` in messages)."""
+    bad = f"{file}: not a valid safetensors file"
+    if size < 8:
+        raise IntegrityError(f"{bad} (only {size} bytes)")
+    prefix = bytes(read_at(0, 8))
+    n = struct.unpack("<Q", prefix)[0]
+    if n > min(_MAX_HEADER_BYTES, size - 8):
+        raise IntegrityError(f"{bad} (header length {n})")
+    raw = bytes(read_at(8, n))
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise IntegrityError(f"{bad} (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise IntegrityError(f"{bad} (header is not a JSON object)")
+    data_start, tensors = 8 + n, {}
+    for name, info in header.items():
+        if name != "__metadata__":
+            tensors[name] = _tensor_range(info, data_start, bad, name)
+    position = data_start  # the tensors must tile the rest of the file, no gaps, no overlaps
+    for t in sorted(tensors.values(), key=lambda t: t.offset):
+        if t.offset != position:
+            raise IntegrityError(f"{bad} (tensor bytes do not tile the file)")
+        position += t.length
+    if position != size:
+        raise IntegrityError(f"{bad} (tensors end at byte {position}, file at {size})")
+    return prefix + raw, tensors
 
 
 def _tensor_range(info, data_start: int, bad: str, name: str) -> TensorRange:
