@@ -247,6 +247,11 @@ class ExpertStore:
             raise BudgetError(f"expert budget {budget_bytes} bytes holds {n_slots} experts; "
                               f"a layer needs {minimum} ({minimum * self.slot_bytes} bytes)")
         self.slots = [self._make_slot(i) for i in range(n_slots)]
+        if budget_bytes is not None:
+            # touched now, so the budget is resident from load: a slot's first read does not fault
+            # its pages in mid-decode (under a memory cgroup at its limit each fault reclaims a page)
+            for slot in self.slots:
+                slot.buf.zero_()
         self.free = list(reversed(self.slots))
         self.where: dict = {}  # (layer, expert) -> slot
         self.policy = POLICIES[self.policy_name]()

@@ -98,6 +98,7 @@ class _ShardRead:
 
     def read(self) -> None:
         self.shard.read_into({name: tensor_buffer(t) for name, t in self.buffers.items()})
+        self.shard.drop_cached()
 
 
 def _as_float(t: torch.Tensor) -> torch.Tensor:
