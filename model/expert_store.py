@@ -319,7 +319,7 @@ class ExpertStore:
             slot.weights = self._packed_expert(slot.buf)
             weight_bytes = self.packed_layout.payload_bytes
         else:
-            self._read_file(self.package_dir / entry.file, entry.size, slot.buf)
+            self._read_shard(entry, slot.buf)
             if self.storage:
                 self.storage.wait(entry.size, started)
             layout = self.layouts.get(key)
@@ -343,16 +343,16 @@ class ExpertStore:
         return ExpertWeights(gate_up=Q4Matrix.from_int4_pack(t["gate_up.packed"], t["gate_up.scales"], 2 * F, D),
                              down=Q4Matrix.from_int4_pack(t["down.packed"], t["down.scales"], D, F))
 
-    def _read_file(self, path: Path, size: int, image: torch.Tensor) -> None:
+    def _read_shard(self, entry: ShardEntry, image: torch.Tensor) -> None:
         """The whole shard file into `image` with one read."""
         try:
-            got = self.reader.read(path, size, image)
+            got = self.reader.read(self.package_dir / entry.file, entry.size, image)
         except FileNotFoundError:
-            raise IntegrityError(f"{path.name}: missing from package {self.package_dir}") from None
+            raise IntegrityError(f"{entry.file}: missing from package {self.package_dir}") from None
         except NotARegularFile:
-            raise IntegrityError(f"{path.name}: not a regular file") from None
-        if got != size:
-            raise IntegrityError(f"{path.name}: size {got} bytes, manifest says {size}")
+            raise IntegrityError(f"{entry.file}: not a regular file") from None
+        if got != entry.size:
+            raise IntegrityError(f"{entry.file}: size {got} bytes, manifest says {entry.size}")
 
     def _reader_loop(self) -> None:
         while (job := self.queue.get()) is not None:
