@@ -3,7 +3,8 @@
     python benchmarks/engine_decode.py --preset smallthinker-4b-a0.6b --threads 2 --json
     python benchmarks/engine_decode.py --package DIR --scenarios in-memory,budget --json
 
-Scenarios (each engine run is a separate `stctl model bench` process, so RSS figures are its own):
+Scenarios (each engine run is a separate `stctl model bench` process, so RSS figures are its own;
+every scenario runs the default package layout, dense ReGLU, and in-memory also the sparse one):
 - in-memory: every weight resident; llama.cpp on the exported GGUF with its defaults.
 - budget: `--budget` (default 1GiB) for dense + experts + KV, page cache dropped first;
   llama.cpp in a memory cgroup of the same size (cgroup v1, root), with its repacked copy off,
@@ -15,8 +16,7 @@ Scenarios (each engine run is a separate `stctl model bench` process, so RSS fig
   on, off, and on with look-ahead (`--lookahead`); reports compute and read time per token and
   the overlap efficiency (t_off - t_on) / min(compute, read) of each.
 - skew: the budget scenario again with `--router-skew` (a Zipf stand-in for hot experts).
-- int4-cache: the torch-int4 fallback kernel (hosts without a C compiler) under the budget, dense
-  package: its packed expert cache off (every read repacked), cold (first run: each expert read
+- int4-cache: the torch-int4 fallback kernel (hosts without a C compiler) under the budget: its packed expert cache off (every read repacked), cold (first run: each expert read
   from its shard, packed and written once) and warm (each read one packed file).
 Prints one JSON document; never asserts speed.
 """
@@ -213,8 +213,8 @@ def main() -> None:
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
         ap.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
-    pkg = ensure_package(args, sparse=False)  # HF layout: the GGUF export and the dense engine run
-    sparse_pkg = pkg if args.package else ensure_package(args, sparse=True)  # our default for the rest
+    pkg = ensure_package(args, sparse=False)  # the default layout: every scenario, and the GGUF export
+    sparse_pkg = pkg if args.package else ensure_package(args, sparse=True)  # the in-memory sparse row
     gguf = ensure_gguf(pkg) if not args.skip_llama and llama_cpp_available() else None
     budget = parse_size(args.budget)
     report: dict = {"package": str(pkg), "sparse_package": str(sparse_pkg), "threads": args.threads, "tokens": args.tokens,
@@ -228,15 +228,15 @@ def main() -> None:
         log("in-memory: llama.cpp")
         peer = peer_run(gguf, args) if gguf else None
         peer_fa = peer_run(gguf, args, flash_attn=True) if gguf else None
-        report["in_memory"] = {"engine_sparse": ours, "engine_dense": dense, "llama_cpp": peer,
-                               "llama_cpp_flash_attn": peer_fa, "decode_ratio": ratio(ours, peer),
-                               "decode_ratio_dense": ratio(dense, peer)}
-        report["machine"] = ours["machine"]
+        report["in_memory"] = {"engine_dense": dense, "engine_sparse": ours, "llama_cpp": peer,
+                               "llama_cpp_flash_attn": peer_fa, "decode_ratio": ratio(dense, peer),
+                               "decode_ratio_sparse": ratio(ours, peer)}
+        report["machine"] = dense["machine"]
 
     if "budget" in scenarios:
         log(f"budget {args.budget}: engine")
         drop_caches()
-        ours = engine_run(sparse_pkg, args, "--memory-budget", str(budget))
+        ours = engine_run(pkg, args, "--memory-budget", str(budget))
         log(f"budget {args.budget}: llama.cpp in a memory cgroup")
         peer = peer_run(gguf, args, cgroup_bytes=budget, extra_kwargs={"use_extra_bufts": False}) if gguf else None
         log(f"budget {args.budget}: llama.cpp in a memory cgroup, its mapping MADV_RANDOM")
@@ -248,25 +248,25 @@ def main() -> None:
         report["budget"] = {"budget_bytes": budget, "engine": ours, "llama_cpp": peer,
                             "llama_cpp_madvise_random": peer_random, "decode_ratio": ratio(ours, best)}
         log(f"budget {args.budget}: engine in the same memory cgroup, budget = cap - its runtime baseline")
-        capped_ours = (capped(budget, lambda: engine_under_cap(sparse_pkg, args, budget)) if cgroups_available()
+        capped_ours = (capped(budget, lambda: engine_under_cap(pkg, args, budget)) if cgroups_available()
                        else {"skipped": f"needs root and the cgroup v1 memory controller at {CGROUP}"})
         report["budget"].update(engine_in_cgroup=capped_ours, decode_ratio_in_cgroup=ratio(capped_ours, best))
         if cgroups_available():
             log(f"budget {args.budget}: engine in the same memory cgroup, with look-ahead")
-            capped_ahead = capped(budget, lambda: engine_under_cap(sparse_pkg, args, budget, lookahead=True))
+            capped_ahead = capped(budget, lambda: engine_under_cap(pkg, args, budget, lookahead=True))
             report["budget"].update(engine_in_cgroup_lookahead=capped_ahead,
                                     decode_ratio_in_cgroup_lookahead=ratio(capped_ahead, best))
         report.setdefault("machine", ours["machine"])
 
     if "prefetch" in scenarios:
-        probe = engine_run(sparse_pkg, args, "--tokens", "2")
+        probe = engine_run(pkg, args, "--tokens", "2")
         quarter = probe["dense_bytes"] + probe["expert_cache_bytes"] // 4 + probe["kv_cache_bytes"] + (64 << 20)
         runs = {}
         mode_flags = {"on": [], "off": ["--no-prefetch"], "on_lookahead": ["--lookahead"]}
         for mode, extra in mode_flags.items():
             log(f"prefetch {mode}: simulated {args.storage_mbps} MB/s, budget {quarter}")
             flags = ["--memory-budget", str(quarter), "--storage-mbps", str(args.storage_mbps)]
-            runs[mode] = engine_run(sparse_pkg, args, *flags, *extra)
+            runs[mode] = engine_run(pkg, args, *flags, *extra)
         off = runs["off"]
         read = off["read_ms_per_token"]
         compute = off["decode_ms_per_token"] - read
@@ -286,9 +286,9 @@ def main() -> None:
         log(f"skew {args.router_skew}: engine under {args.budget}")
         drop_caches()
         report["skew"] = {"router_skew": args.router_skew,
-                          "engine": engine_run(sparse_pkg, args, "--memory-budget", str(budget),
+                          "engine": engine_run(pkg, args, "--memory-budget", str(budget),
                                                "--router-skew", str(args.router_skew)),
-                          "engine_lfu": engine_run(sparse_pkg, args, "--memory-budget", str(budget),
+                          "engine_lfu": engine_run(pkg, args, "--memory-budget", str(budget),
                                                    "--router-skew", str(args.router_skew), "--policy", "lfu")}
 
     if "int4-cache" in scenarios:
