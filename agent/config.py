@@ -117,6 +117,11 @@ class DeviceConfig:
         return self.data_dir / "releases"
 
     @property
+    def packed_cache_dir(self) -> Path:
+        """Experts packed for the torch-int4 kernel (used only where the native kernels do not build)."""
+        return self.data_dir / "packed-cache"
+
+    @property
     def pointer_file(self) -> Path:
         return self.data_dir / "current.json"
 

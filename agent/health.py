@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agent.config import Limits
+from agent.config import DeviceConfig
 from agent.serving import SerializedEngine, close_engine, load_engine
 from agent.telemetry import Telemetry
 from model import Engine
@@ -34,7 +34,7 @@ class HealthResult:
         return asdict(self)
 
 
-def check_release(folder: Path, limits: Limits, telemetry: Telemetry | None = None,
+def check_release(folder: Path, config: DeviceConfig, telemetry: Telemetry | None = None,
                   keep_engine: bool = False) -> tuple[HealthResult, Engine | None]:
     """Check the release in `folder`; returns the result and, if it passed and `keep_engine`, the
     loaded engine (so activation serves the very engine that passed)."""
@@ -48,7 +48,7 @@ def check_release(folder: Path, limits: Limits, telemetry: Telemetry | None = No
         return _done(HealthResult(model, version, False, "the manifest carries no golden outputs", files_checked=files),
                      telemetry), None
     try:
-        engine = load_engine(folder, limits)
+        engine = load_engine(folder, config)
     except ModelError as e:
         return _done(HealthResult(model, version, False, f"load: {e}", files_checked=files), telemetry), None
     try:

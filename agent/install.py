@@ -11,7 +11,8 @@ Rules:
 - `probation` marks a release activated but not yet confirmed by a passing health check;
   `probation_boots` counts daemon starts while on probation (a crash loop rolls it back);
 - garbage collection keeps the folders and blobs of the active and previous releases, and
-  removes everything else (it runs when a job has ended, under the update lock).
+  removes everything else, packed copies of other experts included (it runs when a job has
+  ended, under the update lock).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from manifests.model_manifest import check_name, parse_version
 from manifests.release import package_files
 from model.errors import ModelError
 from model.package import verify_package
+from model.packed_cache import prune as prune_packed_cache
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,8 @@ class Installation:
         for folder in self.config.releases_dir.iterdir():
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
-        return {"releases_removed": removed_releases, "blobs_removed": removed_blobs}
+        packed_removed = prune_packed_cache(self.config.packed_cache_dir, needed)
+        return {"releases_removed": removed_releases, "blobs_removed": removed_blobs, "packed_removed": packed_removed}
 
     def clean_temp(self) -> None:
         """Remove what a killed writer leaves and nothing resumes: the store's temp files and

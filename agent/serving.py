@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.config import Limits
+from agent.config import DeviceConfig, Limits
 from agent.errors import AgentError, BadRequestError, QueueFullError
 from agent.telemetry import Telemetry
 from model import Engine
@@ -60,8 +60,11 @@ class SerializedEngine:
         return one_step_at_a_time(self._engine.generate(*args, **kwargs))
 
 
-def load_engine(folder: Path, limits: Limits) -> Engine:
-    return Engine.load(folder, memory_budget_bytes=limits.memory_budget_bytes, threads=limits.threads)
+def load_engine(folder: Path, config: DeviceConfig) -> Engine:
+    """The engine of the release in `folder`, loaded with this device's limits and caches."""
+    limits = config.limits
+    return Engine.load(folder, memory_budget_bytes=limits.memory_budget_bytes, threads=limits.threads,
+                       packed_cache_dir=config.packed_cache_dir)
 
 
 def close_engine(engine: Engine) -> None:

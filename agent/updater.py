@@ -224,7 +224,7 @@ class Updater:
 
     def _check(self, job: Job) -> str:
         folder = self.install.release_dir(ReleaseRef(job.model, job.version))
-        result, engine = check_release(folder, self.limits, self.telemetry, keep_engine=self.serving is not None)
+        result, engine = check_release(folder, self.config, self.telemetry, keep_engine=self.serving is not None)
         if not result.passed:
             job.detail = f"health check failed: {result.detail}"
             return "check_failed"
@@ -237,7 +237,7 @@ class Updater:
         ref = ReleaseRef(job.model, job.version)
         pointer = self.install.activate(ref)
         if self.serving is not None and self.serving.current() != (ref.model, ref.version):
-            engine = self._engines.pop(job.id, None) or load_engine(self.install.release_dir(ref), self.limits)
+            engine = self._engines.pop(job.id, None) or load_engine(self.install.release_dir(ref), self.config)
             self.serving.swap(engine, ref.model, ref.version)
         job.detail = "activated" + ("; on probation until its first health check passes" if pointer.probation else "")
         return "activated"
@@ -251,7 +251,7 @@ class Updater:
     def _switch_to(self, pointer: Pointer) -> None:
         if self.serving is not None and pointer.active is not None and \
                 self.serving.current() != (pointer.active.model, pointer.active.version):
-            self.serving.swap(load_engine(self.install.release_dir(pointer.active), self.limits),
+            self.serving.swap(load_engine(self.install.release_dir(pointer.active), self.config),
                               pointer.active.model, pointer.active.version)
 
     def _roll_back(self, reason: str) -> Pointer:
@@ -283,7 +283,7 @@ class Updater:
         pointer = self.install.pointer()
         if pointer.active is None:
             raise InstallError("no release is active")
-        result, _ = check_release(self.install.release_dir(pointer.active), self.limits, self.telemetry)
+        result, _ = check_release(self.install.release_dir(pointer.active), self.config, self.telemetry)
         if result.passed:
             self.install.confirm()
             return result, False

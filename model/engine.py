@@ -40,7 +40,8 @@ class Engine:
     @classmethod
     def load(cls, package_dir: str | Path, *, memory_budget_bytes: int | None = None, threads: int | None = None,
              kernel: str | None = None, prefetch: bool = True, lookahead: bool = False, policy: str = "lru",
-             storage: StorageSim | None = None, max_context: int = DEFAULT_MAX_CONTEXT, progress=None) -> Engine:
+             storage: StorageSim | None = None, max_context: int = DEFAULT_MAX_CONTEXT,
+             packed_cache_dir: str | Path | None = None, progress=None) -> Engine:
         """Load a verified package.
 
         `memory_budget_bytes` covers dense weights + expert cache + a KV cache of `max_context`
@@ -48,6 +49,8 @@ class Engine:
         RSS before a package loads (interpreter, torch, kernels), ~15 MB more of code the first
         forward pass touches (tests/test_memory_budget.py). `lookahead` (with a budget and prefetch)
         also queues the next layer's likely experts, guessed by its router on the current residual.
+        `packed_cache_dir` is where the torch-int4 kernel keeps experts packed (None:
+        `$ST_PACKED_CACHE` or `~/.cache/smallthinker-fleet/packed`; see `model.packed_cache`).
         `progress()` is called as dense shards load.
         """
         if threads is not None:
@@ -62,7 +65,7 @@ class Engine:
         kernel = kernel or (backend() if manifest.quant == "q4_0" else None)
         loaded = load_transformer(package_dir, manifest, cfg, kernel=kernel, memory_budget_bytes=memory_budget_bytes,
                                   max_context=max_context, prefetch=prefetch, lookahead=lookahead, policy=policy,
-                                  storage=storage,
+                                  storage=storage, packed_cache_dir=packed_cache_dir,
                                   progress=progress)
         tokenizer = load_tokenizer(package_dir, manifest.tokenizer)
         return cls(package_dir, manifest, cfg, loaded.transformer, tokenizer, loaded.dense_bytes, memory_budget_bytes,

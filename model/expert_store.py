@@ -198,8 +198,9 @@ class ExpertStore:
 
     def __init__(self, package_dir: Path, manifest: ModelManifest, config, *, kernel: str | None = None,
                  policy: str = "lru", prefetch: bool = True, lookahead: bool = False,
-                 storage: StorageSim | None = None):
-        """Check the package's experts and size one slot (`slot_bytes`); `allocate` then makes the pool."""
+                 storage: StorageSim | None = None, packed_cache_dir: Path | None = None):
+        """Check the package's experts and size one slot (`slot_bytes`); `allocate` then makes the pool.
+        `packed_cache_dir`: the torch-int4 kernel's packed expert cache (None: `default_root()`)."""
         self.package_dir, self.manifest, self.cfg = package_dir, manifest, config
         self.entries = {(e.layer, e.expert): e for e in manifest.expert_shards()}
         expected = {(i, e) for i in range(config.num_hidden_layers) for e in range(config.moe_num_primary_experts)}
@@ -224,7 +225,7 @@ class ExpertStore:
         self.buffer_bytes, copy_bytes = self.image_bytes, 0
         self.packed = self.packed_layout = None
         int4 = manifest.quant == "q4_0" and (kernel or backend()) == "torch-int4"
-        root = default_root() if int4 and not self.sparse else None
+        root = (Path(packed_cache_dir) if packed_cache_dir is not None else default_root()) if int4 and not self.sparse else None
         if root is not None:  # slots hold packed cache files (an expert is packed in its slot once)
             self.packed = PackedExpertCache(root)
             self.packed_layout = PackedLayout(_int4_tensors(self._expert_from_parts(*self._blank_parts())))

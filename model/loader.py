@@ -107,7 +107,7 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
 
 def load_transformer(package_dir: Path, manifest: ModelManifest, cfg: ModelConfig, *, kernel: str | None,
                      memory_budget_bytes: int | None, max_context: int, prefetch: bool, policy: str,
-                     lookahead: bool = False,
+                     lookahead: bool = False, packed_cache_dir: Path | None = None,
                      storage: StorageSim | None, progress=None) -> Loaded:
     tick = progress or (lambda: None)
     D, E, V, quant = cfg.hidden_size, cfg.moe_num_primary_experts, cfg.vocab_size, manifest.quant
@@ -150,7 +150,7 @@ def load_transformer(package_dir: Path, manifest: ModelManifest, cfg: ModelConfi
     dense_bytes = embed_rows.nbytes + final_norm.numel() * 4 + sum(b.w.nbytes for b in blocks)
     dense_bytes += 0 if head_is_table else head.nbytes
     experts = ExpertStore(package_dir, manifest, cfg, kernel=kernel, policy=policy, prefetch=prefetch,
-                          lookahead=lookahead, storage=storage)
+                          lookahead=lookahead, storage=storage, packed_cache_dir=packed_cache_dir)
     expert_budget = None
     if memory_budget_bytes is not None:
         kv = Transformer.kv_cache_bytes(cfg, max_context)

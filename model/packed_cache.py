@@ -15,7 +15,8 @@ Rules:
   (read-only directory, full disk) never fails inference: the expert is used from memory, the
   failure is counted in `write_errors`, and later experts do not try again.
 - `ST_PACKED_CACHE` names the cache root (default `~/.cache/smallthinker-fleet/packed`); `off`
-  turns the cache off.
+  turns the cache off. `prune` keeps a cache to the experts still installed (the device agent
+  runs it with its garbage collection, on the cache under its data directory).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import json
 import os
 import struct
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,3 +171,27 @@ class PackedExpertCache:
                 except OSError:
                     pass
 
+
+
+_TEMP_GRACE_S = 600.0  # a temp file younger than this may be a write in progress
+
+
+def prune(root: Path, keep: set[str]) -> int:
+    """Remove from the cache under `root` the packed files whose source sha256 is not in `keep`,
+    every packed file of another layout key (another torch version or CPU), and temp files a
+    killed writer left; other files stay. Returns the files removed (0 when there is no cache)."""
+    removed, current = 0, layout_key()
+    try:
+        key_dirs = [d for d in Path(root).iterdir() if d.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    for key_dir in key_dirs:
+        for path in key_dir.iterdir():
+            stale_temp = path.suffix == ".tmp" and time.time() - path.stat().st_mtime > _TEMP_GRACE_S
+            unused = path.suffix == ".int4" and (key_dir.name != current or path.stem not in keep)
+            if stale_temp or unused:
+                path.unlink(missing_ok=True)
+                removed += 1
+        if key_dir.name != current and not any(key_dir.iterdir()):
+            key_dir.rmdir()
+    return removed

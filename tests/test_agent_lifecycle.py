@@ -19,6 +19,8 @@ from agent.lifecycle import (
 )
 from agent.telemetry import Telemetry
 from agent.updater import Updater
+from model.package import read_manifest
+from model.packed_cache import layout_key
 
 pytest_plugins = ["release_fixtures", "agent_fixtures"]
 
@@ -182,3 +184,20 @@ def test_a_request_right_after_a_job_ends_waits_for_its_cleanup(device_dir):
     following = updater.request("st-demo", "1.0.0", allow_downgrade=True)
     assert not updater.busy() and following.state == IDLE
     assert updater.run(following).state == ACTIVE
+
+
+def test_garbage_collection_keeps_only_the_packed_experts_of_kept_releases(device_dir):
+    """Where only the torch-int4 kernel runs, engines keep experts packed under the data dir; the
+    agent's garbage collection drops the packed copies of experts no kept release has (and all of
+    another torch version's), so a device's updates do not fill its disk."""
+    updater = open_updater(device_dir)
+    root = updater.config.packed_cache_dir
+    active = read_manifest(updater.install.release_dir(updater.install.pointer().active))
+    sha = active.expert_shards()[0].sha256
+    kept, replaced = root / layout_key() / f"{sha}.int4", root / layout_key() / f"{'0' * 64}.int4"
+    other_torch = root / "torch-0.0-avx512" / f"{sha}.int4"
+    for path in (kept, replaced, other_torch):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"packed")
+    assert updater.install.gc()["packed_removed"] == 2
+    assert kept.exists() and not replaced.exists() and not other_torch.parent.exists()

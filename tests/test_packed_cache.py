@@ -13,7 +13,7 @@ from model import Engine
 from model.build import build_demo
 from model.kernels import Q4Matrix
 from model.package import expert_tensor_names, load_shard, read_manifest
-from model.packed_cache import HEADER_BYTES, MAGIC, layout_key
+from model.packed_cache import HEADER_BYTES, MAGIC, layout_key, prune
 
 PROMPT = list(range(60, 100))
 CONTEXT = 96
@@ -155,3 +155,24 @@ def test_a_cache_file_of_another_expert_is_not_taken_for_this_one(package, cache
     logits, tokens = _run(engine)
     assert torch.equal(logits, reference[0]) and tokens == reference[1]
     assert engine.transformer.experts.packed.packs == 2  # the renamed file's and the missing one's
+
+
+def test_prune_keeps_the_named_experts_and_foreign_files(tmp_path):
+    root, key = tmp_path / "packed", layout_key()
+    keep, drop = "a" * 64, "b" * 64
+    files = {
+        "kept": root / key / f"{keep}.int4",
+        "dropped": root / key / f"{drop}.int4",
+        "other-key": root / "torch-0.0-avx512" / f"{keep}.int4",
+        "stale-temp": root / key / "x1.tmp",
+        "fresh-temp": root / key / "x2.tmp",  # may be a write in progress
+        "foreign": root / key / "README",
+    }
+    for path in files.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    os.utime(files["stale-temp"], (0, 0))
+    assert prune(root, {keep}) == 3
+    assert {name for name, path in files.items() if path.exists()} == {"kept", "fresh-temp", "foreign"}
+    assert not (root / "torch-0.0-avx512").exists()
+    assert prune(tmp_path / "absent", {keep}) == 0
