@@ -225,7 +225,9 @@ class ExpertStore:
         self.buffer_bytes, copy_bytes = self.image_bytes, 0
         self.packed = self.packed_layout = None
         int4 = manifest.quant == "q4_0" and (kernel or backend()) == "torch-int4"
-        root = (Path(packed_cache_dir) if packed_cache_dir is not None else default_root()) if int4 and not self.sparse else None
+        root = None
+        if int4 and not self.sparse:
+            root = Path(packed_cache_dir) if packed_cache_dir is not None else default_root()
         if root is not None:  # slots hold packed cache files (an expert is packed in its slot once)
             self.packed = PackedExpertCache(root)
             self.packed_layout = PackedLayout(_int4_tensors(self._expert_from_parts(*self._blank_parts())))

@@ -25,6 +25,7 @@ import json
 import os
 import struct
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +122,8 @@ class PackedLayout:
 
 
 class PackedExpertCache:
-    """The cache directory of one layout key; files are found by their source shard's sha256."""
+    """The cache directory of one layout key; files are found by their source shard's sha256.
+    Safe to use from several reader threads (each with its own buffer)."""
 
     def __init__(self, root: Path):
         self.dir = Path(root) / layout_key()
@@ -129,6 +131,7 @@ class PackedExpertCache:
         self.verified: set[str] = set()  # source hashes whose file's payload this process checked
         self.loads = self.packs = self.write_errors = 0
         self.writable = True
+        self._lock = threading.Lock()  # the counters and `verified`
 
     def path(self, source_sha256: str) -> Path:
         return self.dir / f"{source_sha256}.int4"
@@ -143,13 +146,15 @@ class PackedExpertCache:
         check = source_sha256 not in self.verified
         if got != layout.file_bytes or not layout.matches(image, source_sha256, check):
             return False
-        self.verified.add(source_sha256)
-        self.loads += 1
+        with self._lock:
+            self.verified.add(source_sha256)
+            self.loads += 1
         return True
 
     def save(self, layout: PackedLayout, source_sha256: str, image: torch.Tensor) -> None:
         """Store the packed expert laid out in `image` (see `PackedLayout.write`)."""
-        self.packs += 1
+        with self._lock:
+            self.packs += 1
         if not self.writable:
             return
         tmp = None
@@ -160,9 +165,11 @@ class PackedExpertCache:
                 f.write(memoryview(image[:layout.file_bytes].numpy()))
             os.replace(tmp, self.path(source_sha256))
             tmp = None
-            self.verified.add(source_sha256)
+            with self._lock:
+                self.verified.add(source_sha256)
         except OSError:
-            self.write_errors += 1
+            with self._lock:
+                self.write_errors += 1
             self.writable = False
         finally:
             if tmp is not None:
