@@ -71,7 +71,7 @@ def test_experts_are_packed_once_per_host_then_loaded_without_repacking(package,
     assert store.packed.loads + store.packed.packs == store.stats()["expert_cache_misses"]
     assert store.packed.packs == len(_files(cache_root)) == n_experts  # each packed once, then loaded
 
-    # a new process' view: every expert comes from its packed file, bit-identical results
+    # a new engine (as in a new process): every expert comes from its packed file, bit-identical results
     second = _engine(package, budget_slots=6)
     logits, tokens = _run(second)
     assert torch.equal(logits, reference[0]) and tokens == reference[1]
