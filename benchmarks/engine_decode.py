@@ -11,10 +11,11 @@ every scenario runs the default package layout, dense ReGLU, and in-memory also 
   once with its plain mmap and once with the mapping MADV_RANDOM (ratios use its better run);
   then the engine inside the same cgroup, its budget what the cap leaves after its own runtime
   baseline (RSS after importing torch and the engine and loading the kernels, before the
-  package loads), so both processes face the same cap; once more there with `--lookahead`.
+  package loads), so both processes face the same cap; once more there with `--no-lookahead`.
 - prefetch: simulated `--storage-mbps` storage, a budget holding ~25% of the experts, prefetch
-  on, off, and on with look-ahead (`--lookahead`); reports compute and read time per token and
-  the overlap efficiency (t_off - t_on) / min(compute, read) of each.
+  off, on without look-ahead (`--no-lookahead`) and on as by default (with look-ahead); reports
+  compute and read time per token and the overlap efficiency (t_off - t_on) / min(compute, read)
+  of each.
 - skew: the budget scenario again with `--router-skew` (a Zipf stand-in for hot experts).
 - int4-cache: the torch-int4 fallback kernel (hosts without a C compiler) under the budget: its packed expert cache off (every read repacked), cold (first run: each expert read
   from its shard, packed and written once) and warm (each read one packed file).
@@ -133,7 +134,7 @@ def engine_run(pkg: Path, args, *extra: str, env: dict | None = None) -> dict:
                  "--prompt-tokens", str(args.prompt_tokens), "--json", *extra, env=env)
 
 
-def engine_under_cap(pkg: Path, args, cap_bytes: int, lookahead: bool = False) -> dict:
+def engine_under_cap(pkg: Path, args, cap_bytes: int, lookahead: bool = True) -> dict:
     """The engine in a child of this script whose budget is `cap_bytes` minus its own runtime baseline."""
     request = {"package": str(pkg), "cap_bytes": cap_bytes, "threads": args.threads, "tokens": args.tokens,
                "prompt_tokens": args.prompt_tokens, "root": str(ROOT), "lookahead": lookahead,
@@ -157,7 +158,7 @@ def _engine_child(request: dict) -> dict:
     budget = request["cap_bytes"] - baseline - request.get("headroom_bytes", CAP_HEADROOM)
     result = run_bench(request["package"], memory_budget_bytes=budget, threads=request["threads"],
                        tokens=request["tokens"], prompt_tokens=request["prompt_tokens"],
-                       lookahead=request.get("lookahead", False))
+                       lookahead=request.get("lookahead", True))
     result.update(cap_bytes=request["cap_bytes"], runtime_baseline_rss_bytes=baseline,
                   headroom_bytes=request.get("headroom_bytes", CAP_HEADROOM))
     return result
@@ -252,17 +253,17 @@ def main() -> None:
                        else {"skipped": f"needs root and the cgroup v1 memory controller at {CGROUP}"})
         report["budget"].update(engine_in_cgroup=capped_ours, decode_ratio_in_cgroup=ratio(capped_ours, best))
         if cgroups_available():
-            log(f"budget {args.budget}: engine in the same memory cgroup, with look-ahead")
-            capped_ahead = capped(budget, lambda: engine_under_cap(pkg, args, budget, lookahead=True))
-            report["budget"].update(engine_in_cgroup_lookahead=capped_ahead,
-                                    decode_ratio_in_cgroup_lookahead=ratio(capped_ahead, best))
+            log(f"budget {args.budget}: engine in the same memory cgroup, without look-ahead")
+            capped_plain = capped(budget, lambda: engine_under_cap(pkg, args, budget, lookahead=False))
+            report["budget"].update(engine_in_cgroup_no_lookahead=capped_plain,
+                                    decode_ratio_in_cgroup_no_lookahead=ratio(capped_plain, best))
         report.setdefault("machine", ours["machine"])
 
     if "prefetch" in scenarios:
         probe = engine_run(pkg, args, "--tokens", "2")
         quarter = probe["dense_bytes"] + probe["expert_cache_bytes"] // 4 + probe["kv_cache_bytes"] + (64 << 20)
         runs = {}
-        mode_flags = {"on": [], "off": ["--no-prefetch"], "on_lookahead": ["--lookahead"]}
+        mode_flags = {"on": ["--no-lookahead"], "off": ["--no-prefetch"], "on_lookahead": []}
         for mode, extra in mode_flags.items():
             log(f"prefetch {mode}: simulated {args.storage_mbps} MB/s, budget {quarter}")
             flags = ["--memory-budget", str(quarter), "--storage-mbps", str(args.storage_mbps)]

@@ -38,7 +38,7 @@ def zipf_router_bias(experts: int, layers: int, skew: float, seed: int = 0) -> l
 
 
 def run_bench(package: str | Path, *, memory_budget_bytes: int | None = None, prefetch: bool = True,
-              lookahead: bool = False,
+              lookahead: bool = True,
               storage_mbps: float | None = None, storage_latency_us: float = 0.0, threads: int | None = None,
               tokens: int = 64, prompt_tokens: int = 32, policy: str = "lru", router_skew: float = 0.0,
               max_context: int | None = None, seed: int = 0) -> dict:
@@ -71,6 +71,7 @@ def run_bench(package: str | Path, *, memory_budget_bytes: int | None = None, pr
         "lookahead": store.lookahead,
         "lookahead_reads": store.lookahead_reads,
         "lookahead_hits": store.lookahead_hits,
+        "lookahead_paused": store.lookahead_paused,
         "policy": policy,
         "storage": {"simulated": True, "mbps": storage_mbps, "latency_us": storage_latency_us,
                     "label": "simulated eMMC/SATA SSD"} if storage else {"simulated": False},

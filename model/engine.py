@@ -39,7 +39,7 @@ class Engine:
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
     def load(cls, package_dir: str | Path, *, memory_budget_bytes: int | None = None, threads: int | None = None,
-             kernel: str | None = None, prefetch: bool = True, lookahead: bool = False, policy: str = "lru",
+             kernel: str | None = None, prefetch: bool = True, lookahead: bool = True, policy: str = "lru",
              storage: StorageSim | None = None, max_context: int = DEFAULT_MAX_CONTEXT,
              packed_cache_dir: str | Path | None = None, progress=None) -> Engine:
         """Load a verified package.
@@ -48,7 +48,8 @@ class Engine:
         tokens; None keeps every expert resident. The runtime itself is outside the budget: ~220 MB
         RSS before a package loads (interpreter, torch, kernels), ~15 MB more of code the first
         forward pass touches (tests/test_memory_budget.py). `lookahead` (with a budget and prefetch)
-        also queues the next layer's likely experts, guessed by its router on the current residual.
+        also queues the next layer's likely experts, guessed by its router on the current residual;
+        it stops itself where its guesses mostly miss (`ExpertStore.prefetch_ahead`).
         `packed_cache_dir` is where the torch-int4 kernel keeps experts packed (None:
         `$ST_PACKED_CACHE` or `~/.cache/smallthinker-fleet/packed`; see `model.packed_cache`).
         `progress()` is called as dense shards load.

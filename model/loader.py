@@ -107,7 +107,7 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
 
 def load_transformer(package_dir: Path, manifest: ModelManifest, cfg: ModelConfig, *, kernel: str | None,
                      memory_budget_bytes: int | None, max_context: int, prefetch: bool, policy: str,
-                     lookahead: bool = False, packed_cache_dir: Path | None = None,
+                     lookahead: bool = True, packed_cache_dir: Path | None = None,
                      storage: StorageSim | None, progress=None) -> Loaded:
     tick = progress or (lambda: None)
     D, E, V, quant = cfg.hidden_size, cfg.moe_num_primary_experts, cfg.vocab_size, manifest.quant

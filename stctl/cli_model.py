@@ -143,7 +143,7 @@ def bench(
     package: Path = typer.Argument(..., help="Model package directory."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Budget for dense + experts + KV, e.g. 1GiB."),
     no_prefetch: bool = typer.Option(False, "--no-prefetch", help="Read experts only when a layer needs them."),
-    lookahead: bool = typer.Option(False, "--lookahead",
+    lookahead: bool = typer.Option(True, "--lookahead/--no-lookahead",
                                    help="Also prefetch the next layer's likely experts (its router on this residual)."),
     storage_mbps: Optional[float] = typer.Option(None, "--storage-mbps", help="Simulate storage at N MB/s (eMMC/SATA SSD)."),
     storage_latency_us: float = typer.Option(0.0, "--storage-latency-us", help="Simulated latency per read."),

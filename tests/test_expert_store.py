@@ -75,11 +75,13 @@ def test_every_budget_prefetch_and_policy_gives_the_unlimited_result(packages, l
 
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_counters_add_up(packages, prefetch):
+    """Without look-ahead every read is a miss (test_lookahead_reads_add_up counts its guesses)."""
     pkg = packages["dense"]
     unlimited = Engine.load(pkg)
     list(unlimited.generate(PROMPT, 16))
     lookups = unlimited.last_stats["expert_cache_hits"]
-    engine = Engine.load(pkg, memory_budget_bytes=smallest_budget(pkg), prefetch=prefetch, max_context=CONTEXT)
+    engine = Engine.load(pkg, memory_budget_bytes=smallest_budget(pkg), prefetch=prefetch, lookahead=False,
+                         max_context=CONTEXT)
     list(engine.generate(PROMPT, 16))
     s = engine.last_stats
     size = engine.transformer.experts.expert_bytes
@@ -171,3 +173,23 @@ def test_lookahead_reads_add_up(packages):
     assert 0 < store.lookahead_hits <= store.lookahead_reads
     reads = s["expert_cache_misses"] - store.lookahead_hits + store.lookahead_reads
     assert s["bytes_read"] == reads * store.expert_bytes
+
+
+def test_lookahead_stops_itself_when_its_guesses_miss(packages):
+    """Guesses no lookup confirms cost reads and slots: after `lookahead_probation` of them with
+    fewer than `lookahead_min_hit_rate` right, the store stops guessing (and the results stay)."""
+    pkg = packages["dense"]
+    reference = list(Engine.load(pkg).generate(PROMPT, 8))
+    engine = Engine.load(pkg, memory_budget_bytes=smallest_budget(pkg) + 8 * 2**20, max_context=CONTEXT)
+    store = engine.transformer.experts
+    assert store.lookahead  # on by default under a budget
+    store.lookahead_probation = 12
+    cfg = engine.config
+    for layer in range(cfg.num_hidden_layers):  # guesses for layers no forward pass will ask for
+        store.prefetch_ahead(layer, list(range(cfg.moe_num_primary_experts)))
+    store.settle()
+    assert store.lookahead_reads >= 12 and store.lookahead_hits == 0
+    assert store.lookahead_paused
+    reads = store.lookahead_reads
+    assert list(engine.generate(PROMPT, 8)) == reference
+    assert store.lookahead_reads == reads and store.lookahead_paused

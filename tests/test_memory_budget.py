@@ -172,8 +172,9 @@ def _child(request: dict) -> dict:
 
     backend()  # the native kernels built and loaded: part of the runtime, not of the budget
     baseline = current_rss_bytes()
+    # no look-ahead: every read is then a miss, which the parent checks
     engine = Engine.load(request["package"], memory_budget_bytes=request["budget"], max_context=CONTEXT,
-                         kernel=request.get("kernel"))
+                         kernel=request.get("kernel"), lookahead=False)
     load_peak = peak_rss_bytes()  # generate() starts a new peak window
     tokens = list(engine.generate(PROMPT, NEW_TOKENS))
     store = engine.transformer.experts

@@ -39,7 +39,8 @@ def _engine(pkg: Path, budget_slots: int | None = None) -> Engine:
         return Engine.load(pkg, kernel="torch-int4", max_context=CONTEXT)
     sizing = Engine.load(pkg, kernel="torch-int4", memory_budget_bytes=2**40, max_context=CONTEXT)  # reads no expert
     budget = sizing.dense_bytes + sizing.kv_cache_bytes(CONTEXT) + budget_slots * sizing.transformer.experts.slot_bytes
-    return Engine.load(pkg, kernel="torch-int4", memory_budget_bytes=budget, max_context=CONTEXT)
+    # no look-ahead: every read is then a miss, so loads + packs count the misses
+    return Engine.load(pkg, kernel="torch-int4", memory_budget_bytes=budget, max_context=CONTEXT, lookahead=False)
 
 
 def _run(engine: Engine) -> tuple[torch.Tensor, list[int]]:
