@@ -34,6 +34,11 @@ BUDGET = 16 * MiB  # dense 1.9 MB + KV 0.1 MB + 14.2 MB of expert slots (16 of 6
 # that leaves room for other CPUs' code paths and stays well below what keeping every expert
 # adds (the unlimited run below grows by 57 MB of experts + the same 15 MB over its baseline).
 SLACK = 32 * MiB
+# The torch-int4 kernels touch more of torch's code: +16 MiB of file-backed pages here when the
+# library's pages come from disk, +28 MiB right after a fresh install (its pages all in the page
+# cache, so each fault maps 16 of them), and ~3 MiB of anonymous memory beyond the budget. Without
+# the packed expert cache the same run ends 82 MiB above baseline + budget.
+SLACK_TORCH_INT4 = 48 * MiB
 CONTEXT = 64
 PROMPT = list(range(10, 22))
 NEW_TOKENS = 16
@@ -105,8 +110,8 @@ def test_the_torch_int4_fallback_stays_within_the_budget_once_its_experts_are_pa
     budgeted, unlimited = run_children(package, [BUDGET, None], kernel="torch-int4")
     assert budgeted["packs"] == 0 and budgeted["packed_loads"] == budgeted["stats"]["expert_cache_misses"]
     over_budget = budgeted["peak_rss_bytes"] - budgeted["baseline_rss_bytes"] - BUDGET
-    assert over_budget <= SLACK, f"peak RSS {over_budget / MiB:.1f} MiB above baseline + budget"
-    assert unlimited["peak_rss_bytes"] - unlimited["baseline_rss_bytes"] > BUDGET + SLACK
+    assert over_budget <= SLACK_TORCH_INT4, f"peak RSS {over_budget / MiB:.1f} MiB above baseline + budget"
+    assert unlimited["peak_rss_bytes"] - unlimited["baseline_rss_bytes"] > BUDGET + SLACK_TORCH_INT4
     assert budgeted["tokens"] == unlimited["tokens"] == warmup["tokens"]
 
 
