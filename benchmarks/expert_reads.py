@@ -3,7 +3,7 @@
     python benchmarks/expert_reads.py PACKAGE --json
 
 One O_DIRECT `preadv` per expert file into an aligned buffer (`model.direct_io`), page cache
-dropped first (as root), with 1 and 2 reader threads (the store runs 2). The result is the I/O
+dropped first (as root), with 1 and 2 reader threads (the store runs 2; `--readers` for others). The result is the I/O
 ceiling of decoding under a memory budget: tokens/s <= MB/s / (MB of experts missed per token).
 Prints one JSON document; never asserts speed.
 """
@@ -68,6 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("package", help="a model package directory")
     ap.add_argument("--files", type=int, default=400, help="expert files to read per run")
+    ap.add_argument("--readers", default="1,2", help="reader thread counts to run, e.g. 1,2,4")
     ap.add_argument("--json", action="store_true", help="print JSON (the only output format)")
     args = ap.parse_args()
     from model.bench import cpu_model
@@ -76,8 +77,9 @@ def main() -> None:
     pkg = Path(args.package)
     experts = [pkg / e.file for e in read_manifest(pkg).expert_shards()]
     runs = []
-    for readers in (1, 2):
-        chosen = experts[(readers - 1) * args.files:readers * args.files] or experts[:args.files]
+    for i, readers in enumerate(int(r) for r in args.readers.split(",")):
+        start = i * args.files % len(experts)
+        chosen = experts[start:start + args.files]  # other files each run: none comes from an earlier run's cache
         dropped = drop_caches()
         runs.append({**read_all(chosen, readers), "page_cache_dropped": dropped})
     print(json.dumps({"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "system": platform.platform()},
