@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 from pathlib import Path
 
 import torch
+
+from model.package import NotARegularFile, open_regular_file
 
 ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length in whole blocks
 
@@ -33,10 +34,6 @@ def aligned_bytes(n: int) -> torch.Tensor:
     return raw[shift:shift + n]
 
 
-class NotARegularFile(OSError):
-    """The path names a FIFO, device or directory, not a file."""
-
-
 class WholeFileReader:
     """Reads whole files of known size into aligned buffers (one reader per file system)."""
 
@@ -47,11 +44,13 @@ class WholeFileReader:
         """Read `path` into `image` (>= align_up(size) bytes at an aligned address) when the file
         has `size` bytes; returns the bytes read, or the file's size when it is not `size` (then
         nothing is read). FileNotFoundError when the file is missing, NotARegularFile when it is
-        not a file."""
+        not a file (`model.package.open_regular_file`)."""
         flag = getattr(os, "O_DIRECT", 0)
         direct = self.direct is not False and bool(flag)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (flag if direct else 0))
+            fd, actual = open_regular_file(path, flag if direct else 0)
+        except NotARegularFile:
+            raise
         except OSError as e:
             if not (direct and e.errno == errno.EINVAL):
                 raise
@@ -59,10 +58,6 @@ class WholeFileReader:
             return self.read(path, size, image)
         self.direct = direct
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise NotARegularFile(errno.EINVAL, "not a regular file", str(path))
-            actual = info.st_size
             if actual != size:
                 return actual
             try:  # O_DIRECT: whole blocks, reading past the end is fine

@@ -41,12 +41,12 @@ from pathlib import Path
 import torch
 
 from manifests import ModelManifest, ShardEntry
-from model.direct_io import NotARegularFile, WholeFileReader, align_up, aligned_bytes
+from model.direct_io import WholeFileReader, align_up, aligned_bytes
 from model.errors import BudgetError, IntegrityError, PackageError
 from model.matrices import make_matrix
 from model.kernels import DenseReGLUExpert, Q4Matrix, SparseReGLUExpert, backend
 from model.model import Expert, ExpertWeights
-from model.package import expert_tensor_names, parse_shard_header
+from model.package import NotARegularFile, expert_tensor_names, parse_shard_header
 from model.packed_cache import PackedExpertCache, PackedLayout, default_root
 
 _PARTS = ("gate", "up", "down")

@@ -8,6 +8,7 @@ tensors land in the buffers they will live in, or streams it through a small scr
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -99,6 +100,21 @@ def read_manifest(package_dir: str | os.PathLike) -> ModelManifest:
         raise PackageError(f"{path}: {e}") from None
 
 
+class NotARegularFile(OSError):
+    """The path names a FIFO, device or directory, not a file."""
+
+
+def open_regular_file(path: str | os.PathLike, flags: int = 0) -> tuple[int, int]:
+    """(fd, size) of `path` opened read-only without blocking (plus `flags`); a FIFO, device or
+    directory is NotARegularFile (nothing left open), never a hang."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | flags)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise NotARegularFile(errno.EINVAL, "not a regular file", str(path))
+    return fd, info.st_size
+
+
 class _PackageFile:
     """One file a manifest lists, open for positioned reads, its size already matched to the manifest.
 
@@ -110,19 +126,17 @@ class _PackageFile:
         self.file, self.sha256, self.size = file, sha256, size
         self.path = Path(package_dir) / file
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+            fd, actual = open_regular_file(self.path)
         except FileNotFoundError:
             raise IntegrityError(f"{file}: missing from package {package_dir}") from None
+        except NotARegularFile:
+            raise IntegrityError(f"{file}: not a regular file") from None
         except OSError as e:
             raise IntegrityError(f"{file}: cannot open ({e.strerror})") from None
         self._io = os.fdopen(fd, "rb", buffering=0)  # closes the fd when closed or collected
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if actual != size:
             self.close()
-            raise IntegrityError(f"{file}: not a regular file")
-        if info.st_size != size:
-            self.close()
-            raise IntegrityError(f"{file}: size {info.st_size} bytes, manifest says {size}")
+            raise IntegrityError(f"{file}: size {actual} bytes, manifest says {size}")
 
     def close(self) -> None:
         self._io.close()

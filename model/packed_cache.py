@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -53,7 +54,7 @@ def default_root() -> Path | None:
 
 
 @dataclass(frozen=True)
-class _Tensor:
+class _PackedTensor:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -61,10 +62,7 @@ class _Tensor:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return self.dtype.itemsize * math.prod(self.shape)
 
     def describe(self) -> list:
         return [self.name, str(self.dtype).removeprefix("torch."), list(self.shape), self.offset]
@@ -77,7 +75,7 @@ class PackedLayout:
         """From one packed expert's tensors (their names, dtypes and shapes; not their values)."""
         offset, tensors = HEADER_BYTES, []
         for name, t in sample.items():
-            tensors.append(_Tensor(name, t.dtype, tuple(t.shape), offset))
+            tensors.append(_PackedTensor(name, t.dtype, tuple(t.shape), offset))
             offset = align_up(offset + tensors[-1].nbytes)
         self.tensors = tensors
         self.file_bytes = offset
