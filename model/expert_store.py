@@ -481,6 +481,13 @@ class ExpertStore:
         slot.pins += 1
         self.outstanding += 1
 
+    def resident_experts(self, layer: int, expert_ids: list[int]) -> list | None:
+        """The experts' weights with no pin and no wait when every expert stays resident for good
+        (unlimited budget), so a layer can run them all in one call; else None (use `use`)."""
+        if not self.all_resident:
+            return None
+        return [self.resident[(layer, e)].enter_result for e in expert_ids]
+
     def use(self, layer: int, expert: int):
         """The expert's weights, pinned (never evicted) for the duration of the block."""
         if self.all_resident:  # nothing is ever evicted or read: no pin, no lock

@@ -73,6 +73,10 @@ class FastDecode(Protocol):
     def attend(self, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int, n_keys: int,
                rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor: ...
 
+    def moe(self, experts: list[Expert], weights: list[float], h: torch.Tensor) -> bool:
+        """h += the weighted experts of the attended row in one native call; False (nothing
+        done) when the experts are not of the kind it runs."""
+
 
 class ExpertSource(Protocol):
     """Where a layer gets its experts: `prefetch` is told the router's choice before attention and
@@ -87,6 +91,8 @@ class ExpertSource(Protocol):
     def prefetch_ahead(self, layer: int, expert_ids: list[int]) -> None: ...
 
     def use(self, layer: int, expert: int) -> ContextManager[Expert]: ...
+
+    def resident_experts(self, layer: int, expert_ids: list[int]) -> list[Expert] | None: ...
 
     def settle(self) -> None: ...
 
@@ -264,6 +270,9 @@ class Block:
             # the next layer's router on this residual: its likely experts, read while these compute
             experts.prefetch_ahead(self.next.index, self.next.fast.route(h, self.next.router_bias)[0])
         weight_of = dict(zip(id_list, weights))
+        resident = experts.resident_experts(self.index, ready_order)
+        if resident is not None and self.fast.moe(resident, [weight_of[e] for e in ready_order], h):
+            return h
         for e in ready_order:
             with experts.use(self.index, e) as expert:
                 self._count(expert.accumulate(y, weight_of[e], h), 1)

@@ -36,10 +36,10 @@ from model.quant import QK4_0, Q4_0_BYTES, dequantize_q4_0, quantize_q4_0, split
 
 BACKENDS = ("c", "torch-int4", "reference")
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "q4_0.c", _HERE / "layer.c")
+_SOURCES = (_HERE / "q4_0.c", _HERE / "layer.c", _HERE / "pool.c")
 _HEADER = _HERE / "q4_0.h"
 _Q8_BLOCK_BYTES = 4 + QK4_0
-_ABI = 4
+_ABI = 5
 
 
 class KernelError(ModelError):
@@ -65,7 +65,7 @@ def _compile(cc: str, out: Path, cflags: tuple[str, ...] = ()) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
-    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", *cflags, *map(str, _SOURCES), "-o", tmp, "-lm"]
+    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", *cflags, *map(str, _SOURCES), "-o", tmp, "-lm", "-lpthread"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
@@ -111,6 +111,12 @@ def _build(cflags: str) -> ctypes.CDLL:
     lib.st_reglu_dense.restype = None
     lib.st_reglu_dense_work_floats.argtypes = [i64, i64, i64]
     lib.st_reglu_dense_work_floats.restype = i64
+    lib.st_moe_dense.argtypes = [vp, vp, vp, i64, i64, i64, i64, vp, vp, vp]
+    lib.st_moe_dense.restype = None
+    lib.st_moe_dense_work_floats.argtypes = [i64, i64, i64, i64]
+    lib.st_moe_dense_work_floats.restype = i64
+    lib.st_pool_spin_us.argtypes = [i64]
+    lib.st_pool_spin_us.restype = i64
     lib.st_route.argtypes = [vp, vp, vp, vp, vp]
     lib.st_route.restype = None
     lib.st_attention_work_floats.argtypes = [vp, i64]

@@ -8,12 +8,12 @@
  * NeoX RoPE on the full head dim when the layer has it; the new key/value written to its cache
  * slot; GQA attention of the one query over the n visible keys; o product added to the
  * residual; the post-attention RMSNorm that the experts read. Matrix products are the Q4_0 x
- * Q8_0 GEMV of q4_0.c (activations rounded to Q8_0 per 32 values). Each call is one OpenMP
- * parallel region (its serial steps in `single` blocks), not one per product, and every output
+ * Q8_0 GEMV of q4_0.c (activations rounded to Q8_0 per 32 values). Each call is one task of
+ * the thread pool (pool.c; its serial steps on thread 0), not one per product, and every output
  * is computed by one thread in a fixed order, so results do not depend on the thread count.
+ * With every expert resident, a layer's experts run in one call too (st_moe_dense).
  */
 #include <math.h>
-#include <omp.h>
 
 #include "q4_0.h"
 
@@ -115,6 +115,43 @@ static void attend_group(const st_layer *L, int64_t g, float *qkv, float *att, f
     }
 }
 
+typedef struct {
+    const st_layer *L;
+    float *h, *y, *k_cache, *v_cache;
+    int64_t slot, n_keys;
+    const float *cos, *sin;
+    float *work;
+} attention_args;
+
+static void attention_task(void *p, int ith, int nth) {
+    const attention_args *a = p;
+    const st_layer *L = a->L;
+    const int64_t d = L->d, H = L->n_heads, G = L->n_kv_heads, hd = L->head_dim;
+    const int64_t q_dim = H * hd, kv_dim = G * hd, n_qkv = q_dim + 2 * kv_dim;
+    const int64_t nb_d = d / QK, nb_q = q_dim / QK;
+    float *o_out = a->work, *qkv = o_out + d, *att = qkv + n_qkv, *scores = att + q_dim;
+    float x[d];
+    block_q8 xq[(nb_d > nb_q ? nb_d : nb_q)];
+    int64_t lo, hi;
+    rms_norm(a->h, L->input_norm, d, L->eps, x);
+    st_quantize_row(x, nb_d, xq, 0);
+    st_share((n_qkv + GEMV_ROWS - 1) / GEMV_ROWS, ith, nth, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) st_dense_tile(L->qkv, nb_d * Q4_BYTES, n_qkv, xq, nb_d, qkv, t);
+    st_sync(nth);
+    st_share(G, ith, nth, &lo, &hi);
+    for (int64_t g = lo; g < hi; g++)
+        attend_group(L, g, qkv, att, scores, a->k_cache, a->v_cache, a->slot, a->n_keys, a->cos, a->sin);
+    st_sync(nth);
+    st_quantize_row(att, nb_q, xq, 0);
+    st_share((d + GEMV_ROWS - 1) / GEMV_ROWS, ith, nth, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) st_dense_tile(L->o, nb_q * Q4_BYTES, d, xq, nb_q, o_out, t);
+    st_sync(nth);
+    if (ith == 0) {
+        for (int64_t i = 0; i < d; i++) a->h[i] += o_out[i];
+        rms_norm(a->h, L->post_norm, d, L->eps, a->y);
+    }
+}
+
 /*
  * Attention half of the layer for one token at cache slot `slot`, which sees n_keys cached
  * keys (slot among them): h [d] += o(attention(input_norm(h))), then y [d] = post_norm(h).
@@ -126,62 +163,85 @@ static void attend_group(const st_layer *L, int64_t g, float *qkv, float *att, f
  */
 void st_attention_decode(const st_layer *L, float *h, float *y, float *k_cache, float *v_cache, int64_t slot,
                          int64_t n_keys, const float *cos, const float *sin, float *work) {
-    const int64_t d = L->d, H = L->n_heads, G = L->n_kv_heads, hd = L->head_dim;
-    const int64_t q_dim = H * hd, kv_dim = G * hd, n_qkv = q_dim + 2 * kv_dim;
-    const int64_t nb_d = d / QK, nb_q = q_dim / QK;
-    float *o_out = work, *qkv = o_out + d, *att = qkv + n_qkv, *scores = att + q_dim;
-    const int64_t tiles_qkv = (n_qkv + GEMV_ROWS - 1) / GEMV_ROWS, tiles_o = (d + GEMV_ROWS - 1) / GEMV_ROWS;
-    #pragma omp parallel if (omp_get_max_threads() > 1)
+    attention_args a = {L, h, y, k_cache, v_cache, slot, n_keys, cos, sin, work};
+    st_run(attention_task, &a, 1);
+}
+
+/* Floats of work memory st_moe_dense needs for up to k experts. */
+int64_t st_moe_dense_work_floats(int64_t d, int64_t f, int64_t d_out, int64_t k) {
+    (void)d;
+    (void)d_out;
+    return 2 * f * k;
+}
+
+typedef struct {
+    const uint8_t *const *gate_up, *const *down;
+    const float *weights;
+    int64_t k, d, f, d_out;
+    const float *x;
+    float *acc, *work;
+} moe_args;
+
+static void moe_task(void *p, int ith, int nth) {
+    const moe_args *a = p;
+    const int64_t d = a->d, f = a->f, d_out = a->d_out, K = a->k, nb_d = d / QK, nb_f = f / QK;
+    const int64_t tiles_gu = (2 * f + GEMV_ROWS - 1) / GEMV_ROWS, tiles_down = (d_out + GEMV_ROWS - 1) / GEMV_ROWS;
+    int64_t lo, hi;
     {
-        float x[d];
-        block_q8 xq[(nb_d > nb_q ? nb_d : nb_q)];
-        rms_norm(h, L->input_norm, d, L->eps, x);
-        st_quantize_row(x, nb_d, xq, 0);
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles_qkv; t++) st_dense_tile(L->qkv, nb_d * Q4_BYTES, n_qkv, xq, nb_d, qkv, t);
-        #pragma omp for schedule(static)
-        for (int64_t g = 0; g < G; g++) attend_group(L, g, qkv, att, scores, k_cache, v_cache, slot, n_keys, cos, sin);
-        st_quantize_row(att, nb_q, xq, 0);
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles_o; t++) st_dense_tile(L->o, nb_q * Q4_BYTES, d, xq, nb_q, o_out, t);
-        #pragma omp single nowait
-        {
-            for (int64_t i = 0; i < d; i++) h[i] += o_out[i];
-            rms_norm(h, L->post_norm, d, L->eps, y);
+        block_q8 xq[nb_d];
+        st_quantize_row(a->x, nb_d, xq, 0);
+        /* every expert's gate_up tiles, one list split across the threads */
+        st_share(K * tiles_gu, ith, nth, &lo, &hi);
+        for (int64_t i = lo; i < hi; i++) {
+            const int64_t e = i / tiles_gu;
+            st_dense_tile(a->gate_up[e], nb_d * Q4_BYTES, 2 * f, xq, nb_d, a->work + e * 2 * f, i % tiles_gu);
         }
     }
+    st_sync(nth);
+    block_q8 aq[K][nb_f];
+    float act[f];
+    for (int64_t e = 0; e < K; e++) {
+        const float *g = a->work + e * 2 * f;
+        for (int64_t j = 0; j < f; j++) act[j] = (g[j] > 0.0f ? g[j] : 0.0f) * g[f + j];
+        st_quantize_row(act, nb_f, aq[e], 0);
+    }
+    /* each thread owns a range of output rows and sums the experts into them in order */
+    float out[d_out];
+    st_share(tiles_down, ith, nth, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
+        const int64_t r0 = t * GEMV_ROWS;
+        for (int64_t e = 0; e < K; e++) {
+            st_dense_tile(a->down[e], nb_f * Q4_BYTES, d_out, aq[e], nb_f, out, t);
+            for (int64_t r = r0; r < r0 + GEMV_ROWS && r < d_out; r++) a->acc[r] += a->weights[e] * out[r];
+        }
+    }
+}
+
+/*
+ * A layer's k dense ReGLU experts for one activation row, added in place in list order:
+ * acc [d_out] += sum_e weights[e] * down_e(relu(gate_e . x) * (up_e . x)). gate_up[e]: Q4_0
+ * [2f, d] (gate rows, then up rows); down[e]: Q4_0 [d_out, f]; work:
+ * st_moe_dense_work_floats(d, f, d_out, k) floats. One barrier: all experts' gate and up
+ * products, then each thread rounds every expert's relu(gate) * up itself and sums the down
+ * products of its rows, expert after expert (the same order and bits as k st_reglu_dense calls).
+ */
+void st_moe_dense(const uint8_t *const *gate_up, const uint8_t *const *down, const float *weights, int64_t k,
+                  int64_t d, int64_t f, int64_t d_out, const float *x, float *acc, float *work) {
+    moe_args a = {gate_up, down, weights, k, d, f, d_out, x, acc, work};
+    st_run(moe_task, &a, 1);
 }
 
 /* Floats of work memory st_reglu_dense needs. */
 int64_t st_reglu_dense_work_floats(int64_t d, int64_t f, int64_t d_out) {
-    (void)d;
-    return 2 * f + d_out;
+    return st_moe_dense_work_floats(d, f, d_out, 1);
 }
 
 /*
  * A dense ReGLU expert for one activation row, added in place: acc [d_out] += weight *
- * down(relu(gate . x) * (up . x)). gate_up: Q4_0 [2f, d] (gate rows, then up rows); down: Q4_0
- * [d_out, f]; x [d]; work: st_reglu_dense_work_floats(d, f, d_out) floats. One barrier (gate and
- * up done): each thread quantizes x and then relu(gate) * up itself.
+ * down(relu(gate . x) * (up . x)) (st_moe_dense with one expert). gate_up: Q4_0 [2f, d] (gate
+ * rows, then up rows); down: Q4_0 [d_out, f]; x [d]; work: st_reglu_dense_work_floats(d, f, d_out).
  */
 void st_reglu_dense(const uint8_t *gate_up, const uint8_t *down, int64_t d, int64_t f, int64_t d_out,
                     const float *x, float weight, float *acc, float *work) {
-    const int64_t nb_d = d / QK, nb_f = f / QK;
-    float *g = work, *out = g + 2 * f;
-    const int64_t tiles_gu = (2 * f + GEMV_ROWS - 1) / GEMV_ROWS, tiles_down = (d_out + GEMV_ROWS - 1) / GEMV_ROWS;
-    #pragma omp parallel if (omp_get_max_threads() > 1)
-    {
-        block_q8 xq[(nb_d > nb_f ? nb_d : nb_f)];
-        float a[f];
-        st_quantize_row(x, nb_d, xq, 0);
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles_gu; t++) st_dense_tile(gate_up, nb_d * Q4_BYTES, 2 * f, xq, nb_d, g, t);
-        for (int64_t j = 0; j < f; j++) a[j] = (g[j] > 0.0f ? g[j] : 0.0f) * g[f + j];
-        st_quantize_row(a, nb_f, xq, 0);
-        #pragma omp for schedule(static) nowait
-        for (int64_t t = 0; t < tiles_down; t++) {
-            st_dense_tile(down, nb_f * Q4_BYTES, d_out, xq, nb_f, out, t);
-            for (int64_t r = t * GEMV_ROWS; r < (t + 1) * GEMV_ROWS && r < d_out; r++) acc[r] += weight * out[r];
-        }
-    }
+    st_moe_dense(&gate_up, &down, &weight, 1, d, f, d_out, x, acc, work);
 }

@@ -12,7 +12,7 @@ import ctypes
 
 import torch
 
-from model.kernels import Q4Matrix, _native
+from model.kernels import DenseReGLUExpert, Q4Matrix, _native
 
 
 class _Layer(ctypes.Structure):
@@ -49,6 +49,12 @@ class NativeLayer:
         self._work = torch.empty(0)
         self._work_base = self._lib.st_attention_work_floats(self._ref, 0)  # + one score per head and key
         self._heads = cfg.num_attention_heads
+        self._moe_work = torch.empty(self._lib.st_moe_dense_work_floats(
+            cfg.hidden_size, cfg.moe_ffn_hidden_size, cfg.hidden_size, cfg.moe_num_active_primary_experts))
+        self._moe_weights = (ctypes.c_float * cfg.moe_num_active_primary_experts)()
+        self._gate_up_ptrs = (ctypes.c_void_p * cfg.moe_num_active_primary_experts)()
+        self._down_ptrs = (ctypes.c_void_p * cfg.moe_num_active_primary_experts)()
+        self._ffn = cfg.moe_ffn_hidden_size
 
     def route(self, h: torch.Tensor, bias: torch.Tensor | None) -> tuple[list[int], list[float]]:
         """Top-k expert ids (best first) and their weights for the residual h [1, D]."""
@@ -66,6 +72,22 @@ class NativeLayer:
         self._lib.st_attention_decode(self._ref, h.data_ptr(), self.y.data_ptr(), k_cache.data_ptr(),
                                       v_cache.data_ptr(), slot, n_keys, cos, sin, self._work.data_ptr())
         return self.y
+
+
+    def moe(self, experts: list, weights: list[float], h: torch.Tensor) -> bool:
+        """h [1, D] += sum_i weights[i] * experts[i](self.y), in list order and one native call
+        (`st_moe_dense`: the same bits as one `accumulate` per expert); False, with nothing
+        done, unless every expert is a `DenseReGLUExpert` (at most top-k of them)."""
+        k = len(experts)
+        if not 0 < k <= len(self._moe_weights) or not all(type(e) is DenseReGLUExpert and e.ffn_features == self._ffn for e in experts):
+            return False
+        for i, (e, w) in enumerate(zip(experts, weights)):
+            self._gate_up_ptrs[i], self._down_ptrs[i] = e.gate_up.blocks.data_ptr(), e.down.blocks.data_ptr()
+            self._moe_weights[i] = w
+        d = self._layer.d
+        self._lib.st_moe_dense(self._gate_up_ptrs, self._down_ptrs, self._moe_weights, k, d, self._ffn, d,
+                               self.y.data_ptr(), h.data_ptr(), self._moe_work.data_ptr())
+        return True
 
 
 def native_layer(cfg, w) -> NativeLayer | None:

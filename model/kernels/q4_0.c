@@ -11,7 +11,7 @@
  * Structure (AVX2): decode (m = 1) streams 4 weight rows at a time against the one activation
  * row (gemv_rows); prefill (m > 1) repacks 8 weight rows x 32 blocks into an L1-resident
  * interleaved copy once and runs every activation row against it, 4 at a time (packed_rows).
- * Tiles of weight rows are split statically across the OpenMP threads. Without AVX2 a portable
+ * Tiles of weight rows are split statically across the pool's threads (pool.c). Without AVX2 a portable
  * scalar loop computes the same sums (same quantization, same integer dot products).
  *
  * Sparse ReGLU (end of file): st_q4_0_matvec_rows (GEMV on a list of rows),
@@ -19,7 +19,7 @@
  * expert for one activation row: gate -> select relu > 0 -> up on those rows -> down^T axpy).
  *
  * Built at first use by model/kernels/__init__.py with the host's own flags (-march=native);
- * threads come from the OpenMP runtime torch already loaded, so torch.set_num_threads applies.
+ * threads: the pool of pool.c, as many as torch's OpenMP runtime says (torch.set_num_threads applies).
  */
 #include <math.h>
 #include <omp.h>
@@ -40,7 +40,7 @@ static inline uint16_t load_u16(const uint8_t *p) {
 
 int st_kernel_abi(void) { return ST_ABI; }
 
-int st_num_threads(void) { return omp_get_max_threads(); }
+int st_num_threads(void) { return omp_get_max_threads(); }  /* what the pool uses (pool.c) */
 
 int st_has_avx2(void) {
 #if defined(__AVX2__)
@@ -263,13 +263,17 @@ static void scalar_row(const uint8_t *w, const block_q8 *xq, int64_t nb, int64_t
 }
 #endif
 
-/*
- * y[m, n] = x[m, k] . w[n, k]; w: n rows of k/32 Q4_0 blocks; xq: scratch for m*k/32 Q8_0
- * blocks (the caller allocates it once and reuses it). Tiles of weight rows are split
- * statically across threads, after all threads have quantized their share of x.
- */
-void st_q4_0_matmul(const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t m, float *y, block_q8 *xq) {
-    const int64_t nb = k / QK, row_bytes = nb * Q4_BYTES;
+typedef struct {
+    const uint8_t *w;
+    int64_t n, k, m;
+    const float *x;
+    float *y;
+    block_q8 *xq;
+} matmul_args;
+
+static void matmul_task(void *p, int ith, int nth) {
+    const matmul_args *a = p;
+    const int64_t n = a->n, k = a->k, m = a->m, nb = k / QK, row_bytes = nb * Q4_BYTES;
 #if defined(__AVX2__)
     const int64_t rows = m == 1 ? GEMV_ROWS : PACK_ROWS;
     const uint8_t flip = m == 1 ? 0 : 0x80;
@@ -277,31 +281,37 @@ void st_q4_0_matmul(const uint8_t *w, int64_t n, int64_t k, const float *x, int6
     const int64_t rows = 1;
     const uint8_t flip = 0;
 #endif
-    const int64_t tiles = (n + rows - 1) / rows;
-    /* below ~64K multiply-adds the fork/join costs more than it saves */
-    const int parallel = n * k * (m < 4 ? m : 4) >= 65536 && omp_get_max_threads() > 1;
-    #pragma omp parallel if (parallel)
-    {
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < m; t++) st_quantize_row(x + t * k, nb, xq + t * nb, flip);
-        #pragma omp for schedule(static)
-        for (int64_t i = 0; i < tiles; i++) {
-            const int64_t r0 = i * rows;
-            const uint8_t *wr = w + r0 * row_bytes;
+    int64_t lo, hi;
+    st_share(m, ith, nth, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) st_quantize_row(a->x + t * k, nb, a->xq + t * nb, flip);
+    st_sync(nth);
+    st_share((n + rows - 1) / rows, ith, nth, &lo, &hi);
+    for (int64_t i = lo; i < hi; i++) {
+        const int64_t r0 = i * rows;
+        const uint8_t *wr = a->w + r0 * row_bytes;
 #if defined(__AVX2__)
-            const int nrows = n - r0 < rows ? (int)(n - r0) : (int)rows;
-            if (m > 1) {
-                packed_rows(wr, row_bytes, nrows, xq, nb, m, y + r0, n);
-            } else if (nrows == GEMV_ROWS) {
-                gemv_rows(wr, row_bytes, xq, nb, y + r0, GEMV_ROWS);
-            } else {
-                for (int r = 0; r < nrows; r++) gemv_rows(wr + r * row_bytes, row_bytes, xq, nb, y + r0 + r, 1);
-            }
-#else
-            scalar_row(wr, xq, nb, m, y + r0, n);
-#endif
+        const int nrows = n - r0 < rows ? (int)(n - r0) : (int)rows;
+        if (m > 1) {
+            packed_rows(wr, row_bytes, nrows, a->xq, nb, m, a->y + r0, n);
+        } else if (nrows == GEMV_ROWS) {
+            gemv_rows(wr, row_bytes, a->xq, nb, a->y + r0, GEMV_ROWS);
+        } else {
+            for (int r = 0; r < nrows; r++) gemv_rows(wr + r * row_bytes, row_bytes, a->xq, nb, a->y + r0 + r, 1);
         }
+#else
+        scalar_row(wr, a->xq, nb, m, a->y + r0, n);
+#endif
     }
+}
+
+/*
+ * y[m, n] = x[m, k] . w[n, k]; w: n rows of k/32 Q4_0 blocks; xq: scratch for m*k/32 Q8_0
+ * blocks (the caller allocates it once and reuses it). Tiles of weight rows are split
+ * statically across threads, after all threads have quantized their share of x.
+ */
+void st_q4_0_matmul(const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t m, float *y, block_q8 *xq) {
+    matmul_args a = {w, n, k, m, x, y, xq};
+    st_run(matmul_task, &a, st_worth_threads(n * k * (m < 4 ? m : 4)));
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -502,6 +512,27 @@ static void axpy_range(const uint8_t *w, int64_t row_bytes, const int32_t *rows,
     }
 }
 
+typedef struct {
+    const uint8_t *w;
+    int64_t k;
+    const int32_t *rows;
+    const float *coeffs;
+    int64_t n_rows;
+    const float *x;
+    float *y;
+    block_q8 *xq;
+} rows_args;
+
+static void matvec_rows_task(void *p, int ith, int nth) {
+    const rows_args *a = p;
+    const int64_t nb = a->k / QK, row_bytes = nb * Q4_BYTES;
+    if (ith == 0) st_quantize_row(a->x, nb, a->xq, 0);
+    st_sync(nth);
+    int64_t lo, hi;
+    st_share((a->n_rows + GEMV_ROWS - 1) / GEMV_ROWS, ith, nth, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) rows_tile(a->w, row_bytes, a->rows, a->n_rows, a->xq, nb, a->y + t * GEMV_ROWS, t);
+}
+
 /*
  * y[i] = W[rows[i]] . x for i < n_rows. w: n rows of k/32 Q4_0 blocks; rows: int32 indices in
  * [0, n), any order; x: k floats; xq: scratch for k/32 Q8_0 blocks (quantized here).
@@ -509,16 +540,14 @@ static void axpy_range(const uint8_t *w, int64_t row_bytes, const int32_t *rows,
 void st_q4_0_matvec_rows(const uint8_t *w, int64_t n, int64_t k, const int32_t *rows, int64_t n_rows,
                          const float *x, float *y, block_q8 *xq) {
     (void)n;
-    const int64_t nb = k / QK, row_bytes = nb * Q4_BYTES;
-    const int64_t tiles = (n_rows + GEMV_ROWS - 1) / GEMV_ROWS;
-    const int parallel = n_rows * k >= 65536 && omp_get_max_threads() > 1;
-    #pragma omp parallel if (parallel)
-    {
-        #pragma omp single
-        st_quantize_row(x, nb, xq, 0);
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; t++) rows_tile(w, row_bytes, rows, n_rows, xq, nb, y + t * GEMV_ROWS, t);
-    }
+    rows_args a = {w, k, rows, NULL, n_rows, x, y, xq};
+    st_run(matvec_rows_task, &a, st_worth_threads(n_rows * k));
+}
+
+static void axpy_rows_task(void *p, int ith, int nth) {
+    const rows_args *a = p;
+    const int64_t nb = a->k / QK;
+    axpy_range(a->w, nb * Q4_BYTES, a->rows, a->coeffs, a->n_rows, split_at(nb, ith, nth), split_at(nb, ith + 1, nth), a->y);
 }
 
 /*
@@ -529,13 +558,52 @@ void st_q4_0_matvec_rows(const uint8_t *w, int64_t n, int64_t k, const int32_t *
 void st_q4_0_axpy_rows(const uint8_t *wt, int64_t n, int64_t k, const int32_t *rows, const float *coeffs,
                        int64_t n_rows, float *y) {
     (void)n;
-    const int64_t nb = k / QK, row_bytes = nb * Q4_BYTES;
-    const int parallel = n_rows * k >= 65536 && nb > 1 && omp_get_max_threads() > 1;
-    #pragma omp parallel if (parallel)
-    {
-        const int parts = omp_get_num_threads(), c = omp_get_thread_num();
-        axpy_range(wt, row_bytes, rows, coeffs, n_rows, split_at(nb, c, parts), split_at(nb, c + 1, parts), y);
+    rows_args a = {wt, k, rows, coeffs, n_rows, NULL, y, NULL};
+    st_run(axpy_rows_task, &a, st_worth_threads(n_rows * k) && k / QK > 1);
+}
+
+typedef struct {
+    const uint8_t *gate, *up, *down_t;
+    int64_t d, f, d_out;
+    const float *x;
+    float *out, *h;
+    int32_t *rows;
+    float weight;
+    float *acc;
+    int64_t n_active;
+} reglu_sparse_args;
+
+static void reglu_sparse_task(void *p, int ith, int nth) {
+    reglu_sparse_args *a = p;
+    const int64_t d = a->d, f = a->f, nb = d / QK, row_bytes = nb * Q4_BYTES;
+    const int64_t nb_out = a->d_out / QK, out_row_bytes = nb_out * Q4_BYTES;
+    float *g = a->h, *coef = a->h + f;
+    block_q8 xq_own[nb];
+    st_quantize_row(a->x, nb, xq_own, 0);
+    int64_t lo, hi;
+    st_share((f + GEMV_ROWS - 1) / GEMV_ROWS, ith, nth, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) st_dense_tile(a->gate, row_bytes, f, xq_own, nb, g, t);
+    st_sync(nth);
+    /* every thread lists the active rows (the same list); each fills its share of rows/coef */
+    int32_t active[f];
+    int64_t n = 0;
+    for (int64_t j = 0; j < f; j++)
+        if (g[j] > 0.0f) active[n++] = (int32_t)j;
+    if (ith == 0) a->n_active = n;
+    const int64_t i0 = split_at(n, ith, nth), i1 = split_at(n, ith + 1, nth);
+    for (int64_t i0t = i0; i0t < i1; i0t += GEMV_ROWS) {
+        float u[GEMV_ROWS];
+        rows_tile(a->up, row_bytes, active + i0t, i1 - i0t, xq_own, nb, u, 0);
+        for (int r = 0; r < GEMV_ROWS && i0t + r < i1; r++) {
+            a->rows[i0t + r] = active[i0t + r];
+            coef[i0t + r] = g[active[i0t + r]] * u[r];
+        }
     }
+    st_sync(nth);
+    const int64_t b0 = split_at(nb_out, ith, nth), b1 = split_at(nb_out, ith + 1, nth);
+    axpy_range(a->down_t, out_row_bytes, a->rows, coef, n, b0, b1, a->out);
+    if (a->acc != NULL)
+        for (int64_t i = b0 * QK; i < b1 * QK; i++) a->acc[i] += a->weight * a->out[i];
 }
 
 /*
@@ -554,39 +622,7 @@ int64_t st_reglu_sparse(const uint8_t *gate, const uint8_t *up, const uint8_t *d
                         int64_t d_out, const float *x, float *out, block_q8 *xq, float *h, int32_t *rows,
                         float weight, float *acc) {
     (void)xq;
-    const int64_t nb = d / QK, row_bytes = nb * Q4_BYTES;
-    const int64_t nb_out = d_out / QK, out_row_bytes = nb_out * Q4_BYTES;
-    const int64_t tiles = (f + GEMV_ROWS - 1) / GEMV_ROWS;
-    float *g = h, *coef = h + f;
-    int64_t n_active = 0;
-    const int parallel = f * d >= 65536 && omp_get_max_threads() > 1;
-    #pragma omp parallel if (parallel)
-    {
-        const int parts = omp_get_num_threads(), c = omp_get_thread_num();
-        block_q8 xq_own[nb];
-        st_quantize_row(x, nb, xq_own, 0);
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; t++) st_dense_tile(gate, row_bytes, f, xq_own, nb, g, t);
-        /* every thread lists the active rows (the same list); each fills its share of rows/coef */
-        int32_t active[f];
-        int64_t n = 0;
-        for (int64_t j = 0; j < f; j++)
-            if (g[j] > 0.0f) active[n++] = (int32_t)j;
-        if (c == 0) n_active = n;
-        const int64_t i0 = split_at(n, c, parts), i1 = split_at(n, c + 1, parts);
-        for (int64_t i0t = i0; i0t < i1; i0t += GEMV_ROWS) {
-            float u[GEMV_ROWS];
-            rows_tile(up, row_bytes, active + i0t, i1 - i0t, xq_own, nb, u, 0);
-            for (int r = 0; r < GEMV_ROWS && i0t + r < i1; r++) {
-                rows[i0t + r] = active[i0t + r];
-                coef[i0t + r] = g[active[i0t + r]] * u[r];
-            }
-        }
-        #pragma omp barrier
-        const int64_t b0 = split_at(nb_out, c, parts), b1 = split_at(nb_out, c + 1, parts);
-        axpy_range(down_t, out_row_bytes, rows, coef, n, b0, b1, out);
-        if (acc != NULL)
-            for (int64_t i = b0 * QK; i < b1 * QK; i++) acc[i] += weight * out[i];
-    }
-    return n_active;
+    reglu_sparse_args a = {gate, up, down_t, d, f, d_out, x, out, h, rows, weight, acc, 0};
+    st_run(reglu_sparse_task, &a, st_worth_threads(f * d));
+    return a.n_active;
 }

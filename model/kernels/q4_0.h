@@ -12,7 +12,7 @@
 #define QK 32
 #define Q4_BYTES 18
 #define GEMV_ROWS 4      /* weight rows per tile when m = 1 */
-#define ST_ABI 4
+#define ST_ABI 5
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 #define INTERNAL __attribute__((visibility("hidden")))
@@ -41,5 +41,21 @@ static inline float hsum(__m256 v) {
 
 /* Blocks [split_at(c), split_at(c + 1)) of nb are part c of `parts` (contiguous, as even as possible). */
 static inline int64_t split_at(int64_t nb, int c, int parts) { return nb * c / parts; }
+
+/* The thread pool (pool.c): st_run(fn, arg, parallel) runs fn(arg, ith, nth) on nth threads
+   (nth = 1 when parallel is 0) and returns when all are done; st_sync(nth) inside fn is a
+   barrier of those threads. */
+typedef void (*st_task)(void *arg, int ith, int nth);
+INTERNAL void st_run(st_task fn, void *arg, int parallel);
+INTERNAL void st_sync(int nth);
+
+/* Thread ith's share [*lo, *hi) of n items (static, contiguous, the same split for the same n). */
+static inline void st_share(int64_t n, int ith, int nth, int64_t *lo, int64_t *hi) {
+    *lo = split_at(n, ith, nth);
+    *hi = split_at(n, ith + 1, nth);
+}
+
+/* Is the pool worth its wake-up for this many multiply-adds? (below ~64K it costs more than it saves) */
+static inline int st_worth_threads(int64_t macs) { return macs >= 65536; }
 
 #endif
