@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from llama_cpp_peer import llama_cpp_available, measure_llama_cpp  # noqa: E402
+from llama_cpp_peer import llama_cpp_available, measure_llama_cpp, peer_env  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
 CGROUP = Path("/sys/fs/cgroup/memory")
@@ -53,8 +53,9 @@ def log(msg: str) -> None:
 
 
 def stctl(*args: str, timeout: float = 7200, env: dict | None = None) -> dict:
+    # the engine starts from the user's environment too, and sets its own defaults
     proc = subprocess.run([sys.executable, "-m", "stctl.cli", *args], capture_output=True, text=True, timeout=timeout,
-                          env=None if env is None else {**os.environ, **env})
+                          env={**peer_env(), **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"stctl {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout)
@@ -140,7 +141,7 @@ def engine_under_cap(pkg: Path, args, cap_bytes: int, lookahead: bool = True) ->
                "prompt_tokens": args.prompt_tokens, "root": str(ROOT), "lookahead": lookahead,
                "headroom_bytes": args.cap_headroom}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--engine-child"], input=json.dumps(request),
-                          capture_output=True, text=True, timeout=7200)
+                          capture_output=True, text=True, timeout=7200, env=peer_env())
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output (killed by the OOM killer?)"]
         raise RuntimeError(f"engine run failed (exit {proc.returncode}): {tail[0]}")

@@ -1,7 +1,9 @@
 """llama.cpp as the peer the engine's speed and memory are compared against.
 
 `measure_llama_cpp` runs llama.cpp (through llama-cpp-python) on a GGUF in a child process, so the
-peak RSS it reports is llama.cpp's alone, never mixed with the caller's. It returns None when
+peak RSS it reports is llama.cpp's alone, never mixed with the caller's, and the child runs with
+the environment as the user had it (`peer_env`): nothing this project sets (such as the
+`OMP_WAIT_POLICY` that importing `model` adds) reaches llama.cpp, which runs at its own defaults. It returns None when
 llama_cpp is not installed. Timing follows the engine's: prefill is one forward over the prompt;
 decode is greedy, one forward per token, timed without the argmax.
 
@@ -13,12 +15,22 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 CHILD_TIMEOUT_S = 1800.0
+# Variables that change how llama.cpp's threads wait or how many there are: the report lists them.
+ENV_REPORTED = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_PROC_BIND", "GGML_NUMA")
+
+
+def peer_env() -> dict[str, str]:
+    """The environment a peer runs with: this process's, less what the `model` library added."""
+    if "model.runtime_env" in sys.modules:
+        return sys.modules["model.runtime_env"].foreign_env()
+    return dict(os.environ)  # `model` never loaded here: nothing of ours was added
 
 
 def llama_cpp_available() -> bool:
@@ -42,8 +54,17 @@ def measure_llama_cpp(gguf_path: str | Path, threads: int, prompt_ids: list[int]
     request = {"gguf_path": str(gguf_path), "threads": threads, "prompt_ids": [int(i) for i in prompt_ids],
                "n_decode": n_decode, "flash_attn": flash_attn, "extra_kwargs": extra_kwargs or {},
                "madvise_random": madvise_random}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child"], input=json.dumps(request),
-                          capture_output=True, text=True, timeout=timeout_s)
+    return _spawn_child("--child", request, timeout_s)
+
+
+def child_environment(names: tuple[str, ...] = ENV_REPORTED) -> dict[str, str | None]:
+    """The values of `names` in a child started exactly as the peer is (for the tests)."""
+    return _spawn_child("--child-env", {"names": list(names)}, 60.0)
+
+
+def _spawn_child(mode: str, request: dict, timeout_s: float) -> dict:
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), mode], input=json.dumps(request),
+                          capture_output=True, text=True, timeout=timeout_s, env=peer_env())
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"llama.cpp run failed (exit {proc.returncode}): {tail[0]}")
@@ -125,6 +146,7 @@ def _run_child(req: dict) -> dict:
         "decode_ms": decode_s * 1e3, "decode_tokens_per_s": n_decode / decode_s if decode_s > 0 else 0.0,
         "peak_rss_bytes": _peak_rss_bytes(), "rss_before_load_bytes": rss_before_load,
         "madvise_random_bytes": advised,
+        "environment": {name: os.environ.get(name) for name in ENV_REPORTED},
         "generated_ids": generated,
     }
 
@@ -141,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--gguf", help="a GGUF file")
     src.add_argument("--package", help="a model package directory, exported to a temporary GGUF first")
     src.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    src.add_argument("--child-env", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--decode", type=int, default=32)
@@ -149,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(_run_child(json.load(sys.stdin))))
+        return 0
+    if args.child_env:
+        print(json.dumps({name: os.environ.get(name) for name in json.load(sys.stdin)["names"]}))
         return 0
     if not (args.gguf or args.package):
         p.error("give --gguf or --package")

@@ -4,13 +4,11 @@ Public API: `Engine.load(package_dir, *, memory_budget_bytes=None, threads=None)
 `Engine.logits(ids)`, `Engine.generate(ids, max_new_tokens, temperature=0.0, seed=None)`,
 `Engine.last_stats`, `Engine.kv_cache_bytes(n)`; `ModelConfig` and its presets; the builders.
 """
-import os
+from model import runtime_env
 
-# OpenMP threads sleep at barriers instead of spinning, unless the user chose a policy. This must
-# happen before torch loads libgomp. On a busy 2-core PC spinning threads starve the threads
-# doing the work: the 4B shape decoded at 1.8 tok/s with the default policy and 15.8 tok/s with
-# PASSIVE under the same load (load average ~16-20, 2 threads; `stctl model bench`).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads: torch's OpenMP threads sleep between its regions unless the user chose a
+# policy (see model/runtime_env.py; programs we start get the environment without it).
+runtime_env.apply()
 
 from model.errors import (  # noqa: E402  (the error family is light: no torch)
     BudgetError, CheckpointError, ConfigError, IntegrityError, ModelError, PackageError,
