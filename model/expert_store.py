@@ -308,7 +308,7 @@ class ExpertStore:
             return SparseReGLUExpert.from_gate_up(gate_up, down, self.kernel)
         quant = self.manifest.quant
         if quant == "q4_0" and (self.kernel or backend()) == "c":
-            return DenseReGLUExpert(gate_up, down)
+            return DenseReGLUExpert(gate_up, down, in_place=True)  # repacked in the slot itself
         return ExpertWeights(gate_up=make_matrix(gate_up, quant, "gate_up", self.kernel),
                              down=make_matrix(down, quant, "down", self.kernel))
 

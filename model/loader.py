@@ -112,8 +112,8 @@ def load_transformer(package_dir: Path, manifest: ModelManifest, cfg: ModelConfi
     tick = progress or (lambda: None)
     D, E, V, quant = cfg.hidden_size, cfg.moe_num_primary_experts, cfg.vocab_size, manifest.quant
 
-    def matrix(stored: torch.Tensor, name: str):
-        return make_matrix(stored, quant, name, kernel)
+    def matrix(stored: torch.Tensor, name: str):  # read for this load alone: repacked in its own memory
+        return make_matrix(stored, quant, name, kernel, in_place=True)
 
     with _ShardRead(package_dir, manifest, HEAD_SHARD) as r:
         final_norm = r.vector(NORM_TENSOR, (D,))
@@ -128,7 +128,7 @@ def load_transformer(package_dir: Path, manifest: ModelManifest, cfg: ModelConfi
         r.read()  # without a buffer for the table (untied head) the shard is only streamed through sha256
         head = matrix(table if tied else lm_head, EMBED_TENSOR if tied else LM_HEAD_TENSOR)
         # the table stays resident only as the head itself; otherwise rows come from the open shard
-        embed_rows = EmbeddingRows(table, quant) if head_is_table else EmbeddingRowsOnDisk(r.keep_open(), EMBED_TENSOR, quant)
+        embed_rows = EmbeddingRows(head, quant) if head_is_table else EmbeddingRowsOnDisk(r.keep_open(), EMBED_TENSOR, quant)
     del table, lm_head  # a table read for a repacking head, or an lm_head the head copied, is freed now
     tick()
     blocks = []

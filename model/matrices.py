@@ -33,11 +33,13 @@ class DenseMatrix:
         return x @ self.weight.t()
 
 
-def make_matrix(tensor: torch.Tensor, quant: str, name: str = "", kernel: str | None = None):
+def make_matrix(tensor: torch.Tensor, quant: str, name: str = "", kernel: str | None = None,
+                in_place: bool = False):
+    """`in_place`: the caller hands `tensor` over, so a Q4_0 repack may reuse its memory."""
     if quant == "q4_0":
         if tensor.dtype != torch.uint8:
             raise PackageError(f"{name}: q4_0 package holds {tensor.dtype}, expected uint8 blocks")
-        return Q4Matrix(tensor, kernel)
+        return Q4Matrix(tensor, kernel, in_place=in_place)
     if tensor.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise PackageError(f"{name}: {quant} package holds {tensor.dtype}")
     return DenseMatrix(tensor)
@@ -54,17 +56,18 @@ def _rows_to_float(rows: torch.Tensor, quant: str) -> torch.Tensor:
 
 
 class EmbeddingRows:
-    """Token id -> embedding row in float32, from a resident table (the one the tied head uses)."""
+    """Token id -> embedding row in float32, from the resident table the tied head multiplies
+    with (`head`: its rows come back in GGML order whatever layout the head keeps them in)."""
 
-    def __init__(self, table: torch.Tensor, quant: str):
-        self.table, self.quant = table, quant
+    def __init__(self, head, quant: str):
+        self.head, self.quant = head, quant
 
     @property
     def nbytes(self) -> int:
-        return self.table.numel() * self.table.element_size()
+        return self.head.nbytes
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return _rows_to_float(self.table[ids], self.quant)
+        return _rows_to_float(self.head.rows(ids), self.quant)
 
 
 class EmbeddingRowsOnDisk:

@@ -4,14 +4,19 @@ Rule: every backend computes `x @ dequantize(w).T` from the same GGML Q4_0 bytes
 only in speed and in rounding (the C kernel rounds activations to int8 per 32 values, the torch
 int4 kernel rounds them to bf16 and the scales from fp16 to bf16). Backends, fastest first:
 
-- `c`: `q4_0.c` (+ `layer.c`, the single-token decoder layer), compiled on first use with the host's flags into a per-host cache
-  (`$ST_KERNEL_CACHE`, default `~/.cache/smallthinker-fleet/kernels`), keyed by the source,
-  the compiler, the CPU flags and torch's version;
+- `c`: `x4.c` (dense products on the interleaved layout), `q4_0.c` (GGML-order products, the
+  sparse kernels), `layer.c` (the single-token decoder layer) and `pool.c` (their threads),
+  compiled on first use for the best instruction set the CPU has (`isa.py`: AVX-512 VNNI,
+  AVX-VNNI, AVX2 or portable C; `ST_KERNEL_ISA` picks another) into a per-host cache
+  (`$ST_KERNEL_CACHE`, default `~/.cache/smallthinker-fleet/kernels`), keyed by the sources,
+  the compiler, the flags, the CPU flags and torch's version;
 - `torch-int4`: `torch.ops.aten._weight_int4pack_mm_for_cpu` on a repacked copy;
 - `reference`: dequantize to float32 and matmul (slow; for checks).
 
-`ST_KERNEL=c|torch-int4|reference` forces one. `ST_KERNEL_CFLAGS` (e.g. `-mno-avx2`, to test the
-portable scalar path) appends compiler flags to the `c` build; they are part of the cache key.
+`ST_KERNEL=c|torch-int4|reference` forces one. `ST_KERNEL_CFLAGS` appends compiler flags to the
+`c` build; they are part of the cache key. When the `c` backend cannot be built, one warning line
+says why and the torch-int4 fallback runs; `describe()` tells which path runs (for
+`stctl model bench` and the agent's `/v1/status`).
 
 Sparse ReGLU experts (`SparseReGLUExpert`, `transpose_q4_0`): see their docstrings.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -32,11 +38,12 @@ from pathlib import Path
 import torch
 
 from model.errors import ModelError
+from model.kernels.isa import IsaError, chosen_isa, known_isas
 from model.quant import QK4_0, Q4_0_BYTES, dequantize_q4_0, quantize_q4_0, split_q4_0
 
 BACKENDS = ("c", "torch-int4", "reference")
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "q4_0.c", _HERE / "layer.c", _HERE / "pool.c")
+_SOURCES = (_HERE / "q4_0.c", _HERE / "x4.c", _HERE / "layer.c", _HERE / "pool.c")
 _HEADER = _HERE / "q4_0.h"
 _Q8_BLOCK_BYTES = 4 + QK4_0
 _ABI = 5
@@ -62,10 +69,11 @@ def _cache_dir() -> Path:
 
 
 def _compile(cc: str, out: Path, cflags: tuple[str, ...] = ()) -> None:
+    """Build the library with exactly `cflags` (the ISA's flags, then any extra ones)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
-    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", *cflags, *map(str, _SOURCES), "-o", tmp, "-lm", "-lpthread"]
+    cmd = [cc, "-O3", "-fopenmp", "-fPIC", "-shared", *cflags, *map(str, _SOURCES), "-o", tmp, "-lm", "-lpthread"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
@@ -78,21 +86,23 @@ def _compile(cc: str, out: Path, cflags: tuple[str, ...] = ()) -> None:
 
 
 def _native(cflags: str | None = None) -> ctypes.CDLL:
-    """The compiled kernel library; `cflags` (default `$ST_KERNEL_CFLAGS`) are extra compiler flags."""
-    return _build(os.environ.get("ST_KERNEL_CFLAGS", "") if cflags is None else cflags)
+    """The compiled kernel library for the chosen ISA (`isa.chosen_isa`); `cflags` (default
+    `$ST_KERNEL_CFLAGS`) are extra compiler flags."""
+    return _build(chosen_isa().name, os.environ.get("ST_KERNEL_CFLAGS", "") if cflags is None else cflags)
 
 
-@lru_cache(maxsize=4)
-def _build(cflags: str) -> ctypes.CDLL:
+@lru_cache(maxsize=8)
+def _build(isa_name: str, cflags: str) -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         raise KernelError("no C compiler found (gcc or $CC)")
-    flags = tuple(shlex.split(cflags))
+    isa = next(i for i in known_isas() if i.name == isa_name)
+    flags = (*isa.flags, *shlex.split(cflags))
     key = hashlib.sha256(
         b"\0".join([*(f.read_bytes() for f in (*_SOURCES, _HEADER)), cc.encode(), _cpu_flags().encode(), torch.__version__.encode(),
                     " ".join(flags).encode()])
     ).hexdigest()[:16]
-    lib_path = _cache_dir() / f"q4_0-{key}.so"
+    lib_path = _cache_dir() / f"st-{isa.name}-{key}.so"
     if not lib_path.exists():
         _compile(cc, lib_path, flags)
     lib = ctypes.CDLL(str(lib_path))
@@ -115,6 +125,15 @@ def _build(cflags: str) -> ctypes.CDLL:
     lib.st_moe_dense.restype = None
     lib.st_moe_dense_work_floats.argtypes = [i64, i64, i64, i64]
     lib.st_moe_dense_work_floats.restype = i64
+    lib.st_q4_0_x4_bytes.argtypes = [i64, i64]
+    lib.st_q4_0_x4_bytes.restype = i64
+    lib.st_q4_0_to_x4.argtypes = [vp, vp, i64, i64]
+    lib.st_q4_0_to_x4.restype = None
+    lib.st_q4_0_x4_rows.argtypes = [vp, i64, i64, vp, i64, vp]
+    lib.st_q4_0_x4_rows.restype = None
+    lib.st_q4_0_x4_matmul.argtypes = [vp, i64, i64, vp, i64, vp, vp, vp]
+    lib.st_q4_0_x4_matmul.restype = None
+    lib.st_isa.restype = ctypes.c_char_p
     lib.st_pool_spin_us.argtypes = [i64]
     lib.st_pool_spin_us.restype = i64
     lib.st_route.argtypes = [vp, vp, vp, vp, vp]
@@ -127,9 +146,14 @@ def _build(cflags: str) -> ctypes.CDLL:
     return lib
 
 
+_fallback_reason: str | None = None
+
+
 @lru_cache(maxsize=1)
 def backend() -> str:
-    """The backend in use: forced by `ST_KERNEL`, else `c` when it builds, else `torch-int4`."""
+    """The backend in use: forced by `ST_KERNEL`, else `c` when it builds, else `torch-int4`
+    (with one warning line saying why the native kernels did not build)."""
+    global _fallback_reason
     forced = os.environ.get("ST_KERNEL")
     if forced:
         if forced not in BACKENDS:
@@ -140,8 +164,20 @@ def backend() -> str:
     try:
         _native()
         return "c"
-    except (KernelError, OSError, subprocess.SubprocessError):
+    except IsaError:
+        raise
+    except (KernelError, OSError, subprocess.SubprocessError) as e:
+        _fallback_reason = str(e)
+        logging.getLogger("model.kernels").warning(
+            "native Q4_0 kernels unavailable (%s): running the torch-int4 fallback, several times slower", e)
         return "torch-int4"
+
+
+def describe() -> dict:
+    """Which kernel path runs: backend, instruction set (for `c`), why it fell back (if it did)."""
+    name = backend()
+    isa = _native().st_isa().decode() if name == "c" else None
+    return {"backend": name, "isa": isa, "fallback_reason": _fallback_reason}
 
 
 class _Scratch(threading.local):
@@ -158,25 +194,56 @@ class _Scratch(threading.local):
 
 
 _scratch = _Scratch()       # quantized activations
+_scratch_corr = _Scratch()  # their per-block corrections (x4 products)
 _scratch_h = _Scratch()     # sparse ReGLU: gate values, and the active rows' coefficients
 _scratch_rows = _Scratch()  # sparse ReGLU: active row indices (int32)
 _scratch_out = _Scratch()   # an expert's output before it is added into the residual
 
 
 class Q4Matrix:
-    """A Q4_0 weight matrix [out, in] ready for products with float32 activations."""
+    """A Q4_0 weight matrix [out, in] ready for products with float32 activations.
 
-    def __init__(self, blocks: torch.Tensor, kernel: str | None = None):
+    On the `c` backend the blocks are kept in the interleaved x4 layout (`x4.c`: the same bytes,
+    4 rows per block group) unless `layout="rows"` keeps GGML's row order (the sparse kernels,
+    which gather single rows, need it). `in_place=True` hands `blocks` over: the repack then
+    writes into it (no second copy; the caller must not read it as GGML rows afterwards).
+    """
+
+    def __init__(self, blocks: torch.Tensor, kernel: str | None = None, *, layout: str = "x4",
+                 in_place: bool = False):
         if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] % Q4_0_BYTES:
             raise ModelError(f"Q4_0 matrix expected uint8 [out, in/32*18], got {blocks.dtype} {tuple(blocks.shape)}")
         self.kernel = kernel or backend()
         self.out_features = blocks.shape[0]
         self.in_features = blocks.shape[1] // Q4_0_BYTES * QK4_0
+        self.layout = layout if self.kernel == "c" else "rows"
         self.blocks = blocks.contiguous()
         if self.kernel == "torch-int4":
             self._pack_int4()
         elif self.kernel == "c":
             self._lib = _native()
+            if self.layout == "x4":
+                self._to_x4(in_place and self.blocks.data_ptr() == blocks.data_ptr())
+
+    def _to_x4(self, in_place: bool) -> None:
+        n, k = self.out_features, self.in_features
+        size = self._lib.st_q4_0_x4_bytes(n, k)
+        if in_place and size == self.blocks.numel():
+            out = self.blocks
+        else:  # a copy (the caller keeps its GGML rows), padded to whole groups of 4 rows
+            out = torch.empty(size // self.blocks.shape[1], self.blocks.shape[1], dtype=torch.uint8)
+        self._lib.st_q4_0_to_x4(self.blocks.data_ptr(), out.data_ptr(), n, k)
+        self.blocks = out
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """GGML Q4_0 rows `ids` [T] -> uint8 [T, in/32*18] (a tied embedding's lookups)."""
+        ids = ids.to(torch.int64).contiguous()
+        if self.layout == "rows":
+            return self.blocks[ids]
+        out = torch.empty(ids.numel(), self.in_features // QK4_0 * Q4_0_BYTES, dtype=torch.uint8)
+        self._lib.st_q4_0_x4_rows(self.blocks.data_ptr(), self.out_features, self.in_features, ids.data_ptr(),
+                                  ids.numel(), out.data_ptr())
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -208,7 +275,7 @@ class Q4Matrix:
                        in_features: int) -> "Q4Matrix":
         """A torch-int4 matrix over an existing pack (e.g. views of a packed cache file): no repacking."""
         m = cls.__new__(cls)
-        m.kernel, m.out_features, m.in_features = "torch-int4", out_features, in_features
+        m.kernel, m.out_features, m.in_features, m.layout = "torch-int4", out_features, in_features, "rows"
         m.packed, m.scales = packed, scales
         return m
 
@@ -218,11 +285,15 @@ class Q4Matrix:
             x = x.to(torch.float32).contiguous()
             t = x.shape[0]
             y = torch.empty(t, self.out_features, dtype=torch.float32)
-            scratch = _scratch.get(t * (self.in_features // QK4_0) * _Q8_BLOCK_BYTES)
-            self._lib.st_q4_0_matmul(
-                self.blocks.data_ptr(), self.out_features, self.in_features,
-                x.data_ptr(), t, y.data_ptr(), scratch.data_ptr(),
-            )
+            nb = self.in_features // QK4_0
+            scratch = _scratch.get(t * nb * _Q8_BLOCK_BYTES)
+            if self.layout == "x4":
+                corr = _scratch_corr.get(t * nb * 4)
+                self._lib.st_q4_0_x4_matmul(self.blocks.data_ptr(), self.out_features, self.in_features,
+                                            x.data_ptr(), t, y.data_ptr(), scratch.data_ptr(), corr.data_ptr())
+            else:
+                self._lib.st_q4_0_matmul(self.blocks.data_ptr(), self.out_features, self.in_features,
+                                         x.data_ptr(), t, y.data_ptr(), scratch.data_ptr())
             return y
         if self.kernel == "torch-int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, QK4_0, self.scales)
@@ -286,8 +357,8 @@ class SparseReGLUExpert:
         self.down_t_blocks = down_t_blocks.contiguous()
         if self.kernel == "c":
             self._lib = _native()
-            self._gate = Q4Matrix(self.gate_blocks, "c")
-            self._up = Q4Matrix(self.up_blocks, "c")
+            self._gate = Q4Matrix(self.gate_blocks, "c", layout="rows")
+            self._up = Q4Matrix(self.up_blocks, "c", layout="rows")
         elif self.kernel == "torch-int4":
             # the int4 pack needs F % 16 == 0; otherwise gate and up run dequantized
             packable = self.ffn_features % 16 == 0
@@ -368,8 +439,9 @@ class DenseReGLUExpert:
     products as `Q4Matrix`es (any T); `accumulate` runs a whole single-token expert in one native
     call (`st_reglu_dense`) and adds its weighted output in place."""
 
-    def __init__(self, gate_up_blocks: torch.Tensor, down_blocks: torch.Tensor):
-        self.gate_up, self.down = Q4Matrix(gate_up_blocks, "c"), Q4Matrix(down_blocks, "c")
+    def __init__(self, gate_up_blocks: torch.Tensor, down_blocks: torch.Tensor, in_place: bool = False):
+        self.gate_up = Q4Matrix(gate_up_blocks, "c", in_place=in_place)
+        self.down = Q4Matrix(down_blocks, "c", in_place=in_place)
         self.ffn_features = self.gate_up.out_features // 2
         if self.down.in_features != self.ffn_features:
             raise ModelError(f"dense ReGLU shapes disagree: gate_up {tuple(gate_up_blocks.shape)}, "

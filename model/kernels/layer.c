@@ -8,7 +8,7 @@
  * NeoX RoPE on the full head dim when the layer has it; the new key/value written to its cache
  * slot; GQA attention of the one query over the n visible keys; o product added to the
  * residual; the post-attention RMSNorm that the experts read. Matrix products are the Q4_0 x
- * Q8_0 GEMV of q4_0.c (activations rounded to Q8_0 per 32 values). Each call is one task of
+ * Q8_0 GEMV of x4.c on the interleaved layout (activations rounded to Q8_0 per 32 values). Each call is one task of
  * the thread pool (pool.c; its serial steps on thread 0), not one per product, and every output
  * is computed by one thread in a fixed order, so results do not depend on the thread count.
  * With every expert resident, a layer's experts run in one call too (st_moe_dense).
@@ -25,8 +25,8 @@ typedef struct {
     const float *router;                   /* [n_experts, d] */
     int64_t n_experts, top_k;
     int64_t softmax;                       /* 1: softmax over the top-k logits; 0: sigmoid, normalized */
-    const uint8_t *qkv;                    /* Q4_0 [(n_heads + 2 n_kv_heads) head_dim, d] */
-    const uint8_t *o;                      /* Q4_0 [d, n_heads head_dim] */
+    const uint8_t *qkv;                    /* Q4_0 x4 [(n_heads + 2 n_kv_heads) head_dim, d] (x4.c) */
+    const uint8_t *o;                      /* Q4_0 x4 [d, n_heads head_dim] */
 } st_layer;
 
 static float dot(const float *a, const float *b, int64_t n) {
@@ -128,23 +128,22 @@ static void attention_task(void *p, int ith, int nth) {
     const st_layer *L = a->L;
     const int64_t d = L->d, H = L->n_heads, G = L->n_kv_heads, hd = L->head_dim;
     const int64_t q_dim = H * hd, kv_dim = G * hd, n_qkv = q_dim + 2 * kv_dim;
-    const int64_t nb_d = d / QK, nb_q = q_dim / QK;
+    const int64_t nb_d = d / QK, nb_q = q_dim / QK, nb_max = nb_d > nb_q ? nb_d : nb_q;
     float *o_out = a->work, *qkv = o_out + d, *att = qkv + n_qkv, *scores = att + q_dim;
     float x[d];
-    block_q8 xq[(nb_d > nb_q ? nb_d : nb_q)];
+    block_q8 xq[nb_max];
+    int32_t corr[nb_max];
     int64_t lo, hi;
     rms_norm(a->h, L->input_norm, d, L->eps, x);
-    st_quantize_row(x, nb_d, xq, 0);
-    st_share((n_qkv + GEMV_ROWS - 1) / GEMV_ROWS, ith, nth, &lo, &hi);
-    for (int64_t t = lo; t < hi; t++) st_dense_tile(L->qkv, nb_d * Q4_BYTES, n_qkv, xq, nb_d, qkv, t);
+    st_x4_quantize_row(x, nb_d, xq, corr);
+    st_x4_gemv_share(L->qkv, n_qkv, nb_d, xq, corr, qkv, ith, nth);
     st_sync(nth);
     st_share(G, ith, nth, &lo, &hi);
     for (int64_t g = lo; g < hi; g++)
         attend_group(L, g, qkv, att, scores, a->k_cache, a->v_cache, a->slot, a->n_keys, a->cos, a->sin);
     st_sync(nth);
-    st_quantize_row(att, nb_q, xq, 0);
-    st_share((d + GEMV_ROWS - 1) / GEMV_ROWS, ith, nth, &lo, &hi);
-    for (int64_t t = lo; t < hi; t++) st_dense_tile(L->o, nb_q * Q4_BYTES, d, xq, nb_q, o_out, t);
+    st_x4_quantize_row(att, nb_q, xq, corr);
+    st_x4_gemv_share(L->o, d, nb_q, xq, corr, o_out, ith, nth);
     st_sync(nth);
     if (ith == 0) {
         for (int64_t i = 0; i < d; i++) a->h[i] += o_out[i];
@@ -185,42 +184,43 @@ typedef struct {
 static void moe_task(void *p, int ith, int nth) {
     const moe_args *a = p;
     const int64_t d = a->d, f = a->f, d_out = a->d_out, K = a->k, nb_d = d / QK, nb_f = f / QK;
-    const int64_t tiles_gu = (2 * f + GEMV_ROWS - 1) / GEMV_ROWS, tiles_down = (d_out + GEMV_ROWS - 1) / GEMV_ROWS;
+    const int64_t groups_gu = (2 * f + X4_ROWS - 1) / X4_ROWS, groups_down = (d_out + X4_ROWS - 1) / X4_ROWS;
     int64_t lo, hi;
     {
         block_q8 xq[nb_d];
-        st_quantize_row(a->x, nb_d, xq, 0);
-        /* every expert's gate_up tiles, one list split across the threads */
-        st_share(K * tiles_gu, ith, nth, &lo, &hi);
-        for (int64_t i = lo; i < hi; i++) {
-            const int64_t e = i / tiles_gu;
-            st_dense_tile(a->gate_up[e], nb_d * Q4_BYTES, 2 * f, xq, nb_d, a->work + e * 2 * f, i % tiles_gu);
+        int32_t corr[nb_d];
+        st_x4_quantize_row(a->x, nb_d, xq, corr);
+        /* every expert's gate_up groups, one list split across the threads */
+        st_share(K * groups_gu, ith, nth, &lo, &hi);
+        for (int64_t e = lo / groups_gu; e < K && e * groups_gu < hi; e++) {
+            const int64_t g0 = lo > e * groups_gu ? lo - e * groups_gu : 0;
+            const int64_t g1 = hi < (e + 1) * groups_gu ? hi - e * groups_gu : groups_gu;
+            st_x4_gemv_groups(a->gate_up[e], 2 * f, nb_d, xq, corr, a->work + e * 2 * f, g0, g1);
         }
     }
     st_sync(nth);
     block_q8 aq[K][nb_f];
+    int32_t acorr[K][nb_f];
     float act[f];
     for (int64_t e = 0; e < K; e++) {
         const float *g = a->work + e * 2 * f;
         for (int64_t j = 0; j < f; j++) act[j] = (g[j] > 0.0f ? g[j] : 0.0f) * g[f + j];
-        st_quantize_row(act, nb_f, aq[e], 0);
+        st_x4_quantize_row(act, nb_f, aq[e], acorr[e]);
     }
     /* each thread owns a range of output rows and sums the experts into them in order */
     float out[d_out];
-    st_share(tiles_down, ith, nth, &lo, &hi);
-    for (int64_t t = lo; t < hi; t++) {
-        const int64_t r0 = t * GEMV_ROWS;
-        for (int64_t e = 0; e < K; e++) {
-            st_dense_tile(a->down[e], nb_f * Q4_BYTES, d_out, aq[e], nb_f, out, t);
-            for (int64_t r = r0; r < r0 + GEMV_ROWS && r < d_out; r++) a->acc[r] += a->weights[e] * out[r];
-        }
+    st_share(groups_down, ith, nth, &lo, &hi);
+    const int64_t r0 = lo * X4_ROWS, r1 = hi * X4_ROWS < d_out ? hi * X4_ROWS : d_out;
+    for (int64_t e = 0; e < K; e++) {
+        st_x4_gemv_groups(a->down[e], d_out, nb_f, aq[e], acorr[e], out, lo, hi);
+        for (int64_t r = r0; r < r1; r++) a->acc[r] += a->weights[e] * out[r];
     }
 }
 
 /*
  * A layer's k dense ReGLU experts for one activation row, added in place in list order:
- * acc [d_out] += sum_e weights[e] * down_e(relu(gate_e . x) * (up_e . x)). gate_up[e]: Q4_0
- * [2f, d] (gate rows, then up rows); down[e]: Q4_0 [d_out, f]; work:
+ * acc [d_out] += sum_e weights[e] * down_e(relu(gate_e . x) * (up_e . x)). gate_up[e]: Q4_0 x4
+ * [2f, d] (gate rows, then up rows); down[e]: Q4_0 x4 [d_out, f] (x4.c); work:
  * st_moe_dense_work_floats(d, f, d_out, k) floats. One barrier: all experts' gate and up
  * products, then each thread rounds every expert's relu(gate) * up itself and sums the down
  * products of its rows, expert after expert (the same order and bits as k st_reglu_dense calls).

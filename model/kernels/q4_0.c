@@ -230,20 +230,6 @@ static void packed_rows(const uint8_t *w, int64_t row_bytes, int nrows, const bl
     }
 }
 #else
-static inline float fp16_to_fp32(uint16_t h) {
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
-    if (exp == 0) {
-        if (mant == 0) { bits = sign; }
-        else { exp = 127 - 15 + 1; while (!(mant & 0x400)) { mant <<= 1; exp--; } mant &= 0x3FF; bits = sign | (exp << 23) | (mant << 13); }
-    } else if (exp == 31) { bits = sign | 0x7F800000 | (mant << 13); }
-    else { bits = sign | ((exp + 127 - 15) << 23) | (mant << 13); }
-    float f; memcpy(&f, &bits, 4); return f;
-#endif
-}
-
 /* Portable fallback: one weight row against all m activation rows. */
 static void scalar_row(const uint8_t *w, const block_q8 *xq, int64_t nb, int64_t m, float *y, int64_t n) {
     for (int64_t t = 0; t < m; t++) {
@@ -256,7 +242,7 @@ static void scalar_row(const uint8_t *w, const block_q8 *xq, int64_t nb, int64_t
                 isum += ((wb[2 + j] & 0x0F) - 8) * x[b].qs[j];
                 isum += ((wb[2 + j] >> 4) - 8) * x[b].qs[j + QK / 2];
             }
-            acc += fp16_to_fp32(load_u16(wb)) * x[b].d * (float)isum;
+            acc += st_fp16_to_fp32(load_u16(wb)) * x[b].d * (float)isum;
         }
         y[t * n] = acc;
     }
@@ -490,7 +476,7 @@ static void axpy_range(const uint8_t *w, int64_t row_bytes, const int32_t *rows,
             const int64_t off = b * Q4_BYTES;
             float s[AXPY_GROUP], amax = 0.0f;
             for (int i = 0; i < G; i++) {
-                s[i] = coeffs[g + i] * fp16_to_fp32(load_u16(p[i] + off));
+                s[i] = coeffs[g + i] * st_fp16_to_fp32(load_u16(p[i] + off));
                 if (fabsf(s[i]) > amax) amax = fabsf(s[i]);
             }
             const float scale = amax / 127.0f, id = scale ? 1.0f / scale : 0.0f;

@@ -29,6 +29,40 @@ INTERNAL void st_quantize_row(const float *v, int64_t nb, block_q8 *out, uint8_t
 INTERNAL void st_dense_tile(const uint8_t *w, int64_t row_bytes, int64_t n, const block_q8 *xq, int64_t nb,
                             float *y, int64_t t);
 
+/* The x4 layout (x4.c): one row's Q8_0 blocks plus the per-block corrections its products need,
+   and the products of groups [lo, hi) / of thread ith's share of the groups, for one row. */
+#define X4_ROWS 4
+INTERNAL void st_x4_quantize_row(const float *v, int64_t nb, block_q8 *xq, int32_t *corr);
+INTERNAL void st_x4_gemv_groups(const uint8_t *w, int64_t n, int64_t nb, const block_q8 *xq, const int32_t *corr,
+                                float *y, int64_t lo, int64_t hi);
+INTERNAL void st_x4_gemv_share(const uint8_t *w, int64_t n, int64_t nb, const block_q8 *xq, const int32_t *corr,
+                               float *y, int ith, int nth);
+
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float st_fp16_to_fp32(uint16_t h) { return _cvtsh_ss(h); }
+#else
+static inline float st_fp16_to_fp32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else {
+            exp = 127 - 15 + 1;
+            while (!(mant & 0x400)) { mant <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((mant & 0x3FF) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000 | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+#endif
+
 #if defined(__AVX2__)
 #include <immintrin.h>
 static inline float hsum(__m256 v) {

@@ -1,0 +1,317 @@
+/*
+ * Q4_0 in the interleaved "x4" layout: the dense products of decode and prefill.
+ *
+ * Rule: x4 holds the same bytes as GGML Q4_0, reordered so one vector load brings a block of 4
+ * rows. Rows come in groups of 4 (a matrix of n rows has ceil(n/4) groups; missing rows of the
+ * last group are zero: nibbles 8, scale 0). Group g, with nb = k/32 blocks per row, is nb*72
+ * bytes: first, for each block b, the 16 nibble bytes of rows 4g..4g+3 (64 bytes, row after row),
+ * then, for each block b, the 4 rows' fp16 scales (8 bytes). Within a row's 16 bytes the nibbles
+ * keep GGML's order (low nibble = element j, high = j + 16). The repack is a permutation of the
+ * verified bytes, done once at load, in place (no second copy); st_q4_0_x4_rows undoes it for
+ * the rows a tied embedding looks up.
+ *
+ * Products: y[t, r] = sum_k x[t, k] w[r, k] with x rounded to Q8_0 per 32 values, exactly as
+ * q4_0.c does: the integer dot products of each block are exact, then scaled by d_w * d_x in
+ * float and summed over blocks left to right, so each output is the same on every ISA path up
+ * to the order of the float additions within a block (4 partial sums on the vector paths).
+ * Paths: AVX-512 VNNI (64 bytes = 4 rows per instruction), 256-bit (AVX-VNNI or AVX512VL VNNI
+ * dot products where present, else AVX2 maddubs), and portable C. The nibbles are unsigned
+ * (0..15) against signed activations; the -8 offset comes back as -2 * sum(x) per 32-bit
+ * partial sum (4 partial sums per row and block: -8 * sum(x) in all, exact).
+ */
+#include <math.h>
+#include <stdlib.h>
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "q4_0.h"
+
+#define X4 4
+#define X4_QS 64          /* nibble bytes of one block of a group */
+#define GEMM_T 4          /* activation rows per pass of the GEMM */
+#ifndef X4_PREFETCH
+#define X4_PREFETCH 16384 /* bytes ahead in the weight stream that a GEMV asks for: DRAM latency x rate, measured best at 16-24 KiB on 2 threads (benchmarks/kernels.py) */
+#endif
+
+static inline int64_t x4_group_bytes(int64_t nb) { return nb * (X4_QS + 2 * X4); }
+
+int64_t st_q4_0_x4_bytes(int64_t n, int64_t k) { return (n + X4 - 1) / X4 * x4_group_bytes(k / QK); }
+
+/*
+ * src: n rows of k/32 GGML blocks -> dst: x4 (st_q4_0_x4_bytes(n, k) bytes). dst may be src
+ * when n is a multiple of 4 (each group is copied aside, then written back in its place).
+ */
+void st_q4_0_to_x4(const uint8_t *src, uint8_t *dst, int64_t n, int64_t k) {
+    const int64_t nb = k / QK, row_bytes = nb * Q4_BYTES, gb = x4_group_bytes(nb);
+    uint8_t *tmp = malloc((size_t)gb);
+    for (int64_t g = 0; g < (n + X4 - 1) / X4; g++) {
+        const int rows = n - g * X4 < X4 ? (int)(n - g * X4) : X4;
+        memcpy(tmp, src + g * X4 * row_bytes, (size_t)(rows * row_bytes));
+        uint8_t *out = dst + g * gb, *scales = out + nb * X4_QS;
+        for (int64_t b = 0; b < nb; b++)
+            for (int r = 0; r < X4; r++) {
+                uint8_t *qs = out + b * X4_QS + r * 16, *d = scales + b * 2 * X4 + 2 * r;
+                if (r < rows) {
+                    const uint8_t *blk = tmp + r * row_bytes + b * Q4_BYTES;
+                    memcpy(d, blk, 2);
+                    memcpy(qs, blk + 2, 16);
+                } else {
+                    memset(d, 0, 2);
+                    memset(qs, 0x88, 16);
+                }
+            }
+    }
+    free(tmp);
+}
+
+/* The GGML rows ids[0..count) of an x4 matrix [n, k] -> out (count rows of k/32 blocks). */
+void st_q4_0_x4_rows(const uint8_t *x4, int64_t n, int64_t k, const int64_t *ids, int64_t count, uint8_t *out) {
+    (void)n;
+    const int64_t nb = k / QK, gb = x4_group_bytes(nb);
+    for (int64_t i = 0; i < count; i++) {
+        const uint8_t *grp = x4 + ids[i] / X4 * gb;
+        const int r = (int)(ids[i] % X4);
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *blk = out + (i * nb + b) * Q4_BYTES;
+            memcpy(blk, grp + nb * X4_QS + b * 2 * X4 + 2 * r, 2);
+            memcpy(blk + 2, grp + b * X4_QS + r * 16, 16);
+        }
+    }
+}
+
+/* corr[b] = -2 * sum of block b's 32 int8 values (the -8 offset, a quarter per partial sum). */
+static void q8_corrections(const block_q8 *x, int64_t nb, int32_t *corr) {
+    for (int64_t b = 0; b < nb; b++) {
+        int32_t s = 0;
+        for (int j = 0; j < QK; j++) s += x[b].qs[j];
+        corr[b] = -2 * s;
+    }
+}
+
+static inline uint16_t rd16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* ---- AVX-512 VNNI: one zmm = one block of a whole group ---------------------------------- */
+static inline __m512 group_scales(const uint8_t *sc) {   /* 4 fp16 -> 16 floats, each 4 times */
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)sc))));
+}
+
+static inline __m128 lane_sums(__m512 acc) {   /* 16 partials -> the 4 rows' sums */
+    const __m128 a = _mm512_castps512_ps128(acc), b = _mm512_extractf32x4_ps(acc, 1);
+    const __m128 c = _mm512_extractf32x4_ps(acc, 2), d = _mm512_extractf32x4_ps(acc, 3);
+    return _mm_hadd_ps(_mm_hadd_ps(a, b), _mm_hadd_ps(c, d));
+}
+
+/* Groups [g0, g0 + G) against T activation rows; y[t * ldy + row]. G <= 2, T <= GEMM_T. */
+static ALWAYS_INLINE void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, const block_q8 *x, const int32_t *corr,
+                                    int64_t n, float *y, int64_t ldy, const int G, const int T) {
+    const int64_t gb = x4_group_bytes(nb);
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m512 acc[2][GEMM_T];
+    for (int g = 0; g < G; g++)
+        for (int t = 0; t < T; t++) acc[g][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i lo[2], hi[2];
+        __m512 d[2];
+        for (int g = 0; g < G; g++) {
+            const uint8_t *grp = w + (g0 + g) * gb;
+            const __m512i q = _mm512_loadu_si512(grp + b * X4_QS);
+            _mm_prefetch((const char *)grp + b * X4_QS + X4_PREFETCH, _MM_HINT_T0);
+            lo[g] = _mm512_and_si512(q, low4);
+            hi[g] = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
+            d[g] = group_scales(grp + nb * X4_QS + b * 2 * X4);
+        }
+        for (int t = 0; t < T; t++) {
+            const block_q8 *xb = x + t * nb + b;
+            const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xb->qs));
+            const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb->qs + 16)));
+            const __m512i c = _mm512_set1_epi32(corr[t * nb + b]);
+            const __m512 xd = _mm512_set1_ps(xb->d);
+            for (int g = 0; g < G; g++) {
+                const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c, lo[g], xl), hi[g], xh);
+                acc[g][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d[g], xd), acc[g][t]);
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const int64_t r0 = (g0 + g) * X4;
+        for (int t = 0; t < T; t++) {
+            float out[X4];
+            _mm_storeu_ps(out, lane_sums(acc[g][t]));
+            for (int r = 0; r < X4 && r0 + r < n; r++) y[t * ldy + r0 + r] = out[r];
+        }
+    }
+}
+#elif defined(__AVX2__)
+/* ---- 256-bit: one ymm = one block of 2 rows ---------------------------------------------- */
+static inline __m256i dot_u4s8(__m256i acc, __m256i q, __m256i x) {   /* acc + 4-byte dot products */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, q, x);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, q, x);
+#else
+    /* q <= 15, |x| <= 127: the int16 pair sums cannot saturate */
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1)));
+#endif
+}
+
+static inline __m128 lane_sums(__m256 a, __m256 b) {   /* 2 x (2 rows x 4 partials) -> 4 rows' sums */
+    const __m256 h = _mm256_hadd_ps(a, b);            /* a01 a23 b01 b23 | a45 a67 b45 b67 */
+    const __m256 h2 = _mm256_hadd_ps(h, h);           /* a0-3 b0-3 . . | a4-7 b4-7 . . */
+    /* rows: a0-3 = row 0, a4-7 = row 1, b0-3 = row 2, b4-7 = row 3 */
+    const __m128 lo = _mm256_castps256_ps128(h2), hi = _mm256_extractf128_ps(h2, 1);   /* r0 r2 . . | r1 r3 . . */
+    return _mm_unpacklo_ps(lo, hi);
+}
+
+static ALWAYS_INLINE void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, const block_q8 *x, const int32_t *corr,
+                                    int64_t n, float *y, int64_t ldy, const int G, const int T) {
+    const int64_t gb = x4_group_bytes(nb);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i spread0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), spread1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+    __m256 acc[2][GEMM_T][2];
+    for (int g = 0; g < G; g++)
+        for (int t = 0; t < T; t++) acc[g][t][0] = acc[g][t][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i lo[2][2], hi[2][2];
+        __m256 d[2][2];
+        for (int g = 0; g < G; g++) {
+            const uint8_t *grp = w + (g0 + g) * gb;
+            _mm_prefetch((const char *)grp + b * X4_QS + X4_PREFETCH, _MM_HINT_T0);
+            for (int h = 0; h < 2; h++) {
+                const __m256i q = _mm256_loadu_si256((const __m256i *)(grp + b * X4_QS + 32 * h));
+                lo[g][h] = _mm256_and_si256(q, low4);
+                hi[g][h] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+            }
+            const __m256 s4 = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(grp + nb * X4_QS + b * 2 * X4))));
+            d[g][0] = _mm256_permutevar8x32_ps(s4, spread0);
+            d[g][1] = _mm256_permutevar8x32_ps(s4, spread1);
+        }
+        for (int t = 0; t < T; t++) {
+            const block_q8 *xb = x + t * nb + b;
+            const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xb->qs));
+            const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xb->qs + 16)));
+            const __m256i c = _mm256_set1_epi32(corr[t * nb + b]);
+            const __m256 xd = _mm256_set1_ps(xb->d);
+            for (int g = 0; g < G; g++)
+                for (int h = 0; h < 2; h++) {
+                    const __m256i s = dot_u4s8(dot_u4s8(c, lo[g][h], xl), hi[g][h], xh);
+                    acc[g][t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d[g][h], xd), acc[g][t][h]);
+                }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const int64_t r0 = (g0 + g) * X4;
+        for (int t = 0; t < T; t++) {
+            float out[X4];
+            _mm_storeu_ps(out, lane_sums(acc[g][t][0], acc[g][t][1]));
+            for (int r = 0; r < X4 && r0 + r < n; r++) y[t * ldy + r0 + r] = out[r];
+        }
+    }
+}
+#else
+/* ---- portable C ------------------------------------------------------------------------- */
+static void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, const block_q8 *x, const int32_t *corr,
+                      int64_t n, float *y, int64_t ldy, const int G, const int T) {
+    (void)corr;
+    const int64_t gb = x4_group_bytes(nb);
+    for (int g = 0; g < G; g++) {
+        const uint8_t *grp = w + (g0 + g) * gb;
+        for (int t = 0; t < T; t++)
+            for (int r = 0; r < X4 && (g0 + g) * X4 + r < n; r++) {
+                float acc = 0.0f;
+                for (int64_t b = 0; b < nb; b++) {
+                    const uint8_t *qs = grp + b * X4_QS + r * 16;
+                    const block_q8 *xb = x + t * nb + b;
+                    int32_t s = 0;
+                    for (int j = 0; j < 16; j++) s += ((qs[j] & 0x0F) - 8) * xb->qs[j] + ((qs[j] >> 4) - 8) * xb->qs[j + 16];
+                    acc += (float)s * (st_fp16_to_fp32(rd16(grp + nb * X4_QS + b * 2 * X4 + 2 * r)) * xb->d);
+                }
+                y[t * ldy + (g0 + g) * X4 + r] = acc;
+            }
+    }
+}
+#endif
+
+/* Groups [lo, hi) of w against the m rows of x (Q8_0 + corrections), y [m, n]. */
+static void x4_groups(const uint8_t *w, int64_t n, int64_t nb, const block_q8 *xq, const int32_t *corr, int64_t m,
+                      float *y, int64_t lo, int64_t hi) {
+    int64_t t = 0;
+    for (; t + GEMM_T <= m; t += GEMM_T) {
+        int64_t g = lo;
+        for (; g + 2 <= hi; g += 2) x4_kernel(w, nb, g, xq + t * nb, corr + t * nb, n, y + t * n, n, 2, GEMM_T);
+        if (g < hi) x4_kernel(w, nb, g, xq + t * nb, corr + t * nb, n, y + t * n, n, 1, GEMM_T);
+    }
+    for (; t < m; t++) {
+        int64_t g = lo;
+        for (; g + 2 <= hi; g += 2) x4_kernel(w, nb, g, xq + t * nb, corr + t * nb, n, y + t * n, n, 2, 1);
+        if (g < hi) x4_kernel(w, nb, g, xq + t * nb, corr + t * nb, n, y + t * n, n, 1, 1);
+    }
+}
+
+/* Groups [lo, hi) of y = w . x for one activation row already in Q8_0 (+ corrections). */
+void st_x4_gemv_groups(const uint8_t *w, int64_t n, int64_t nb, const block_q8 *xq, const int32_t *corr, float *y,
+                       int64_t lo, int64_t hi) {
+    x4_groups(w, n, nb, xq, corr, 1, y, lo, hi);
+}
+
+/* One thread's share of y[0 .. n) = w . x for one activation row already in Q8_0 (+ corrections). */
+void st_x4_gemv_share(const uint8_t *w, int64_t n, int64_t nb, const block_q8 *xq, const int32_t *corr, float *y,
+                      int ith, int nth) {
+    int64_t lo, hi;
+    st_share((n + X4 - 1) / X4, ith, nth, &lo, &hi);
+    x4_groups(w, n, nb, xq, corr, 1, y, lo, hi);
+}
+
+/* Quantize one row of k floats for the x4 products: Q8_0 blocks and their corrections. */
+void st_x4_quantize_row(const float *v, int64_t nb, block_q8 *xq, int32_t *corr) {
+    st_quantize_row(v, nb, xq, 0);
+    q8_corrections(xq, nb, corr);
+}
+
+typedef struct {
+    const uint8_t *w;
+    int64_t n, k, m;
+    const float *x;
+    float *y;
+    block_q8 *xq;
+    int32_t *corr;
+} x4_matmul_args;
+
+static void x4_matmul_task(void *p, int ith, int nth) {
+    const x4_matmul_args *a = p;
+    const int64_t nb = a->k / QK;
+    int64_t lo, hi;
+    st_share(a->m, ith, nth, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) st_x4_quantize_row(a->x + t * a->k, nb, a->xq + t * nb, a->corr + t * nb);
+    st_sync(nth);
+    st_share((a->n + X4 - 1) / X4, ith, nth, &lo, &hi);
+    x4_groups(a->w, a->n, nb, a->xq, a->corr, a->m, a->y, lo, hi);
+}
+
+/*
+ * y[m, n] = x[m, k] . w[n, k] for w in x4; scratch: m * k/32 Q8_0 blocks (xq) and m * k/32
+ * int32 (corr), from the caller. Groups of 4 rows are split statically across the threads.
+ */
+void st_q4_0_x4_matmul(const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t m, float *y, block_q8 *xq,
+                       int32_t *corr) {
+    x4_matmul_args a = {w, n, k, m, x, y, xq, corr};
+    st_run(x4_matmul_task, &a, st_worth_threads(n * k * (m < 4 ? m : 4)));
+}
+
+const char *st_isa(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return "avx512-vnni";
+#elif defined(__AVX2__) && defined(__AVXVNNI__)
+    return "avx-vnni";
+#elif defined(__AVX2__)
+    return "avx2";
+#else
+    return "portable";
+#endif
+}
