@@ -40,6 +40,7 @@ from manifests import ManifestError
 from manifests.enrollment import check_repository_url
 from manifests.model_manifest import parse_version
 from model.errors import ModelError
+from model.kernels import describe as describe_kernels
 
 log = logging.getLogger("st-agent.updater")
 BUNDLE_SOURCE = "bundle:"
@@ -341,7 +342,7 @@ class Updater:
         return {"device": self.config.name, "active": pointer.active and pointer.active.to_dict(),
                 "previous": pointer.previous and pointer.previous.to_dict(), "probation": pointer.probation,
                 "update": job_view(job, self.progress.get(job.id)) if job is not None else None,
-                "serving": "@".join(serving) if serving else None}
+                "serving": "@".join(serving) if serving else None, "kernel": describe_kernels() if serving else None}
 
 
 def _ref(job: Job) -> ReleaseRef | None:

@@ -14,6 +14,7 @@ import torch
 
 from model.engine import Engine
 from model.expert_store import StorageSim
+from model.kernels import describe
 from model.memory import peak_rss_bytes
 
 
@@ -61,7 +62,7 @@ def run_bench(package: str | Path, *, memory_budget_bytes: int | None = None, pr
     per_layer = [len(s) for s in used]
     return {
         "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "kernel": engine.kernel},
+                    "kernel": engine.kernel, "kernel_path": describe()},
         "package": str(package),
         "model": f"{engine.manifest.name} {engine.manifest.version}",
         "memory_budget_bytes": memory_budget_bytes,

@@ -174,8 +174,11 @@ def bench(
     if as_json:
         print_json(result)
         return
+    path = result["machine"]["kernel_path"]
     console.print(f"{result['model']} on {result['machine']['cpu']} ({result['machine']['threads']} threads, "
-                  f"{result['machine']['kernel']} kernel)")
+                  f"{result['machine']['kernel']} kernel{', ' + path['isa'] if path['isa'] else ''})", markup=False)
+    if path["fallback_reason"]:
+        console.print(f"warning: native kernels unavailable ({path['fallback_reason']}): slow fallback", markup=False)
     console.print(f"decode {result['decode_tokens_per_s']:.2f} tok/s, prefill {result['prefill_tokens_per_s']:.1f} tok/s, "
                   f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB")
     console.print(f"experts: {result['expert_slots']}/{result['experts_total']} slots, hits {result['expert_cache_hits']}, "

@@ -78,6 +78,7 @@ def test_install_update_under_load_and_roll_back(fleet, agent_factory, tmp_path,
     status = agent.status()
     assert status["active"] == {"model": "st-demo", "version": "2.0.0"}
     assert status["previous"] == {"model": "st-demo", "version": "1.0.0"} and status["probation"] is True
+    assert status["kernel"]["backend"] == "c" and status["kernel"]["isa"]  # a slow fallback is never silent
 
     # roll back on request
     r = agent.post("/v1/rollback")
