@@ -19,7 +19,13 @@ every scenario runs the default package layout, dense ReGLU, and in-memory also 
 - skew: the budget scenario again with `--router-skew` (a Zipf stand-in for hot experts).
 - int4-cache: the torch-int4 fallback kernel (hosts without a C compiler) under the budget: its packed expert cache off (every read repacked), cold (first run: each expert read
   from its shard, packed and written once) and warm (each read one packed file).
-Prints one JSON document; never asserts speed.
+- busy: in-memory again while one other CPU-bound process (a Python busy loop) runs beside it:
+  the engine, llama.cpp at its defaults and with flash attention.
+The in-memory scenario also measures the machine's memory read bandwidth in the same run
+(`membw.c`, threads = --threads, best of 8 passes over 1 GiB) and states the decode limit it
+implies: bandwidth / the weight bytes one decoded token streams (every layer's attention,
+router and top-k experts, and the head). Every child (engine and peer) starts from the user's
+environment (`llama_cpp_peer.peer_env`). Prints one JSON document; never asserts speed.
 """
 from __future__ import annotations
 
@@ -45,7 +51,7 @@ CGROUP = Path("/sys/fs/cgroup/memory")
 # the first forward pass touches (~15 MB, tests/test_memory_budget.py) and the file pages of
 # header reads; at zero headroom the cgroup reclaims torch's code pages over and over.
 CAP_HEADROOM = 64 << 20
-SCENARIOS = ("in-memory", "budget", "prefetch", "skew", "int4-cache")
+SCENARIOS = ("in-memory", "busy", "budget", "prefetch", "skew", "int4-cache")
 
 
 def log(msg: str) -> None:
@@ -181,6 +187,46 @@ def peer_run(gguf: Path, args, cgroup_bytes: int | None = None, **kw) -> dict | 
         return {"error": str(e)}
 
 
+def memory_bandwidth(threads: int) -> dict:
+    """Best read bandwidth of this machine now (`membw.c`), or why it could not be measured."""
+    exe = CACHE / "membw"
+    try:
+        if not exe.exists():
+            subprocess.run(["gcc", "-O3", "-mavx2", "-fopenmp", str(ROOT / "benchmarks" / "membw.c"), "-o", str(exe)],
+                           check=True, capture_output=True, timeout=120)
+        proc = subprocess.run([str(exe), "1024", "8"], capture_output=True, text=True, timeout=600, check=True,
+                              env={**peer_env(), "OMP_NUM_THREADS": str(threads)})
+        return json.loads(proc.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        return {"error": str(e)}
+
+
+def bytes_per_token(pkg: Path) -> int:
+    """Weight bytes one decoded token streams: attention + router per layer, top-k experts, head."""
+    cfg = json.loads((pkg / "manifest.json").read_text())["config"]
+    d, hd = cfg["hidden_size"], cfg["head_dim"]
+    q_dim, kv_dim = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+
+    def q4(rows: int, cols: int) -> int:
+        return rows * cols // 32 * 18
+
+    layer = q4(q_dim + 2 * kv_dim, d) + q4(d, q_dim) + 4 * cfg["moe_num_primary_experts"] * d
+    layer += cfg["moe_num_active_primary_experts"] * 3 * q4(cfg["moe_ffn_hidden_size"], d)
+    return cfg["num_hidden_layers"] * layer + q4(cfg["vocab_size"], d)
+
+
+@contextmanager
+def busy_neighbour():
+    """One other CPU-bound process for the duration of the block (a Python busy loop)."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"], env=peer_env())
+    try:
+        time.sleep(0.5)
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 def ratio(ours: dict, peer: dict | None, key: str = "decode_tokens_per_s") -> float | None:
     if not peer or key not in peer or not peer[key] or key not in ours:
         return None
@@ -194,7 +240,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--budget", default="1GiB")
     ap.add_argument("--cap-headroom", type=int, default=CAP_HEADROOM,
                     help="bytes an engine in a memory cgroup leaves free besides budget and runtime")
@@ -230,10 +276,34 @@ def main() -> None:
         log("in-memory: llama.cpp")
         peer = peer_run(gguf, args) if gguf else None
         peer_fa = peer_run(gguf, args, flash_attn=True) if gguf else None
-        report["in_memory"] = {"engine_dense": dense, "engine_sparse": ours, "llama_cpp": peer,
-                               "llama_cpp_flash_attn": peer_fa, "decode_ratio": ratio(dense, peer),
-                               "decode_ratio_sparse": ratio(ours, peer)}
+        log("in-memory: memory bandwidth")
+        bandwidth = memory_bandwidth(args.threads)
+        per_token = bytes_per_token(pkg)
+        limit = bandwidth["gb_per_s"] * 1e9 / per_token if "gb_per_s" in bandwidth else None
+        report["in_memory"] = {
+            "engine_dense": dense, "engine_sparse": ours, "llama_cpp": peer, "llama_cpp_flash_attn": peer_fa,
+            "decode_ratio": ratio(dense, peer), "decode_ratio_flash_attn": ratio(dense, peer_fa),
+            "prefill_ratio": ratio(dense, peer, "prefill_tokens_per_s"),
+            "prefill_ratio_flash_attn": ratio(dense, peer_fa, "prefill_tokens_per_s"),
+            "peak_rss_ratio": ratio(dense, peer, "peak_rss_bytes"),
+            "decode_ratio_sparse": ratio(ours, peer),
+            "memory_bandwidth": bandwidth, "weight_bytes_per_token": per_token,
+            "bandwidth_limit_tokens_per_s": limit,
+            "fraction_of_bandwidth_limit": round(dense["decode_tokens_per_s"] / limit, 3) if limit else None,
+        }
         report["machine"] = dense["machine"]
+
+    if "busy" in scenarios:
+        with busy_neighbour():
+            log("busy: engine beside one CPU-bound process")
+            ours = engine_run(pkg, args)
+            log("busy: llama.cpp beside one CPU-bound process")
+            peer = peer_run(gguf, args) if gguf else None
+            peer_fa = peer_run(gguf, args, flash_attn=True) if gguf else None
+        report["busy"] = {"neighbour": "one Python busy loop", "engine": ours, "llama_cpp": peer,
+                          "llama_cpp_flash_attn": peer_fa, "decode_ratio": ratio(ours, peer),
+                          "decode_ratio_flash_attn": ratio(ours, peer_fa)}
+        report.setdefault("machine", ours["machine"])
 
     if "budget" in scenarios:
         log(f"budget {args.budget}: engine")
