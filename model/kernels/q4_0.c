@@ -249,16 +249,8 @@ static void scalar_row(const uint8_t *w, const block_q8 *xq, int64_t nb, int64_t
 }
 #endif
 
-typedef struct {
-    const uint8_t *w;
-    int64_t n, k, m;
-    const float *x;
-    float *y;
-    block_q8 *xq;
-} matmul_args;
-
 static void matmul_task(void *p, int ith, int nth) {
-    const matmul_args *a = p;
+    const st_matmul_args *a = p;
     const int64_t n = a->n, k = a->k, m = a->m, nb = k / QK, row_bytes = nb * Q4_BYTES;
 #if defined(__AVX2__)
     const int64_t rows = m == 1 ? GEMV_ROWS : PACK_ROWS;
@@ -296,7 +288,7 @@ static void matmul_task(void *p, int ith, int nth) {
  * statically across threads, after all threads have quantized their share of x.
  */
 void st_q4_0_matmul(const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t m, float *y, block_q8 *xq) {
-    matmul_args a = {w, n, k, m, x, y, xq};
+    st_matmul_args a = {w, n, k, m, x, y, xq, NULL};
     st_run(matmul_task, &a, st_worth_threads(n * k * (m < 4 ? m : 4)));
 }
 

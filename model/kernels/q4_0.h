@@ -76,6 +76,16 @@ static inline float hsum(__m256 v) {
 /* Blocks [split_at(c), split_at(c + 1)) of nb are part c of `parts` (contiguous, as even as possible). */
 static inline int64_t split_at(int64_t nb, int c, int parts) { return nb * c / parts; }
 
+/* The arguments of a matrix product task: y[m, n] = x[m, k] . w[n, k] (corr: x4 products only). */
+typedef struct {
+    const uint8_t *w;
+    int64_t n, k, m;
+    const float *x;
+    float *y;
+    block_q8 *xq;
+    int32_t *corr;
+} st_matmul_args;
+
 /* The thread pool (pool.c): st_run(fn, arg, parallel) runs fn(arg, ith, nth) on nth threads
    (nth = 1 when parallel is 0) and returns when all are done; st_sync(nth) inside fn is a
    barrier of those threads. */

@@ -274,17 +274,8 @@ void st_x4_quantize_row(const float *v, int64_t nb, block_q8 *xq, int32_t *corr)
     q8_corrections(xq, nb, corr);
 }
 
-typedef struct {
-    const uint8_t *w;
-    int64_t n, k, m;
-    const float *x;
-    float *y;
-    block_q8 *xq;
-    int32_t *corr;
-} x4_matmul_args;
-
 static void x4_matmul_task(void *p, int ith, int nth) {
-    const x4_matmul_args *a = p;
+    const st_matmul_args *a = p;
     const int64_t nb = a->k / QK;
     int64_t lo, hi;
     st_share(a->m, ith, nth, &lo, &hi);
@@ -300,7 +291,7 @@ static void x4_matmul_task(void *p, int ith, int nth) {
  */
 void st_q4_0_x4_matmul(const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t m, float *y, block_q8 *xq,
                        int32_t *corr) {
-    x4_matmul_args a = {w, n, k, m, x, y, xq, corr};
+    st_matmul_args a = {w, n, k, m, x, y, xq, corr};
     st_run(x4_matmul_task, &a, st_worth_threads(n * k * (m < 4 ? m : 4)));
 }
 
