@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from model.errors import ModelError
-from model.kernels.isa import IsaError, chosen_isa, known_isas
+from model.kernels.isa import IsaError, chosen_isa, cpu_features, known_isas
 from model.quant import QK4_0, Q4_0_BYTES, dequantize_q4_0, quantize_q4_0, split_q4_0
 
 BACKENDS = ("c", "torch-int4", "reference")
@@ -51,16 +51,6 @@ _ABI = 5
 
 class KernelError(ModelError):
     """The native kernel could not be built or loaded."""
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _cache_dir() -> Path:
@@ -99,7 +89,7 @@ def _build(isa_name: str, cflags: str) -> ctypes.CDLL:
     isa = next(i for i in known_isas() if i.name == isa_name)
     flags = (*isa.flags, *shlex.split(cflags))
     key = hashlib.sha256(
-        b"\0".join([*(f.read_bytes() for f in (*_SOURCES, _HEADER)), cc.encode(), _cpu_flags().encode(), torch.__version__.encode(),
+        b"\0".join([*(f.read_bytes() for f in (*_SOURCES, _HEADER)), cc.encode(), (" ".join(sorted(cpu_features())) or platform.processor()).encode(), torch.__version__.encode(),
                     " ".join(flags).encode()])
     ).hexdigest()[:16]
     lib_path = _cache_dir() / f"st-{isa.name}-{key}.so"

@@ -1,9 +1,9 @@
 """One decoder layer's single-token step in native code (`layer.c`): the fast path that
 `model.model.Block` takes for decode when its matrices are Q4_0 on the `c` backend.
 
-Rule: the same math as `Block.route` + `Block.attention` + the post-attention norm, in two
-native calls per layer, route then attention, so the router's choice still reaches the expert
-store before attention runs; weight pointers are fixed here once, and the per-call buffers
+Rule: the same math as `Block.route` + `Block.attention` + the post-attention norm (+ the
+resident experts, `moe`), in native calls per layer: route, then attention, so the router's
+choice still reaches the expert store before attention runs; weight pointers are fixed here once, and the per-call buffers
 (router ids and weights, the experts' input row, work memory) are allocated once per layer.
 """
 from __future__ import annotations
@@ -73,13 +73,13 @@ class NativeLayer:
                                       v_cache.data_ptr(), slot, n_keys, cos, sin, self._work.data_ptr())
         return self.y
 
-
     def moe(self, experts: list, weights: list[float], h: torch.Tensor) -> bool:
         """h [1, D] += sum_i weights[i] * experts[i](self.y), in list order and one native call
         (`st_moe_dense`: the same bits as one `accumulate` per expert); False, with nothing
         done, unless every expert is a `DenseReGLUExpert` (at most top-k of them)."""
         k = len(experts)
-        if not 0 < k <= len(self._moe_weights) or not all(type(e) is DenseReGLUExpert and e.ffn_features == self._ffn for e in experts):
+        runnable = all(type(e) is DenseReGLUExpert and e.ffn_features == self._ffn for e in experts)
+        if not runnable or not 0 < k <= len(self._moe_weights):
             return False
         for i, (e, w) in enumerate(zip(experts, weights)):
             self._gate_up_ptrs[i], self._down_ptrs[i] = e.gate_up.blocks.data_ptr(), e.down.blocks.data_ptr()
