@@ -34,6 +34,12 @@ BUDGET = 16 * MiB  # dense 1.9 MB + KV 0.1 MB + 14.2 MB of expert slots (16 of 6
 # that leaves room for other CPUs' code paths and stays well below what keeping every expert
 # adds (the unlimited run below grows by 57 MB of experts + the same 15 MB over its baseline).
 SLACK = 32 * MiB
+# The budget promises anonymous memory (weights, slots, KV); file-backed code pages depend on the
+# page cache (a fresh clone in CI measured 33.2 MiB of total RSS above baseline + budget where 15
+# were usual). The tight checks use peak RssAnon (sampled every millisecond in the child), the
+# total RSS keeps a looser bound.
+ANON_SLACK = 8 * MiB
+TOTAL_SLACK = 48 * MiB
 # The torch-int4 kernels touch more of torch's code: +16 MiB of file-backed pages here when the
 # library's pages come from disk, +28 MiB right after a fresh install (its pages all in the page
 # cache, so each fault maps 16 of them), and ~3 MiB of anonymous memory beyond the budget. Without
@@ -83,11 +89,13 @@ def test_peak_rss_stays_within_the_budget_and_the_counters_add_up(package):
     assert budgeted["dense_bytes"] + budgeted["expert_cache_bytes"] + budgeted["kv_cache_bytes"] <= BUDGET
     assert budgeted["expert_cache_bytes"] < unlimited["expert_cache_bytes"] / 2  # the cache matters here
 
+    anon_over = budgeted["peak_anon_bytes"] - budgeted["baseline_anon_bytes"] - BUDGET
+    assert anon_over <= ANON_SLACK, f"peak anonymous RSS {anon_over / MiB:.1f} MiB above baseline + budget"
     over_budget = budgeted["peak_rss_bytes"] - budgeted["baseline_rss_bytes"] - BUDGET
-    assert over_budget <= SLACK, f"peak RSS {over_budget / MiB:.1f} MiB above baseline + budget"
+    assert over_budget <= TOTAL_SLACK, f"peak RSS {over_budget / MiB:.1f} MiB above baseline + budget"
     # the same measure catches an engine that keeps every expert resident
-    unlimited_growth = unlimited["peak_rss_bytes"] - unlimited["baseline_rss_bytes"]
-    assert unlimited_growth > BUDGET + SLACK
+    unlimited_growth = unlimited["peak_anon_bytes"] - unlimited["baseline_anon_bytes"]
+    assert unlimited_growth > BUDGET + ANON_SLACK
 
     # the budget moves weights between disk and slots, never the result
     assert budgeted["tokens"] == unlimited["tokens"]
@@ -175,15 +183,36 @@ def _child(request: dict) -> dict:
     from model.kernels import backend
     from model.memory import current_rss_bytes, peak_rss_bytes
 
+    import threading
+
     backend()  # the native kernels built and loaded: part of the runtime, not of the budget
+
+    def anon_bytes() -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    peak_anon, done = [anon_bytes()], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.001):
+            peak_anon[0] = max(peak_anon[0], anon_bytes())
+
+    baseline_anon = anon_bytes()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     baseline = current_rss_bytes()
     # no look-ahead: every read is then a miss, which the parent checks
     engine = Engine.load(request["package"], memory_budget_bytes=request["budget"], max_context=CONTEXT,
                          kernel=request.get("kernel"), lookahead=False)
     load_peak = peak_rss_bytes()  # generate() starts a new peak window
     tokens = list(engine.generate(PROMPT, NEW_TOKENS))
+    done.set()
+    sampler.join()
     store = engine.transformer.experts
     return {"baseline_rss_bytes": baseline, "peak_rss_bytes": max(load_peak, peak_rss_bytes()),
+            "baseline_anon_bytes": baseline_anon, "peak_anon_bytes": max(peak_anon[0], anon_bytes()),
             "dense_bytes": engine.dense_bytes, "expert_cache_bytes": store.nbytes,
             "kv_cache_bytes": engine.kv_cache_bytes(CONTEXT), "expert_slots": store.capacity,
             "expert_bytes": store.expert_bytes, "tokens": tokens,
