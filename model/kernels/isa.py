@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from model.errors import ModelError
@@ -40,7 +41,9 @@ class IsaError(ModelError):
     """ST_KERNEL_ISA names an instruction set this CPU lacks, or none we build."""
 
 
+@lru_cache(maxsize=1)
 def cpu_features() -> frozenset[str]:
+    """The CPU's feature flags, read once per process (every kernel-library lookup asks)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
