@@ -8,8 +8,8 @@
  * NeoX RoPE on the full head dim when the layer has it; the new key/value written to its cache
  * slot; GQA attention of the one query over the n visible keys; o product added to the
  * residual; the post-attention RMSNorm that the experts read. Matrix products are the Q4_0 x
- * Q8_0 GEMV of x4.c on the interleaved layout (activations rounded to Q8_0 per 32 values). Each call is one task of
- * the thread pool (pool.c; its serial steps on thread 0), not one per product, and every output
+ * Q8_0 GEMV of x4.c on the interleaved layout (activations rounded to Q8_0 per 32 values). Each
+ * call is one task of the thread pool (pool.c; its serial steps on thread 0), and every output
  * is computed by one thread in a fixed order, so results do not depend on the thread count.
  * With every expert resident, a layer's experts run in one call too (st_moe_dense).
  */

@@ -11,15 +11,17 @@
  * Structure (AVX2): decode (m = 1) streams 4 weight rows at a time against the one activation
  * row (gemv_rows); prefill (m > 1) repacks 8 weight rows x 32 blocks into an L1-resident
  * interleaved copy once and runs every activation row against it, 4 at a time (packed_rows).
- * Tiles of weight rows are split statically across the pool's threads (pool.c). Without AVX2 a portable
- * scalar loop computes the same sums (same quantization, same integer dot products).
+ * Tiles of weight rows are split statically across the pool's threads (pool.c). Without AVX2
+ * a portable scalar loop computes the same sums (same quantization, same integer dot products).
  *
  * Sparse ReGLU (end of file): st_q4_0_matvec_rows (GEMV on a list of rows),
  * st_q4_0_axpy_rows (sum of scaled rows of a transposed matrix) and st_reglu_sparse (a whole
  * expert for one activation row: gate -> select relu > 0 -> up on those rows -> down^T axpy).
  *
- * Built at first use by model/kernels/__init__.py with the host's own flags (-march=native);
+ * Built at first use by model/kernels/__init__.py with the flags of the chosen ISA (isa.py);
  * threads: the pool of pool.c, as many as torch's OpenMP runtime says (torch.set_num_threads applies).
+ * The engine's dense products run on the x4 layout (x4.c); these GGML-order products serve the
+ * sparse kernels and matrices kept in row order.
  */
 #include <math.h>
 #include <omp.h>
@@ -368,8 +370,9 @@ static ALWAYS_INLINE void axpy_pass2(const uint8_t *const *p, int64_t c0b, int n
 }
 #endif
 
-void st_dense_tile(const uint8_t *w, int64_t row_bytes, int64_t n, const block_q8 *xq, int64_t nb,
-                       float *y, int64_t t) {
+/* Dense m = 1 tile t (GEMV_ROWS rows from t * GEMV_ROWS) of w [n, nb blocks]: y[row] = w[row] . x. */
+static void dense_tile(const uint8_t *w, int64_t row_bytes, int64_t n, const block_q8 *xq, int64_t nb, float *y,
+                       int64_t t) {
     const int64_t r0 = t * GEMV_ROWS;
     const int nrows = n - r0 < GEMV_ROWS ? (int)(n - r0) : GEMV_ROWS;
     const uint8_t *wr = w + r0 * row_bytes;
@@ -560,7 +563,7 @@ static void reglu_sparse_task(void *p, int ith, int nth) {
     st_quantize_row(a->x, nb, xq_own, 0);
     int64_t lo, hi;
     st_share((f + GEMV_ROWS - 1) / GEMV_ROWS, ith, nth, &lo, &hi);
-    for (int64_t t = lo; t < hi; t++) st_dense_tile(a->gate, row_bytes, f, xq_own, nb, g, t);
+    for (int64_t t = lo; t < hi; t++) dense_tile(a->gate, row_bytes, f, xq_own, nb, g, t);
     st_sync(nth);
     /* every thread lists the active rows (the same list); each fills its share of rows/coef */
     int32_t active[f];

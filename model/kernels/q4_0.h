@@ -1,6 +1,7 @@
 /*
- * What the native kernels share across their sources (q4_0.c: Q4_0 x Q8_0 products; layer.c:
- * one decoder layer's single-token step built on them). Internal symbols are hidden: only the
+ * What the native kernels share across their sources (q4_0.c: GGML-order Q4_0 x Q8_0 products;
+ * x4.c: the interleaved layout's products; layer.c: one decoder layer's single-token step built
+ * on them; pool.c: their threads). Internal symbols are hidden: only the
  * st_* functions without a leading underscore are the library's interface to Python.
  */
 #ifndef ST_Q4_0_H
@@ -25,9 +26,6 @@ typedef struct {
 /* One row of k floats -> k/32 Q8_0 blocks (flip = 0x80: q + 128 as unsigned bytes). */
 INTERNAL void st_quantize_row(const float *v, int64_t nb, block_q8 *out, uint8_t flip);
 
-/* Dense m = 1 tile t (GEMV_ROWS rows from t * GEMV_ROWS) of w [n, nb blocks]: y[row] = w[row] . x. */
-INTERNAL void st_dense_tile(const uint8_t *w, int64_t row_bytes, int64_t n, const block_q8 *xq, int64_t nb,
-                            float *y, int64_t t);
 
 /* The x4 layout (x4.c): one row's Q8_0 blocks plus the per-block corrections its products need,
    and the products of groups [lo, hi) / of thread ith's share of the groups, for one row. */

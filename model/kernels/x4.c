@@ -14,8 +14,8 @@
  * q4_0.c does: the integer dot products of each block are exact, then scaled by d_w * d_x in
  * float and summed over blocks left to right, so each output is the same on every ISA path up
  * to the order of the float additions within a block (4 partial sums on the vector paths).
- * Paths: AVX-512 VNNI (64 bytes = 4 rows per instruction), 256-bit (AVX-VNNI or AVX512VL VNNI
- * dot products where present, else AVX2 maddubs), and portable C. The nibbles are unsigned
+ * Paths: AVX-512 VNNI (64 bytes = 4 rows per instruction), 256-bit (AVX-VNNI dot products
+ * where present, else AVX2 maddubs), and portable C. The nibbles are unsigned
  * (0..15) against signed activations; the -8 offset comes back as -2 * sum(x) per 32-bit
  * partial sum (4 partial sums per row and block: -8 * sum(x) in all, exact).
  */
@@ -27,16 +27,17 @@
 
 #include "q4_0.h"
 
-#define X4 4
 #define X4_QS 64          /* nibble bytes of one block of a group */
 #define GEMM_T 4          /* activation rows per pass of the GEMM */
 #ifndef X4_PREFETCH
-#define X4_PREFETCH 16384 /* bytes ahead in the weight stream that a GEMV asks for: DRAM latency x rate, measured best at 16-24 KiB on 2 threads (benchmarks/kernels.py) */
+/* bytes ahead in the weight stream that a product asks for: DRAM latency x rate (see the
+   prefetch sweep of `benchmarks/kernels.py --dram` in the README) */
+#define X4_PREFETCH 16384
 #endif
 
-static inline int64_t x4_group_bytes(int64_t nb) { return nb * (X4_QS + 2 * X4); }
+static inline int64_t x4_group_bytes(int64_t nb) { return nb * (X4_QS + 2 * X4_ROWS); }
 
-int64_t st_q4_0_x4_bytes(int64_t n, int64_t k) { return (n + X4 - 1) / X4 * x4_group_bytes(k / QK); }
+int64_t st_q4_0_x4_bytes(int64_t n, int64_t k) { return (n + X4_ROWS - 1) / X4_ROWS * x4_group_bytes(k / QK); }
 
 /*
  * src: n rows of k/32 GGML blocks -> dst: x4 (st_q4_0_x4_bytes(n, k) bytes). dst may be src
@@ -45,13 +46,13 @@ int64_t st_q4_0_x4_bytes(int64_t n, int64_t k) { return (n + X4 - 1) / X4 * x4_g
 void st_q4_0_to_x4(const uint8_t *src, uint8_t *dst, int64_t n, int64_t k) {
     const int64_t nb = k / QK, row_bytes = nb * Q4_BYTES, gb = x4_group_bytes(nb);
     uint8_t *tmp = malloc((size_t)gb);
-    for (int64_t g = 0; g < (n + X4 - 1) / X4; g++) {
-        const int rows = n - g * X4 < X4 ? (int)(n - g * X4) : X4;
-        memcpy(tmp, src + g * X4 * row_bytes, (size_t)(rows * row_bytes));
+    for (int64_t g = 0; g < (n + X4_ROWS - 1) / X4_ROWS; g++) {
+        const int rows = n - g * X4_ROWS < X4_ROWS ? (int)(n - g * X4_ROWS) : X4_ROWS;
+        memcpy(tmp, src + g * X4_ROWS * row_bytes, (size_t)(rows * row_bytes));
         uint8_t *out = dst + g * gb, *scales = out + nb * X4_QS;
         for (int64_t b = 0; b < nb; b++)
-            for (int r = 0; r < X4; r++) {
-                uint8_t *qs = out + b * X4_QS + r * 16, *d = scales + b * 2 * X4 + 2 * r;
+            for (int r = 0; r < X4_ROWS; r++) {
+                uint8_t *qs = out + b * X4_QS + r * 16, *d = scales + b * 2 * X4_ROWS + 2 * r;
                 if (r < rows) {
                     const uint8_t *blk = tmp + r * row_bytes + b * Q4_BYTES;
                     memcpy(d, blk, 2);
@@ -70,11 +71,11 @@ void st_q4_0_x4_rows(const uint8_t *x4, int64_t n, int64_t k, const int64_t *ids
     (void)n;
     const int64_t nb = k / QK, gb = x4_group_bytes(nb);
     for (int64_t i = 0; i < count; i++) {
-        const uint8_t *grp = x4 + ids[i] / X4 * gb;
-        const int r = (int)(ids[i] % X4);
+        const uint8_t *grp = x4 + ids[i] / X4_ROWS * gb;
+        const int r = (int)(ids[i] % X4_ROWS);
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *blk = out + (i * nb + b) * Q4_BYTES;
-            memcpy(blk, grp + nb * X4_QS + b * 2 * X4 + 2 * r, 2);
+            memcpy(blk, grp + nb * X4_QS + b * 2 * X4_ROWS + 2 * r, 2);
             memcpy(blk + 2, grp + b * X4_QS + r * 16, 16);
         }
     }
@@ -125,7 +126,7 @@ static ALWAYS_INLINE void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, co
             _mm_prefetch((const char *)grp + b * X4_QS + X4_PREFETCH, _MM_HINT_T0);
             lo[g] = _mm512_and_si512(q, low4);
             hi[g] = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
-            d[g] = group_scales(grp + nb * X4_QS + b * 2 * X4);
+            d[g] = group_scales(grp + nb * X4_QS + b * 2 * X4_ROWS);
         }
         for (int t = 0; t < T; t++) {
             const block_q8 *xb = x + t * nb + b;
@@ -140,20 +141,18 @@ static ALWAYS_INLINE void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, co
         }
     }
     for (int g = 0; g < G; g++) {
-        const int64_t r0 = (g0 + g) * X4;
+        const int64_t r0 = (g0 + g) * X4_ROWS;
         for (int t = 0; t < T; t++) {
-            float out[X4];
+            float out[X4_ROWS];
             _mm_storeu_ps(out, lane_sums(acc[g][t]));
-            for (int r = 0; r < X4 && r0 + r < n; r++) y[t * ldy + r0 + r] = out[r];
+            for (int r = 0; r < X4_ROWS && r0 + r < n; r++) y[t * ldy + r0 + r] = out[r];
         }
     }
 }
 #elif defined(__AVX2__)
 /* ---- 256-bit: one ymm = one block of 2 rows ---------------------------------------------- */
 static inline __m256i dot_u4s8(__m256i acc, __m256i q, __m256i x) {   /* acc + 4-byte dot products */
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(acc, q, x);
-#elif defined(__AVXVNNI__)
+#if defined(__AVXVNNI__)
     return _mm256_dpbusd_avx_epi32(acc, q, x);
 #else
     /* q <= 15, |x| <= 127: the int16 pair sums cannot saturate */
@@ -188,7 +187,7 @@ static ALWAYS_INLINE void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, co
                 lo[g][h] = _mm256_and_si256(q, low4);
                 hi[g][h] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
             }
-            const __m256 s4 = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(grp + nb * X4_QS + b * 2 * X4))));
+            const __m256 s4 = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(grp + nb * X4_QS + b * 2 * X4_ROWS))));
             d[g][0] = _mm256_permutevar8x32_ps(s4, spread0);
             d[g][1] = _mm256_permutevar8x32_ps(s4, spread1);
         }
@@ -206,11 +205,11 @@ static ALWAYS_INLINE void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, co
         }
     }
     for (int g = 0; g < G; g++) {
-        const int64_t r0 = (g0 + g) * X4;
+        const int64_t r0 = (g0 + g) * X4_ROWS;
         for (int t = 0; t < T; t++) {
-            float out[X4];
+            float out[X4_ROWS];
             _mm_storeu_ps(out, lane_sums(acc[g][t][0], acc[g][t][1]));
-            for (int r = 0; r < X4 && r0 + r < n; r++) y[t * ldy + r0 + r] = out[r];
+            for (int r = 0; r < X4_ROWS && r0 + r < n; r++) y[t * ldy + r0 + r] = out[r];
         }
     }
 }
@@ -223,16 +222,16 @@ static void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, const block_q8 *
     for (int g = 0; g < G; g++) {
         const uint8_t *grp = w + (g0 + g) * gb;
         for (int t = 0; t < T; t++)
-            for (int r = 0; r < X4 && (g0 + g) * X4 + r < n; r++) {
+            for (int r = 0; r < X4_ROWS && (g0 + g) * X4_ROWS + r < n; r++) {
                 float acc = 0.0f;
                 for (int64_t b = 0; b < nb; b++) {
                     const uint8_t *qs = grp + b * X4_QS + r * 16;
                     const block_q8 *xb = x + t * nb + b;
                     int32_t s = 0;
                     for (int j = 0; j < 16; j++) s += ((qs[j] & 0x0F) - 8) * xb->qs[j] + ((qs[j] >> 4) - 8) * xb->qs[j + 16];
-                    acc += (float)s * (st_fp16_to_fp32(rd16(grp + nb * X4_QS + b * 2 * X4 + 2 * r)) * xb->d);
+                    acc += (float)s * (st_fp16_to_fp32(rd16(grp + nb * X4_QS + b * 2 * X4_ROWS + 2 * r)) * xb->d);
                 }
-                y[t * ldy + (g0 + g) * X4 + r] = acc;
+                y[t * ldy + (g0 + g) * X4_ROWS + r] = acc;
             }
     }
 }
@@ -264,7 +263,7 @@ void st_x4_gemv_groups(const uint8_t *w, int64_t n, int64_t nb, const block_q8 *
 void st_x4_gemv_share(const uint8_t *w, int64_t n, int64_t nb, const block_q8 *xq, const int32_t *corr, float *y,
                       int ith, int nth) {
     int64_t lo, hi;
-    st_share((n + X4 - 1) / X4, ith, nth, &lo, &hi);
+    st_share((n + X4_ROWS - 1) / X4_ROWS, ith, nth, &lo, &hi);
     x4_groups(w, n, nb, xq, corr, 1, y, lo, hi);
 }
 
@@ -281,7 +280,7 @@ static void x4_matmul_task(void *p, int ith, int nth) {
     st_share(a->m, ith, nth, &lo, &hi);
     for (int64_t t = lo; t < hi; t++) st_x4_quantize_row(a->x + t * a->k, nb, a->xq + t * nb, a->corr + t * nb);
     st_sync(nth);
-    st_share((a->n + X4 - 1) / X4, ith, nth, &lo, &hi);
+    st_share((a->n + X4_ROWS - 1) / X4_ROWS, ith, nth, &lo, &hi);
     x4_groups(a->w, a->n, nb, a->xq, a->corr, a->m, a->y, lo, hi);
 }
 
