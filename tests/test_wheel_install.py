@@ -8,6 +8,7 @@ logits as this checkout does. Before `q4_0.h` shipped, such an install fell back
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -37,9 +38,13 @@ print(json.dumps({"file": model.__file__, "kernel": describe(), "logits": engine
 
 @pytest.mark.slow
 def test_wheel_installed_in_a_fresh_venv_runs_the_native_kernels(tmp_path):
+    # built from a copy: setuptools writes build/ and *.egg-info into the tree it builds
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".cache", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-                    str(ROOT)], check=True, capture_output=True, timeout=600)
+                    str(source)], check=True, capture_output=True, timeout=600)
     (wheel,) = wheels.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     kernel_files = {p.name for p in (ROOT / "model" / "kernels").iterdir() if p.suffix in (".c", ".h")}
