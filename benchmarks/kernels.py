@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from model.kernels import Q4Matrix, SparseReGLUExpert, _native
+from model.kernels import Q4Matrix, SparseReGLUExpert, _native, describe
 from model.quant import dequantize_q4_0, quantize_q4_0
 
 SHAPES = ((768, 1536), (1536, 768), (1536, 1536), (151936, 1536))
@@ -153,6 +153,31 @@ def bench_shape(out_f: int, in_f: int, rows: tuple[int, ...], backends: tuple[st
     return results
 
 
+def bench_dram(out_f: int, in_f: int, total_bytes: int, batches: int = 5) -> list[dict]:
+    """Matvec (m = 1) from DRAM on the `c` backend, GGML row order vs x4: enough copies of the
+    matrix to fill `total_bytes` (past the last-level cache), called in rotation; the best of
+    `batches` passes. Wall time per call includes the Python call (~5 us)."""
+    gen = torch.Generator().manual_seed(out_f + in_f)
+    blocks = quantize_q4_0(torch.randn(out_f, in_f, generator=gen) * 0.02)
+    x = torch.randn(1, in_f, generator=gen)
+    copies = max(2, total_bytes // blocks.numel())
+    results = []
+    for layout in ("rows", "x4"):
+        mats = [Q4Matrix(blocks.clone(), "c", layout=layout) for _ in range(copies)]
+        for mat in mats:  # touch every copy once
+            mat(x)
+        best = float("inf")
+        for _ in range(batches):
+            t0 = time.perf_counter()
+            for mat in mats:
+                mat(x)
+            best = min(best, (time.perf_counter() - t0) / copies)
+        results.append({"shape": [out_f, in_f], "m": 1, "layout": layout, "copies": copies,
+                        "us": round(best * 1e6, 2), "weight_gbps": round(blocks.numel() / best / 1e9, 2)})
+        del mats
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print JSON (the default; kept for symmetry with other benchmarks)")
@@ -164,6 +189,9 @@ def main() -> None:
     parser.add_argument("--sparse", action="store_true", help="time the sparse ReGLU kernels instead (see above)")
     parser.add_argument("--expert-shapes", default="1536x768,256x256", help="comma-separated DxF for --sparse")
     parser.add_argument("--active", type=float, default=0.5, help="fraction of active rows for --sparse")
+    parser.add_argument("--dram", action="store_true",
+                        help="time m = 1 products from DRAM instead, GGML row order vs x4 (see bench_dram)")
+    parser.add_argument("--dram-mib", type=int, default=768, help="bytes of matrix copies for --dram, in MiB")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,6 +204,14 @@ def main() -> None:
         }, indent=1))
         return
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.dram:
+        print(json.dumps({
+            "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                        "torch": torch.__version__, "kernel_path": describe(),
+                        "cflags": os.environ.get("ST_KERNEL_CFLAGS", "")},
+            "results": [r for o, i in shapes for r in bench_dram(o, i, args.dram_mib << 20)],
+        }, indent=1))
+        return
     rows = tuple(int(v) for v in args.rows.split(","))
     backends = tuple(args.backends.split(","))
 

@@ -30,8 +30,8 @@
 #define X4_QS 64          /* nibble bytes of one block of a group */
 #define GEMM_T 4          /* activation rows per pass of the GEMM */
 #ifndef X4_PREFETCH
-/* bytes ahead in the weight stream that a product asks for: DRAM latency x rate (see the
-   prefetch sweep of `benchmarks/kernels.py --dram` in the README) */
+/* bytes ahead in the weight stream that a product asks for: about DRAM latency x rate; 16 KiB
+   won over 1 KiB in the engine's decode (README, Performance) */
 #define X4_PREFETCH 16384
 #endif
 
