@@ -283,7 +283,8 @@ class ExpertStore:
         if budget_bytes is None:
             self.lookahead = False
             self.preload()
-            self.resident = {key: nullcontext(slot.weights) for key, slot in self.where.items()}
+            self.resident_weights = {key: slot.weights for key, slot in self.where.items()}
+            self.resident = {key: nullcontext(w) for key, w in self.resident_weights.items()}
             self.all_resident = True
 
     def _make_slot(self, index: int) -> _Slot:
@@ -486,7 +487,7 @@ class ExpertStore:
         (unlimited budget), so a layer can run them all in one call; else None (use `use`)."""
         if not self.all_resident:
             return None
-        return [self.resident[(layer, e)].enter_result for e in expert_ids]
+        return [self.resident_weights[(layer, e)] for e in expert_ids]
 
     def use(self, layer: int, expert: int):
         """The expert's weights, pinned (never evicted) for the duration of the block."""
