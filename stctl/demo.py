@@ -64,20 +64,26 @@ def _agent_command() -> list[str]:
 
 
 @contextmanager
-def _stop_on_sigterm() -> Iterator[None]:
-    """SIGTERM ends the demo like Ctrl-C (so the cleanup runs); only in the main thread."""
+def _interrupts_stop_the_demo() -> Iterator[threading.Event]:
+    """Ctrl-C and SIGTERM end the demo (so the cleanup runs), only in the main thread. The
+    handler raises KeyboardInterrupt and also sets the returned event: an interrupt that lands in
+    a finalizer or callback, where Python prints and drops the exception, still stops the demo
+    at its next message (`say` checks the event)."""
+    stopped = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stopped
         return
 
     def interrupt(_signum, _frame):
+        stopped.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield stopped
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class _Processes:
@@ -150,7 +156,8 @@ def run_demo(work_dir: Path | None = None, *, tokens: int = 24, say: Callable = 
     server = None
     started = time.monotonic()
     try:
-        with _stop_on_sigterm():
+        with _interrupts_stop_the_demo() as stopped:
+            say = _stops_when(stopped, say)
             say(f"workspace: {root}")
             ws = init_workspace(root / "fleet")
             repo = Repository(ws)
@@ -235,6 +242,17 @@ def run_demo(work_dir: Path | None = None, *, tokens: int = 24, say: Callable = 
             server.server_close()
         if owned:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _stops_when(stopped: threading.Event, say: Callable) -> Callable:
+    """`say` that first raises KeyboardInterrupt once the demo was interrupted."""
+
+    def checked(message) -> None:
+        if stopped.is_set():
+            raise KeyboardInterrupt
+        say(message)
+
+    return checked
 
 
 def _bytes_downloaded(ws, version: str) -> int:
