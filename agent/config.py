@@ -53,6 +53,10 @@ class Limits:
     threads: int | None = None
     pointer_poll_s: float = 2.0  # how often the daemon notices an activation by `st-agent bundle install`
     shutdown_grace_s: float = 10.0
+    handshake_timeout_s: float = 10.0  # a TLS handshake that takes longer is dropped
+    request_timeout_s: float = 10.0  # a whole request (head and body) arrives within this of the connection idling
+    max_idle_per_client: int = 16  # idle connections kept per client address (the oldest goes first)
+    max_idle_connections: int = 128  # idle connections kept in all
 
     @classmethod
     def from_dict(cls, d: dict) -> Limits:

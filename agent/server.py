@@ -7,17 +7,27 @@ newer. The verified peer certificate of each connection is handed to the app thr
 TLS extension (`scope["extensions"]["tls"]["client_cert_chain"]`, PEM), which the API's
 management endpoints check for the operator role. SIGTERM/SIGINT shut down gracefully:
 no new connections, in-flight requests get `shutdown_grace_s`, then the lifespan ends.
+Idle and slow connections are bounded by `agent.connections` (handshake and request timeouts,
+idle caps per client and in all); there is no server-wide connection limit that a flood of idle
+connections could fill.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
+import sys
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.config import STARTUP_FAILURE
 
 from agent.api import create_app
-from agent.config import DeviceConfig, parse_listen
+from agent.config import DeviceConfig, Limits, parse_listen
+from agent.connections import IdleConnections
+
+log = logging.getLogger("st-agent.server")
 
 
 def tls_context(config: DeviceConfig) -> ssl.SSLContext:
@@ -41,23 +51,79 @@ class _WithPeerCert:
         return await self.app(scope, receive, send)
 
 
-class MutualTLSProtocol(H11Protocol):
-    """h11 connections whose app sees the peer certificate (the handshake is done when this runs)."""
+class DeviceProtocol(H11Protocol):
+    """h11 connections whose app sees the peer certificate (the handshake is done when this runs)
+    and whose idle time is bounded by `IdleConnections`."""
+
+    def __init__(self, *args, idle: IdleConnections, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._idle = idle
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         self.app = _WithPeerCert(self.app, [ssl.DER_cert_to_PEM_cert(der)] if der else [])
+        self._track()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._track()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._track()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._idle.busy(self)
+        super().connection_lost(exc)
+
+    def _track(self) -> None:
+        waiting = self.cycle is not None and not self.cycle.response_complete and self.conn.their_state is h11.DONE
+        if waiting or self.transport.is_closing():
+            self._idle.busy(self)
+        else:
+            self._idle.idle(self, self.client[0] if self.client else "", self.loop)
+
+    def close_idle(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+class DeviceServer(uvicorn.Server):
+    """uvicorn's server, listening itself: uvicorn has no setting for the TLS handshake timeout."""
+
+    def __init__(self, config: uvicorn.Config, tls: ssl.SSLContext, limits: Limits):
+        super().__init__(config)
+        self.tls, self.limits = tls, limits
+        self.idle = IdleConnections(limits)
+
+    async def startup(self, sockets=None) -> None:
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            sys.exit(STARTUP_FAILURE)
+
+        def protocol() -> DeviceProtocol:
+            return DeviceProtocol(config=self.config, server_state=self.server_state, app_state=self.lifespan.state,
+                                  idle=self.idle)
+
+        try:
+            server = await asyncio.get_running_loop().create_server(
+                protocol, host=self.config.host, port=self.config.port, ssl=self.tls, backlog=self.config.backlog,
+                ssl_handshake_timeout=self.limits.handshake_timeout_s)
+        except OSError as e:
+            log.error("cannot listen on %s:%s: %s", self.config.host, self.config.port, e)
+            await self.lifespan.shutdown()
+            sys.exit(STARTUP_FAILURE)
+        self.servers = [server]
+        self.started = True
 
 
 def serve(config: DeviceConfig, listen: str) -> None:
     """Run the daemon until SIGTERM/SIGINT."""
     host, port = parse_listen(listen)
-    context = tls_context(config)
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(config), host=host, port=port, http=MutualTLSProtocol, ws="none", lifespan="on",
-        ssl_context_factory=lambda _config, _default: context, log_level="warning", access_log=False,
-        timeout_graceful_shutdown=int(config.limits.shutdown_grace_s), limit_concurrency=64,
-    ))
+    server = DeviceServer(uvicorn.Config(
+        create_app(config), host=host, port=port, ws="none", lifespan="on", log_level="warning", access_log=False,
+        timeout_graceful_shutdown=int(config.limits.shutdown_grace_s),
+    ), tls_context(config), config.limits)
     server.run()
