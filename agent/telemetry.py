@@ -18,21 +18,25 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-from manifests.telemetry import TELEMETRY_TABLES, check_table, telemetry_row
+from manifests.telemetry import DESIGN_TABLES, TELEMETRY_TABLES, check_table, telemetry_row
 
 log = logging.getLogger("st-agent.telemetry")
 
 Migration = tuple[int, str, Callable[[sqlite_utils.Database], None]]
 
 
-def _create_tables(db: sqlite_utils.Database) -> None:
-    for table, columns in TELEMETRY_TABLES.items():
-        db[table].create(columns)
-        db[table].create_index(["ts"])
+def _create_tables(*tables: str) -> Callable[[sqlite_utils.Database], None]:
+    def create(db: sqlite_utils.Database) -> None:
+        for table in tables:
+            db[table].create(TELEMETRY_TABLES[table])
+            db[table].create_index(["ts"])
+
+    return create
 
 
 MIGRATIONS: list[Migration] = [
-    (1, "generations, updates, health_checks (DESIGN.md columns), indexed by ts", _create_tables),
+    (1, "generations, updates, health_checks (DESIGN.md columns), indexed by ts", _create_tables(*DESIGN_TABLES)),
+    (2, "requests: one row per admitted completion (key name, outcome)", _create_tables("requests")),
 ]
 
 

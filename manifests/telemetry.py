@@ -1,7 +1,10 @@
-"""Telemetry rows: the three tables a device records and `fleet.db` pulls (DESIGN.md).
+"""Telemetry rows: the tables a device records and `fleet.db` pulls.
 
-Rule: these column lists are the contract, in this order, nothing more; `ts` is the UNIX time in
-seconds (float) at which the row was recorded, and `since` filters are on it.
+Rule: these column lists are the contract, in this order, nothing more: the three DESIGN.md
+tables (`DESIGN_TABLES`) exactly as DESIGN.md lists them, and `requests` (one row per admitted
+completion: the application key's name, never the key, and how it ended: `completed`,
+`cancelled` or `failed`). `ts` is the UNIX time in seconds (float) at which the row was
+recorded, and `since` filters are on it. A table is added, never changed: old rows stay valid.
 """
 from __future__ import annotations
 
@@ -21,7 +24,13 @@ TELEMETRY_TABLES: dict[str, dict[str, type]] = {
         "ts": float, "model": str, "version": str, "passed": int, "decode_tokens_per_s": float,
         "peak_rss_bytes": int, "detail": str,
     },
+    "requests": {
+        "ts": float, "key": str, "model": str, "version": str, "outcome": str, "queued_ms": float,
+        "prompt_tokens": int, "completion_tokens": int,
+    },
 }
+DESIGN_TABLES = ("generations", "updates", "health_checks")
+REQUEST_OUTCOMES = ("completed", "cancelled", "failed")
 
 
 def telemetry_row(table: str, values: dict) -> dict:

@@ -25,7 +25,20 @@ def test_tables_have_exactly_the_design_columns_in_wal_mode(tmp_path):
             assert [row[1] for row in db.execute(f"PRAGMA table_info({table})")] == columns.split(", ")
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert set(TELEMETRY_TABLES) == set(DESIGN_COLUMNS)
+    assert set(TELEMETRY_TABLES) == set(DESIGN_COLUMNS) | {"requests"}
+
+
+def test_a_database_of_the_first_schema_gains_the_requests_table(tmp_path):
+    with sqlite3.connect(tmp_path / "t.db") as db:  # what migration 1 alone made
+        db.execute("CREATE TABLE _migrations (version INTEGER PRIMARY KEY, name TEXT, applied_at REAL)")
+        db.execute("CREATE TABLE updates (ts FLOAT, job_id TEXT)")
+        db.execute("INSERT INTO _migrations VALUES (1, 'first', 0)")
+        db.execute("INSERT INTO updates VALUES (1.0, 'kept')")
+    t = Telemetry(tmp_path / "t.db", 10)
+    t.record("requests", {"key": "line4-hmi", "outcome": "cancelled", "completion_tokens": 1})
+    assert [r["outcome"] for r in t.query("requests")] == ["cancelled"]
+    assert t.count("updates") == 1
+    t.close()
 
 
 def test_migrations_apply_once(tmp_path):
