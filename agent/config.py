@@ -43,6 +43,7 @@ class Limits:
     max_prompt_tokens: int = 2048
     max_stop_sequences: int = 4
     queue_size: int = 4  # completions admitted beyond the one running per engine; more -> 429
+    max_admitted_per_key: int = 4  # of one application key at once (below queue_size + 1: a slot stays for the others)
     token_timeout_s: float = 120.0  # longest wait for the next token of a completion
     telemetry_max_rows: int = 100_000  # per table; the oldest rows go first
     telemetry_page_rows: int = 1000  # most rows one GET /v1/telemetry returns
@@ -53,6 +54,14 @@ class Limits:
     threads: int | None = None
     pointer_poll_s: float = 2.0  # how often the daemon notices an activation by `st-agent bundle install`
     shutdown_grace_s: float = 10.0
+    # downloads: a transport failure is retried with backoff (full jitter) for up to the window
+    # without progress; the job then fails and keeps what it received for the next job
+    download_retry_window_s: float = 300.0
+    download_retry_first_delay_s: float = 1.0
+    download_retry_max_delay_s: float = 30.0
+    download_socket_timeout_s: float = 30.0  # connect, and the longest gap between bytes
+    download_disk_margin_bytes: int = 64 * 2**20  # free space a download must leave (checked before it starts)
+    download_leftovers_max_age_s: float = 7 * 86400.0  # kept partial downloads / verified blobs untouched this long go
     handshake_timeout_s: float = 10.0  # a TLS handshake that takes longer is dropped
     request_timeout_s: float = 10.0  # a whole request (head and body) arrives within this of the connection idling
     max_idle_per_client: int = 16  # idle connections kept per client address (the oldest goes first)
@@ -82,6 +91,9 @@ class DeviceConfig:
     repository_url: str
     tags: dict[str, str] = field(default_factory=dict)
     limits: Limits = Limits()
+    # completions need an application key (`Authorization: Bearer`); false opens them to any
+    # client that reaches the port (a trusted LAN, or loopback only)
+    app_keys_required: bool = True
 
     # ---- paths -------------------------------------------------------------------------
     @property
@@ -141,11 +153,16 @@ class DeviceConfig:
     def update_lock(self) -> Path:
         return self.data_dir / ".update.lock"
 
+    @property
+    def app_keys_file(self) -> Path:
+        """The application keys' names and sha256 digests (never the keys)."""
+        return self.data_dir / "app_keys.json"
+
     # ---- file --------------------------------------------------------------------------
     def to_dict(self) -> dict:
         limits = {k: v for k, v in asdict(self.limits).items() if v != getattr(Limits(), k)}
         return {"name": self.name, "url": self.url, "repository_url": self.repository_url, "tags": self.tags,
-                "limits": limits}
+                "limits": limits, "app_keys_required": self.app_keys_required}
 
     def save(self) -> None:
         atomic_write_json(self.data_dir / CONFIG_FILE, self.to_dict())
@@ -180,8 +197,11 @@ def load_config(data_dir: str | os.PathLike) -> DeviceConfig:
             parse_tag(f"{k}={v}")
     except ManifestError as e:
         raise ConfigError(f"{path}: {e}") from None
+    required = d.get("app_keys_required", True)
+    if not isinstance(required, bool):
+        raise ConfigError(f"{path}: app_keys_required: expected true or false")
     return DeviceConfig(root, d["name"], d["url"], d["repository_url"], dict(d.get("tags", {})),
-                        Limits.from_dict(d.get("limits", {})))
+                        Limits.from_dict(d.get("limits", {})), required)
 
 
 def parse_listen(text: str) -> tuple[str, int]:

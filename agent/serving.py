@@ -2,14 +2,20 @@
 
 Rules:
 - one generation at a time per engine (the engine is not thread-safe): each loaded engine has
-  its own lock, and each completion runs in its own worker thread holding it;
+  its own `FairQueue`, and each completion runs in its own worker thread holding a turn; turns go
+  to the application keys in rotation, so one key's many requests cannot starve another's;
 - `swap` replaces the current engine atomically: completions already admitted finish on the
   engine they started on, new ones get the new engine; a replaced engine is closed when its last
   completion ends;
-- at most `queue_size + 1` completions are admitted at once (one running, the rest waiting);
-  beyond that `QueueFullError` (HTTP 429); every wait is bounded by `token_timeout_s`;
+- at most `queue_size + 1` completions are admitted at once (one running, the rest waiting), and
+  at most `max_admitted_per_key` of one application key; beyond that `QueueFullError` (HTTP 429),
+  so a flood under one key (or without a key, where keys are not required) leaves room for the
+  others; every wait is bounded by `token_timeout_s`;
+- a cancelled completion (its client went away) leaves the queue at once, or stops after the
+  token being computed; its slot frees then;
 - `max_tokens` is capped by the configuration, the prompt by `max_prompt_tokens`;
-- every finished completion writes one `generations` row;
+- every admitted completion writes one `requests` row (key, outcome: `completed`, `cancelled` or
+  `failed`, time queued); a completed one also writes one `generations` row;
 - at most one forward pass runs in the process at a time (`COMPUTE_LOCK`, taken per token):
   each forward pass already uses every engine thread, so two engines (the serving one and a
   release under health check, or the old and new one during a switch) computing at the same
@@ -18,12 +24,14 @@ Rules:
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import DeviceConfig, Limits
 from agent.errors import AgentError, BadRequestError, QueueFullError
+from agent.fair_queue import FairQueue
 from agent.telemetry import Telemetry
 from model import Engine
 from model.errors import ModelError
@@ -81,7 +89,7 @@ class _Loaded:
     engine: Engine
     model: str
     version: str
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    queue: FairQueue = field(default_factory=FairQueue)
     users: int = 0
     retired: bool = False
 
@@ -94,6 +102,7 @@ class CompletionRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    key: str = ""  # the application key's name ("" where completions need no key)
 
 
 class _StopText:
@@ -134,6 +143,7 @@ class Completion:
     def __init__(self, serving: Serving, loaded: _Loaded, request: CompletionRequest):
         self.serving, self.loaded, self.request = serving, loaded, request
         self.cancel = threading.Event()
+        self.admitted_at = time.monotonic()
         engine = loaded.engine
         prompt = request.prompt
         ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -161,10 +171,17 @@ class Completion:
 
     def _run(self, emit: Callable[[str, object], None]) -> None:
         loaded, limits = self.loaded, self.serving.limits
+        outcome, count, queued_s, stats = "failed", 0, 0.0, {}
         try:
-            if not loaded.lock.acquire(timeout=limits.token_timeout_s):
-                emit("error", "the engine stayed busy too long; retry later")
+            if not loaded.queue.acquire(self.request.key, self.cancel, limits.token_timeout_s):
+                queued_s = time.monotonic() - self.admitted_at
+                if self.cancel.is_set():
+                    outcome = "cancelled"
+                    emit("done", {"finish_reason": "cancelled", "prompt_tokens": 0, "completion_tokens": 0})
+                else:
+                    emit("error", "the engine stayed busy too long; retry later")
                 return
+            queued_s = time.monotonic() - self.admitted_at
             try:
                 stream, finish, count, stopped = _StopText(loaded.engine.tokenizer, self.request.stop), "length", 0, False
                 for token in one_step_at_a_time(self.tokens):
@@ -183,16 +200,18 @@ class Completion:
                 self.tokens.close()
                 stats = dict(loaded.engine.last_stats)
             finally:
-                loaded.lock.release()
+                loaded.queue.release()
             stats["completion_tokens"] = count
-            self.serving.finished(self, stats)
+            outcome = "cancelled" if finish == "cancelled" else "completed"
+            if outcome == "completed":
+                self.serving.finished(self, stats)
             emit("done", {"finish_reason": finish, "prompt_tokens": stats.get("prompt_tokens", 0),
                           "completion_tokens": count})
         except Exception as e:  # the stream must end with a message, whatever failed
             self.serving.failures += 1
             emit("error", f"generation failed: {e}")
         finally:
-            self.serving.release(loaded)
+            self.serving.release(self, outcome, queued_s, stats.get("prompt_tokens", 0), count)
 
 
 class Serving:
@@ -203,7 +222,9 @@ class Serving:
         self._lock = threading.Lock()
         self._current: _Loaded | None = None
         self.admitted = 0
-        self.completions = self.completion_tokens = self.rejected = self.failures = 0
+        self.admitted_by_key: dict[str, int] = {}
+        self.rejected_by_key: dict[str, int] = {}
+        self.completions = self.completion_tokens = self.rejected = self.failures = self.cancelled = 0
         self.last_stats: dict = {}
 
     def current(self) -> tuple[str, str] | None:
@@ -222,29 +243,50 @@ class Serving:
             close_engine(idle_old.engine)
 
     def admit(self, request: CompletionRequest) -> Completion:
-        """Admit a completion (QueueFullError when full, NoModelError before any activation)."""
+        """Admit a completion (QueueFullError when full or over its key's share, NoModelError
+        before any activation)."""
         with self._lock:
             loaded = self._current
             if loaded is None:
                 raise NoModelError("no model is active yet; install one with POST /v1/updates")
-            if self.admitted >= self.limits.queue_size + 1:
+            mine = self.admitted_by_key.get(request.key, 0)
+            if self.admitted >= self.limits.queue_size + 1 or mine >= self.limits.max_admitted_per_key:
                 self.rejected += 1
-                raise QueueFullError(f"{self.admitted} completions in progress; retry later")
-            self.admitted += 1
-            loaded.users += 1
+                self.rejected_by_key[request.key] = self.rejected_by_key.get(request.key, 0) + 1
+                whose = f"{mine} of this key's" if mine >= self.limits.max_admitted_per_key else f"{self.admitted}"
+                raise QueueFullError(f"{whose} completions in progress; retry later")
+            self._hold(loaded, request.key, +1)
         try:
             return Completion(self, loaded, request)
         except BaseException:
-            self.release(loaded)
+            self._unhold(loaded, request.key)
             raise
 
-    def release(self, loaded: _Loaded) -> None:
+    def _hold(self, loaded: _Loaded, key: str, n: int) -> None:
+        self.admitted += n
+        self.admitted_by_key[key] = self.admitted_by_key.get(key, 0) + n
+        if not self.admitted_by_key[key]:
+            del self.admitted_by_key[key]
+        loaded.users += n
+
+    def _unhold(self, loaded: _Loaded, key: str) -> None:
         with self._lock:
-            self.admitted -= 1
-            loaded.users -= 1
+            self._hold(loaded, key, -1)
             close = loaded.retired and loaded.users == 0
         if close:
             close_engine(loaded.engine)
+
+    def release(self, completion: Completion, outcome: str, queued_s: float, prompt_tokens: int,
+                completion_tokens: int) -> None:
+        """A completion ended: its slot frees, and its `requests` row is written."""
+        self._unhold(completion.loaded, completion.request.key)
+        if outcome == "cancelled":
+            self.cancelled += 1
+        if self.telemetry is not None:
+            self.telemetry.record("requests", {
+                "key": completion.request.key, "model": completion.loaded.model, "version": completion.loaded.version,
+                "outcome": outcome, "queued_ms": queued_s * 1000.0, "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens})
 
     def finished(self, completion: Completion, stats: dict) -> None:
         self.completions += 1
@@ -257,6 +299,7 @@ class Serving:
     def close(self) -> None:
         with self._lock:
             cur, self._current = self._current, None
-        if cur is not None:
-            with cur.lock:
-                close_engine(cur.engine)
+        if cur is not None:  # waits for the running completion's turn to end
+            if cur.queue.acquire("", threading.Event(), self.limits.token_timeout_s):
+                cur.queue.release()
+            close_engine(cur.engine)
