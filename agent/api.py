@@ -7,7 +7,17 @@ Rules:
   fleet CA (the TLS layer verifies the chain) whose role marker is `operator` (401 without a
   certificate, 403 with another role);
 - every request body is capped (`Limits.max_body_bytes`, 413); malformed input gets a 4xx;
-  errors are `{"error": {"message", "type"}}` (FastAPI's 422 for schema violations);
+  every error, on every path, is OpenAI's envelope `{"error": {"message", "type", "param",
+  "code"}}` (`param`: the offending field or null; `code`: a short code or null), rendered as
+  ASCII JSON so that no input (NaN, a lone surrogate) can make the error itself fail;
+- a request that breaks its schema (body, query or path) is 400 `invalid_request`, never
+  FastAPI's 422 `detail` list: `param` names the field at fault, `code` is the pydantic error
+  type, the message says what is wrong without echoing the raw value (it may be NaN or
+  megabytes); bodies are strict: no `"3"` for an int, no `"yes"` or `1` for a bool, no `true`
+  for an int, floats finite (an int is a float, as in OpenAI's API), token ids within int64 (the
+  engine checks the vocabulary), text valid Unicode, names, versions and repository URLs
+  checked by `manifests` (`check_name`, `parse_version`, `check_repository_url`);
+- an exception no handler takes is a 500 `internal_error` envelope and one log line;
 - completions follow the OpenAI completions subset: `prompt` (text or token ids), `max_tokens`
   (capped), `temperature`, `top_p`, `seed`, `stop`, `stream` (server-sent events ending in
   `data: [DONE]`); `system_fingerprint` names the exact release that generated.
@@ -16,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -23,9 +34,11 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from agent.config import DeviceConfig
 from agent.errors import (
@@ -35,17 +48,95 @@ from agent.lifecycle import JobStore
 from agent.serving import CompletionRequest, NoModelError, Serving
 from agent.telemetry import Telemetry
 from agent.updater import Updater, job_view
-from manifests.enrollment import ROLE_OPERATOR, certificate_role
+from manifests.enrollment import ROLE_OPERATOR, certificate_role, check_repository_url
+from manifests.model_manifest import parse_version
+from manifests.names import check_name
 from manifests.telemetry import TELEMETRY_TABLES
+from model.errors import InputError
 from model.memory import current_rss_bytes
+from model.tokenizer import utf8_bytes
 
+log = logging.getLogger("st-agent.api")
 _STATUS = [(QueueFullError, 429, "queue_full"), (NoModelError, 503, "no_model"), (BadRequestError, 400, "invalid_request"),
            (UpdateRefusedError, 409, "refused"), (InstallError, 409, "install"), (AgentError, 400, "invalid_request"),
-           (UpdateError, 400, "update")]
+           (UpdateError, 400, "update"), (InputError, 400, "invalid_request")]
+_HTTP_KINDS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
-def error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+class ErrorResponse(JSONResponse):
+    """JSON as ASCII, NaN refused: text from the request (lone surrogates too) always serialises."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def envelope(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
+          headers: dict | None = None) -> JSONResponse:
+    return ErrorResponse(envelope(message, kind, param, code), status_code=status, headers=headers)
+
+
+def _field_path(loc: tuple) -> str | None:
+    """("body", "prompt", "list[constrained-int]", 0) -> "prompt[0]"; None for the body as a whole.
+    Request bodies are flat, so a string after the field name is a union branch's tag (dropped)."""
+    if len(loc) < 2 or not isinstance(loc[1], str):
+        return None
+    return loc[1] + "".join(f"[{part}]" for part in loc[2:] if isinstance(part, int))
+
+
+def _problem(p: dict) -> str:
+    """One schema problem as `field: what is wrong` (from pydantic's message, never the input)."""
+    ctx = p.get("ctx") or {}
+    if p["type"] == "json_invalid":
+        return f"the body is not valid JSON ({ctx.get('error', 'decode error')})"
+    message = str(ctx["error"]) if p["type"] == "value_error" and "error" in ctx else p["msg"]
+    return f"{_field_path(p['loc']) or p['loc'][0]}: {message}"
+
+
+def validation_error(e: RequestValidationError) -> JSONResponse:
+    """400 naming the first problems. Of a union field only its deepest problems count (the branch
+    that came closest: for `[true]` "prompt[0]: ... a valid integer", not "prompt: ... a string")."""
+    problems = sorted(e.errors(), key=lambda p: -len(p["loc"]))
+    if not problems:
+        return error(400, "the request does not match its schema", "invalid_request")
+    deepest: dict = {}
+    for p in problems:
+        deepest.setdefault(p["loc"][:2], len(p["loc"]))
+    problems = [p for p in problems if len(p["loc"]) == deepest[p["loc"][:2]]]
+    first = problems[0]
+    texts = list(dict.fromkeys(_problem(p) for p in problems))
+    field = first["loc"][1] if len(first["loc"]) > 1 and isinstance(first["loc"][1], str) else None
+    return error(400, "; ".join(texts[:3]) + (f" (and {len(texts) - 3} more)" if len(texts) > 3 else ""),
+                 "invalid_request", field, first["type"])
+
+
+class ErrorsAsJSON:
+    """ASGI middleware: an exception nothing handled becomes a 500 envelope and one log line (once a
+    response has started, its status is sent: the connection just ends)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:  # the last line of defence: whatever failed, answer in the envelope
+            log.error("%s %s failed: %s: %r", scope.get("method"), scope.get("path"), type(e).__name__, str(e)[:500])
+            if not started:
+                await error(500, f"internal error ({type(e).__name__}); the agent's log has the details",
+                            "internal_error")(scope, receive, send)
 
 
 class BodyLimit:
@@ -101,17 +192,48 @@ def require_operator(request: Request) -> None:
 Operator = Depends(require_operator)
 
 
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False, protected_namespaces=())
+TokenId = Annotated[int, Field(ge=0, lt=2**63)]  # int64 at the edge; the engine checks the vocabulary
+
+
+def _unicode(value):
+    """Text (or a list of texts) that is valid Unicode: a lone surrogate (JSON "\\ud800") is not."""
+    for text in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+        if isinstance(text, str):
+            try:
+                utf8_bytes(text)
+            except InputError as e:
+                raise ValueError(str(e)) from None
+    return value
+
+
 class UpdateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(**_STRICT, extra="forbid")
     model: str = Field(max_length=64)
     version: str = Field(max_length=64)
     repository_url: str | None = Field(None, max_length=2048)
     allow_downgrade: bool = False
 
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, model: str) -> str:
+        return check_name(model, "model")
+
+    @field_validator("version")
+    @classmethod
+    def _semantic_version(cls, version: str) -> str:
+        parse_version(version)
+        return version
+
+    @field_validator("repository_url")
+    @classmethod
+    def _repository_url(cls, url: str | None) -> str | None:
+        return None if url is None else check_repository_url(url)
+
 
 class CompletionBody(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
-    prompt: str | list[Annotated[int, Field(ge=0)]]
+    model_config = ConfigDict(**_STRICT, extra="ignore")
+    prompt: str | list[TokenId]
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -120,6 +242,11 @@ class CompletionBody(BaseModel):
     stream: bool = False
     model: str | None = None
     n: int = Field(1, ge=1, le=1)
+
+    @field_validator("prompt", "stop", "model")
+    @classmethod
+    def _valid_unicode(cls, value):
+        return _unicode(value)
 
 
 def create_app(config: DeviceConfig) -> FastAPI:
@@ -155,6 +282,7 @@ def create_app(config: DeviceConfig) -> FastAPI:
 
     app = FastAPI(title="st-agent", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    app.add_middleware(ErrorsAsJSON)
 
     @app.exception_handler(_Error)
     async def _plain_error(request: Request, e: _Error):
@@ -162,9 +290,19 @@ def create_app(config: DeviceConfig) -> FastAPI:
 
     @app.exception_handler(AgentError)
     @app.exception_handler(UpdateError)
+    @app.exception_handler(InputError)
     async def _agent_error(request: Request, e: Exception):
         status, kind = next((s, k) for cls, s, k in _STATUS if isinstance(e, cls))
         return error(status, str(e), kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _schema_error(request: Request, e: RequestValidationError):
+        return validation_error(e)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException):
+        kind = _HTTP_KINDS.get(e.status_code, "invalid_request" if e.status_code < 500 else "internal_error")
+        return error(e.status_code, str(e.detail), kind, headers=getattr(e, "headers", None))
 
     @app.get("/healthz", response_class=PlainTextResponse)
     async def healthz() -> str:
@@ -202,8 +340,8 @@ def create_app(config: DeviceConfig) -> FastAPI:
         return {**result.to_dict(), "rolled_back": rolled_back}
 
     @app.get("/v1/telemetry", dependencies=[Operator])
-    async def telemetry(request: Request, table: str = Query(..., max_length=32), since: float | None = None,
-                        limit: int = Query(100, ge=1)) -> dict:
+    async def telemetry(request: Request, table: str = Query(..., max_length=32),
+                        since: float | None = Query(None, allow_inf_nan=False), limit: int = Query(100, ge=1)) -> dict:
         if table not in TELEMETRY_TABLES:
             raise _Error(400, f"table must be one of {', '.join(TELEMETRY_TABLES)}", "invalid_request")
         rows = await run_in_threadpool(request.app.state.telemetry.query, table, since,
@@ -261,7 +399,7 @@ def create_app(config: DeviceConfig) -> FastAPI:
                                                           "finish_reason": payload["finish_reason"]}],
                                      "usage": _usage(payload)}
                         else:
-                            chunk = {"error": {"message": payload, "type": "generation_failed"}}
+                            chunk = envelope(payload, "generation_failed")
                         yield f"data: {json.dumps(chunk)}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:

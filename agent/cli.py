@@ -1,14 +1,11 @@
 """`st-agent`: the device's command line. Each command is a thin call into the agent library.
 
-Rule: the agent's, the update channel's, the model's and the formats' errors become one line on
-stderr and exit code 1, never a traceback; commands that report figures take `--json`.
+Rule: the agent's, the update channel's, the model's and the formats' errors become one line of
+text on stderr and exit code 1, never a traceback (`manifests.cli_support`, shared with stctl);
+commands that report figures take `--json`.
 """
 from __future__ import annotations
 
-import functools
-import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +14,7 @@ import typer
 from agent.config import DEFAULT_LISTEN, ENV_DATA_DIR, load_config, resolve_data_dir
 from agent.errors import AgentError, UpdateError
 from manifests import ManifestError
+from manifests.cli_support import handles_errors as _handles, print_json
 from model.errors import ModelError
 
 app = typer.Typer(
@@ -33,30 +31,7 @@ bundle_app = typer.Typer(help="Offline bundles for air-gapped sites.\n\n"
 app.add_typer(bundle_app, name="bundle")
 
 HANDLED = (AgentError, UpdateError, ModelError, ManifestError)
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def handles_errors(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except HANDLED as e:
-            _fail(str(e))
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
-        except OSError as e:
-            _fail(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
-
-    return wrapper
-
-
-def _print_json(data) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+handles_errors = _handles(*HANDLED)
 
 
 def _data_dir_option() -> Optional[Path]:
@@ -88,7 +63,7 @@ def init(
     result = {"data_dir": str(config.data_dir), "name": config.name, "url": config.url,
               "repository_url": config.repository_url, "tags": config.tags}
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
         typer.echo(f"device {config.name} set up in {config.data_dir}; start it with "
                    f"`st-agent serve --data-dir {config.data_dir}`")
@@ -123,7 +98,7 @@ def status(
     """
     result = _open(data_dir).status()
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     fmt = lambda r: f"{r['model']}@{r['version']}" if r else "none"  # noqa: E731
     typer.echo(f"device {result['device']}: active {fmt(result['active'])}"
@@ -148,7 +123,7 @@ def health(
     result, rolled_back = _open(data_dir).check_active()
     report = {**result.to_dict(), "rolled_back": rolled_back}
     if as_json:
-        _print_json(report)
+        print_json(report)
     else:
         typer.echo(f"{result.model}@{result.version}: {'passed' if result.passed else 'FAILED'} ({result.detail}); "
                    f"{result.decode_tokens_per_s:.1f} tok/s, peak RSS {result.peak_rss_bytes} bytes"
@@ -174,7 +149,7 @@ def bundle_install(
     updater = _open(data_dir)
     job = updater.run(updater.request(None, None, allow_downgrade=allow_downgrade, bundle=bundle))
     if as_json:
-        _print_json(job_view(job))
+        print_json(job_view(job))
     else:
         typer.echo(f"{job.model or 'bundle'}@{job.version or '?'}: {job.state}{f' ({job.detail})' if job.detail else ''}")
     if job.state != "active":

@@ -4,9 +4,12 @@
 needs to join the fleet: its name, tags and the URL it serves on, its TLS key and certificate
 (signed by the fleet CA), the CA certificate, the TUF trusted root and the repository URL.
 
-Rules: a file that parses is complete: the name is a fleet name, the device URL is
-`https://HOST:PORT`, the repository URL is http(s), tags are short `k=v` strings, the PEM fields
-hold PEM blocks and the trusted root is a TUF root document. Role markers: every leaf
+Rules: a file that parses is complete: the name is a device name (`manifests.names`), the
+device URL is `https://HOST:PORT`, the repository URL is http(s), tags are short `k=v` strings
+(the key a label of `manifests.names`, the value without control characters), the PEM fields
+hold PEM blocks and the trusted root is a TUF root document. A URL is refused (ManifestError,
+never urllib's ValueError) when urllib cannot parse it (`http://[::1`, a port out of range) or
+it holds whitespace, control characters or a lone surrogate. Role markers: every leaf
 certificate of the fleet carries exactly one SAN URI `urn:st:role:<role>`; `certificate_role`
 reads it (the device API admits management calls only from the `operator` role).
 """
@@ -15,44 +18,56 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from cryptography import x509
 
 from manifests.errors import ManifestError
-from manifests.model_manifest import check_name
+from manifests.names import LABEL_RULE, check_name, is_label
 
 ENROLLMENT_FORMAT = "smallthinker-fleet/enrollment@1"
 ROLE_URI_PREFIX = "urn:st:role:"
 ROLE_OPERATOR = "operator"
 ROLE_DEVICE = "device"
 MAX_TAGS = 32
-_TAG_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_TAG_VALUE = re.compile(r"^[^\x00-\x1f]{0,128}$")
+_TAG_VALUE = re.compile(r"[^\x00-\x1f\x7f]{0,128}")
+_URL_UNSAFE = re.compile(r"[\x00-\x20\x7f]")  # urlsplit silently drops some of these
 
 
 def parse_tag(text: str) -> tuple[str, str]:
     """`line=4` -> ("line", "4")."""
     key, sep, value = text.partition("=")
-    if not sep or not _TAG_KEY.match(key) or not _TAG_VALUE.match(value):
-        raise ManifestError(f"tag {text!r}: expected KEY=VALUE (key: 1-64 of A-Z a-z 0-9 . _ -; value: up to 128 chars)")
+    if not sep or not is_label(key) or not _TAG_VALUE.fullmatch(value):
+        raise ManifestError(f"tag {text!r}: expected KEY=VALUE (key: {LABEL_RULE}; value: up to 128 chars)")
     return key, value
+
+
+def _split_url(url: object) -> SplitResult | None:
+    """The parts of `url`, or None when it is not a string urllib parses whole (host and port included)."""
+    if not isinstance(url, str) or _URL_UNSAFE.search(url):
+        return None
+    try:
+        url.encode("utf-8")  # a lone surrogate (UnicodeEncodeError is a ValueError)
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError on a port that is not a number in 0-65535)
+    except ValueError:  # e.g. "Invalid IPv6 URL" for http://[::1
+        return None
+    return parts
 
 
 def parse_device_url(url: str) -> tuple[str, int]:
     """`https://HOST:PORT` -> (host, port)."""
-    parts = urlsplit(url) if isinstance(url, str) else None
-    try:
-        port = parts.port if parts else None
-    except ValueError:
-        port = None
-    if not parts or parts.scheme != "https" or not parts.hostname or port is None or parts.path not in ("", "/"):
+    parts = _split_url(url)
+    if not parts or parts.scheme != "https" or not parts.hostname or parts.port is None or parts.path not in ("", "/"):
         raise ManifestError(f"device url {url!r}: expected https://HOST:PORT, e.g. https://10.0.4.17:8443")
-    return parts.hostname, port
+    return parts.hostname, parts.port
 
 
 def check_repository_url(url: str) -> str:
-    parts = urlsplit(url) if isinstance(url, str) else None
+    """`url` if it is an http(s) URL of a repository folder (no query, no fragment), else ManifestError."""
+    if not url:
+        raise ManifestError("repository url: missing; expected http(s)://HOST[:PORT][/PATH]")
+    parts = _split_url(url)
     if not parts or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ManifestError(f"repository url {url!r}: expected http(s)://HOST[:PORT][/PATH]")
     return url

@@ -3,6 +3,8 @@
 Rule: a manifest that parses is complete and self-consistent: every shard has a safe relative
 file name, a 64-hex sha256 and a size; expert shards name their layer and expert; names and
 files are unique. Serialization is canonical (sorted keys), so equal manifests are equal bytes.
+Every pattern here matches the whole string (`fullmatch`, ASCII): a trailing newline or a digit
+of another script is refused; the model name follows `manifests.names`.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from manifests.errors import ManifestError
+from manifests.names import check_name
 
 MANIFEST_FORMAT = "smallthinker-fleet/model@1"
 
@@ -37,15 +40,15 @@ CONFIG_KEYS = (
 
 QUANTS = ("q4_0", "bf16")
 SHARD_KINDS = ("expert", "dense")
-_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_SEMVER = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?",
+                     re.ASCII)
+_SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
+_SAFE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*", re.ASCII)
 
 
 def parse_version(text: str) -> tuple:
     """Semantic version as a sortable tuple; pre-releases sort before their release."""
-    m = _SEMVER.match(text) if isinstance(text, str) else None
+    m = _SEMVER.fullmatch(text) if isinstance(text, str) else None
     if not m:
         raise ManifestError(f"version {text!r} is not a semantic version like 1.2.0")
     major, minor, patch, pre = m.groups()
@@ -53,20 +56,14 @@ def parse_version(text: str) -> tuple:
     return (int(major), int(minor), int(patch), pre_key)
 
 
-def check_name(text: str, what: str = "name") -> str:
-    if not isinstance(text, str) or not _NAME.match(text):
-        raise ManifestError(f"{what} {text!r} must be 1-64 chars of a-z, 0-9, '.', '_', '-'")
-    return text
-
-
 def check_relative_file(text: str, what: str) -> str:
-    if not isinstance(text, str) or not _SAFE_FILE.match(text) or ".." in text.split("/"):
+    if not isinstance(text, str) or not _SAFE_FILE.fullmatch(text) or ".." in text.split("/"):
         raise ManifestError(f"{what}: {text!r} is not a safe relative file name")
     return text
 
 
 def check_sha256(text: str, what: str) -> str:
-    if not isinstance(text, str) or not _SHA256.match(text):
+    if not isinstance(text, str) or not _SHA256.fullmatch(text):
         raise ManifestError(f"{what}: sha256 must be 64 lowercase hex digits")
     return text
 

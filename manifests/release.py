@@ -14,7 +14,8 @@ Rule: one place decides what a TUF target is called, so both sides agree byte fo
 from __future__ import annotations
 
 from manifests.errors import ManifestError
-from manifests.model_manifest import ModelManifest, check_name, check_sha256, parse_version
+from manifests.model_manifest import ModelManifest, check_sha256, parse_version
+from manifests.names import check_name
 
 METADATA_DIR = "metadata"
 TARGETS_DIR = "targets"

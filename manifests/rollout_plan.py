@@ -25,8 +25,10 @@ gates, and what to do when a gate fails. Examples: `manifests/examples/*.toml`.
 Rules: a wave must select something (`tags`, `percent` and/or `count`); a device belongs to the
 first wave that selects it, waves never share devices; `percent` is of the devices matching the
 wave's tags, rounded up, and takes only devices no earlier wave took. Unknown keys, wrong types and
-out-of-range values are refused with a message naming the field (`waves[1].percent: ...`). Bytes
-in, `RolloutPlan` out; choosing devices from a fleet (`select_devices`) is pure too.
+out-of-range values are refused with a message naming the field (`waves[1].percent: ...`); wave
+names and tag keys are labels of `manifests.names`; a duration string matches whole (ASCII
+digits, surrounding blanks allowed) and must be finite. Bytes in, `RolloutPlan` out; choosing
+devices from a fleet (`select_devices`) is pure too.
 """
 from __future__ import annotations
 
@@ -37,13 +39,13 @@ import tomllib
 from dataclasses import asdict, dataclass, field, replace
 
 from manifests.errors import ManifestError
+from manifests.names import LABEL_RULE, is_label
 
 ON_FAILURE = ("rollback", "halt")
 MAX_WAVES = 64
 MAX_PLAN_BYTES = 256 * 1024
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*", re.ASCII)
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -101,12 +103,14 @@ def _number(value, where: str, *, integer: bool = False, minimum: float | None =
 def parse_duration_s(value, where: str, *, positive: bool = False) -> float:
     """Seconds as a number, or a string like `90s`, `10m`, `1.5h`, `250ms`."""
     if isinstance(value, str):
-        m = _DURATION.match(value)
+        m = _DURATION.fullmatch(value)
         if not m:
             raise ManifestError(f"{where}: expected seconds or a duration like '30s', '10m', '1h', got {value!r}")
         seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
     else:
         seconds = float(_number(value, where, minimum=0))
+    if not math.isfinite(seconds):
+        raise ManifestError(f"{where}: must be finite, got {value!r}")
     if seconds < 0 or (positive and seconds <= 0):
         raise ManifestError(f"{where}: must be {'> 0' if positive else '>= 0'}, got {value!r}")
     return seconds
@@ -169,10 +173,12 @@ def _wave(d, n: int, gates: Gates, policy: dict) -> Wave:
     d = _table(d, where)
     _check_keys(d, {"name", "tags", "percent", "count", "soak", "gates"} | _POLICY_KEYS, where)
     name = d.get("name", f"wave-{n + 1}")
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ManifestError(f"{where}.name: expected 1-64 of A-Z a-z 0-9 . _ - (starting alphanumeric), got {name!r}")
+    if not is_label(name):
+        raise ManifestError(f"{where}.name: expected {LABEL_RULE}, got {name!r}")
     tags = _table(d.get("tags", {}), f"{where}.tags")
     for k, v in tags.items():
+        if not is_label(k):
+            raise ManifestError(f"{where}.tags: key {k!r}: expected {LABEL_RULE}")
         if not isinstance(v, str):
             raise ManifestError(f"{where}.tags.{k}: expected a string, got {v!r}")
     if "tags" in d and not tags:

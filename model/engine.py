@@ -1,10 +1,13 @@
 """The public face of the inference library: load a package, get logits, generate tokens.
 
 Rule: nothing runs from a package before its manifest parsed and every shard it loads passed its
-size and sha256 check; every call records its figures in `last_stats`.
+size and sha256 check; token ids are checked in Python before they reach torch (ints, not bools,
+inside the vocabulary; InputError otherwise, so an id past int64 never overflows a tensor);
+every call records its figures in `last_stats`.
 """
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -12,7 +15,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-from model.errors import ConfigError
+from model.errors import ConfigError, InputError
 from model.expert_store import StorageSim
 from model.kernels import backend
 from model.loader import load_transformer
@@ -23,6 +26,13 @@ from model.sampling import sample
 from model.tokenizer import load_tokenizer
 
 DEFAULT_MAX_CONTEXT = 4096
+
+
+def _token_id(value) -> int:
+    """`value` as a token id: ints and integer scalars (numpy, 0-d tensors); TypeError for bools and floats."""
+    if isinstance(value, bool):
+        raise TypeError("a bool is not a token id")
+    return operator.index(value)
 
 
 class Engine:
@@ -96,12 +106,17 @@ class Engine:
 
     # ---- inference -------------------------------------------------------------------------
     def _check_ids(self, token_ids: Sequence[int]) -> torch.Tensor:
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
-        if ids.dim() != 1 or ids.numel() == 0:
-            raise ConfigError("token_ids must be a non-empty list of ints")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
-            raise ConfigError(f"token ids must lie in [0, {self.config.vocab_size})")
-        return ids
+        vocab = self.config.vocab_size
+        try:
+            ids = [_token_id(i) for i in token_ids]
+        except TypeError:
+            raise InputError("token_ids must be a non-empty list of ints") from None
+        if not ids:
+            raise InputError("token_ids must be a non-empty list of ints")
+        outside = next((i for i in ids if not 0 <= i < vocab), None)
+        if outside is not None:
+            raise InputError(f"token id {outside} is outside the vocabulary: ids must lie in [0, {vocab})")
+        return torch.tensor(ids, dtype=torch.long)
 
     def _check_context(self, n: int) -> None:
         if self.max_context is not None and n > self.max_context:

@@ -23,3 +23,8 @@ class IntegrityError(PackageError):
 
 class BudgetError(ModelError):
     """A memory budget is too small for what must stay resident."""
+
+
+class InputError(ModelError):
+    """Input the engine cannot run: token ids that are not ints of the vocabulary, text that is not
+    valid Unicode (a lone surrogate cannot be encoded as UTF-8)."""

@@ -30,7 +30,7 @@ def demo(
     """
     from stctl.demo import run_demo
 
-    say = (lambda _msg: None) if as_json else console.print
+    say = (lambda _msg: None) if as_json else (lambda msg: console.print(msg, markup=False))  # generated text, paths
     result = run_demo(tokens=tokens, say=say)
     if as_json:
         print_json(result)

@@ -1,52 +1,29 @@
 """What every stctl command shares: error translation, JSON output, Rich console and progress.
 
 Rule: a command body calls one library function; errors of the project's packages become one
-line on stderr and exit code 1, never a traceback.
+line of text on stderr and exit code 1, never a traceback (`manifests.cli_support`, shared with
+st-agent). Text that comes from outside (paths, names, messages of devices) is printed as text:
+with `markup=False`, or through `escape` where a line mixes it with markup.
 """
 from __future__ import annotations
 
-import functools
-import json
-import sys
-from collections.abc import Callable
 from contextlib import contextmanager
 
-import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from manifests import ManifestError
+from manifests.cli_support import err_console, fail, handles_errors as _handles, print_json
 from model.errors import ModelError
 from stctl.errors import StctlError
 
 console = Console()
-err_console = Console(stderr=True)
 
 HANDLED = (StctlError, ModelError, ManifestError)
+handles_errors = _handles(*HANDLED)
 
-
-def fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def handles_errors(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except HANDLED as e:
-            fail(str(e))
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
-        except OSError as e:
-            fail(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
-
-    return wrapper
-
-
-def print_json(data) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+__all__ = ["HANDLED", "console", "err_console", "escape", "fail", "handles_errors", "print_json", "progress_bar"]
 
 
 @contextmanager
@@ -55,8 +32,9 @@ def progress_bar(description: str, enabled: bool = True):
     if not enabled:
         yield lambda done, total, label="": None
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[label]}"),
-                  TimeElapsedColumn(), console=err_console, transient=False) as bar:
+    label = TextColumn("{task.fields[label]}", markup=False)  # shard and file names are not markup
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), label, TimeElapsedColumn(),
+                  console=err_console, transient=False) as bar:
         task = bar.add_task(description, total=None, label="")
 
         def update(done: int, total: int, label: str = "") -> None:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from stctl.cli_common import console, handles_errors, print_json
+from stctl.cli_common import console, escape, handles_errors, print_json
 from stctl.enroll import ENV_REPOSITORY_URL
 from stctl.workspace import ENV_WORKSPACE, open_workspace
 
@@ -43,5 +43,5 @@ def enroll(
     if as_json:
         print_json(result)
     else:
-        console.print(f"enrolled [bold]{name}[/]; copy {out} to the device and run "
-                      f"`st-agent init --enroll {out.name} --data-dir DIR`")
+        console.print(f"enrolled [bold]{escape(name)}[/]; copy {escape(str(out))} to the device and run "
+                      f"`st-agent init --enroll {escape(out.name)} --data-dir DIR`")

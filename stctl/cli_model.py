@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from stctl.cli_common import console, err_console, fail, handles_errors, print_json, progress_bar
+from stctl.cli_common import console, err_console, escape, fail, handles_errors, print_json, progress_bar
 
 app = typer.Typer(help="Build, run, benchmark and export model packages.\n\n"
                   "Example: stctl model run demo-v1 --prompt 'Torque check' --json", no_args_is_help=True)
@@ -60,7 +60,7 @@ def build(
     if as_json:
         print_json(summary)
     else:
-        console.print(f"built [bold]{manifest.name} {manifest.version}[/] ({manifest.quant}) at {out}: "
+        console.print(f"built [bold]{manifest.name} {manifest.version}[/] ({manifest.quant}) at {escape(str(out))}: "
                       f"{summary['shards']} shards, {format_size(manifest.total_bytes)}")
 
 
@@ -132,9 +132,9 @@ def export_gguf(
     if as_json:
         print_json(info)
     else:
-        console.print(f"wrote {out} ({info['tensors']} tensors, {info['bytes']} bytes)")
+        console.print(f"wrote {out} ({info['tensors']} tensors, {info['bytes']} bytes)", markup=False)
         for note in info["llama_cpp_notes"]:
-            err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+            err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
 @app.command("bench")

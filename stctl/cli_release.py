@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from stctl.cli_common import console, handles_errors, print_json, progress_bar
+from stctl.cli_common import console, escape, handles_errors, print_json, progress_bar
 from stctl.cli_model import app as model_app
 from stctl.workspace import ENV_WORKSPACE, open_workspace
 
@@ -46,7 +46,8 @@ def init(
     if as_json:
         print_json(result)
     else:
-        console.print(f"fleet workspace ready at [bold]{ws.root}[/]; devices trust {result['root_json']}")
+        console.print(f"fleet workspace ready at [bold]{escape(str(ws.root))}[/]; "
+                      f"devices trust {escape(result['root_json'])}")
 
 
 @model_app.command("publish")
@@ -91,10 +92,10 @@ def diff(
         print_json(report.to_dict())
         return
     for name in report.changed_shards:
-        console.print(f"  changed  {name}", highlight=False)
+        console.print(f"  changed  {name}", highlight=False, markup=False)
     share = report.bytes_to_ship / report.bytes_full if report.bytes_full else 0.0
     console.print(f"{report.old} -> {report.new}: {len(report.changed_shards)} changed shards, "
-                  f"{report.bytes_to_ship} of {report.bytes_full} bytes to ship ({share:.1%})")
+                  f"{report.bytes_to_ship} of {report.bytes_full} bytes to ship ({share:.1%})", markup=False)
 
 
 @repo_app.command("serve")
@@ -113,7 +114,7 @@ def serve(
 
     server = make_server(open_workspace(workspace).repository, host, port, quiet=not verbose)
     bound_host, bound_port = server.server_address[:2]
-    console.print(f"serving the repository at http://{bound_host}:{bound_port}/ (Ctrl-C stops)")
+    console.print(f"serving the repository at http://{bound_host}:{bound_port}/ (Ctrl-C stops)", markup=False)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -138,7 +139,8 @@ def refresh(
     if as_json:
         print_json(result)
     else:
-        console.print(f"re-signed {', '.join(result['resigned'])}; timestamp valid until {result['timestamp_expires']}")
+        console.print(f"re-signed {', '.join(result['resigned'])}; timestamp valid until {result['timestamp_expires']}",
+                      markup=False)
 
 
 @keys_app.command("rotate")
@@ -158,7 +160,8 @@ def rotate(
     if as_json:
         print_json(result)
     else:
-        console.print(f"rotated the {role} key: root v{result['root_version']} trusts {result['new_keyid'][:16]}")
+        console.print(f"rotated the {role} key: root v{result['root_version']} trusts {result['new_keyid'][:16]}",
+                      markup=False)
 
 
 @bundle_app.command("export")
@@ -184,4 +187,4 @@ def export(
         print_json(result)
     else:
         console.print(f"wrote {out}: {result['blobs']} blobs, {result['bundle_bytes']} bytes, "
-                      f"valid until {result['expires']}")
+                      f"valid until {result['expires']}", markup=False)
