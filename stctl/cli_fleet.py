@@ -1,7 +1,10 @@
 """`stctl device list`, `stctl rollout start|status|pause|resume|abort`, `stctl health`,
 `stctl telemetry pull|show` (libraries: stctl.registry, stctl.rollout, stctl.fleet_health,
 stctl.telemetry_pull). `register(app)` adds them to the root app; `device list` joins the
-`device` sub-app of stctl.cli_device."""
+`device` sub-app of stctl.cli_device.
+
+Rule: text that comes from a device or an error (failures, details, error messages) is printed as
+plain text (`rich.text.Text`, `markup=False`), never as Rich markup."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from stctl.cli_common import console, err_console, handles_errors, print_json
 from stctl.cli_device import device_app
@@ -72,6 +76,11 @@ def device_list(
 
 
 # ---- rollouts -------------------------------------------------------------------------------------
+def _outage_text(outage: dict) -> str:
+    return (f"unreachable since {outage['since']}: {outage['last_error']} ({outage['attempts']} failed attempts); "
+            f"failed in {outage['time_left_s']:.0f}s unless it answers")
+
+
 def rollout_table(status: dict) -> Table:
     table = Table("wave", "name", "state", "progress", "failed", "devices", title=(
         f"rollout {status['id']}: {status['model']} {status['version']}: {status['state']}"
@@ -80,7 +89,9 @@ def rollout_table(status: dict) -> Table:
         width = 20
         filled = round(width * w["done"] / w["devices"]) if w["devices"] else width
         bar = "[green]" + "━" * filled + "[/][dim]" + "━" * (width - filled) + "[/]"
-        names = ", ".join(f"{d['device']}:{d['state']}" for d in status["devices"] if d["wave"] == w["index"])
+        names = Text(", ").join(Text.assemble(f"{d['device']}:{d['state']}",
+                                              (" (unreachable)", "yellow") if d["unreachable"] else "")
+                                for d in status["devices"] if d["wave"] == w["index"])
         table.add_row(str(w["index"] + 1), w["name"], w["state"], f"{bar} {w['done']}/{w['devices']}",
                       str(w["failed"]), names)
     return table
@@ -93,15 +104,16 @@ def _report(status: dict, as_json: bool) -> None:
         console.print(rollout_table(status))
         for d in status["devices"]:
             if d["failure"]:
-                console.print(f"  [red]{d['device']}[/]: {d['failure']}", highlight=False)
+                console.print(Text.assemble("  ", (d["device"], "red"), f": {d['failure']}"), highlight=False)
     if status["state"] in ("halted", "aborted"):
         err_console.print(f"rollout {status['id']} {status['state']}: {status['detail']}", highlight=False,
-                          soft_wrap=True)
+                          markup=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
 def _say(as_json: bool):
-    return (lambda _m: None) if as_json else (lambda m: console.print(m, highlight=False))
+    """The live output of the controller: one line per change, as plain text (it quotes devices)."""
+    return (lambda _m: None) if as_json else (lambda m: console.print(m, highlight=False, markup=False))
 
 
 @rollout_app.command("start")
@@ -136,7 +148,8 @@ def rollout_status_cmd(
     workspace: Optional[Path] = _workspace_option(),
     as_json: bool = _json_option("the rollout, its waves and devices"),
 ) -> None:
-    """Show a rollout: state, progress per wave, each device's state and gate figures.
+    """Show a rollout: state, progress per wave, each device's state and gate figures, and which
+    devices do not answer (since when, the last error, the time left before they are failed).
 
     Example: stctl rollout status --json
     """
@@ -151,7 +164,8 @@ def rollout_status_cmd(
     for d in status["devices"]:
         devices.add_row(d["device"], str(d["wave"] + 1), d["state"], d["from_version"] or "-",
                         _num(d["decode_tokens_per_s"]), _mib(d["peak_rss_bytes"]), d["health"] or "-",
-                        d["failure"] or d["detail"] or "")
+                        Text(_outage_text(d["unreachable"]), style="yellow") if d["unreachable"] else
+                        Text(d["failure"] or d["detail"] or ""))
     console.print(devices)
 
 
@@ -237,7 +251,7 @@ def health(
         for r in results:
             verdict = "[green]passed[/]" if r["passed"] else ("[red]FAILED[/]" if r["reachable"] else "[red]unreachable[/]")
             table.add_row(r["device"], f"{r['model']}@{r['version']}" if r["version"] else "-", verdict,
-                          _num(r["decode_tokens_per_s"]), _mib(r["peak_rss_bytes"]), r["detail"])
+                          _num(r["decode_tokens_per_s"]), _mib(r["peak_rss_bytes"]), Text(r["detail"] or ""))
         console.print(table)
     if not all(r["passed"] for r in results):
         raise typer.Exit(1)
@@ -264,7 +278,7 @@ def telemetry_pull(
         table = Table("device", "generations", "updates", "health_checks", "error", title="rows pulled")
         for r in results:
             table.add_row(r["device"], str(r["generations"]), str(r["updates"]), str(r["health_checks"]),
-                          r["error"] or "")
+                          Text(r["error"] or ""))
         console.print(table)
     if any(r["error"] for r in results):
         raise typer.Exit(1)

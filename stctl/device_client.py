@@ -4,7 +4,9 @@ Rules: the device must present a certificate of the fleet CA (`pki/ca.crt`) for 
 URL, and stctl presents the operator certificate (`pki/operator.crt|key`); every request has a
 connect and a read timeout and every response body a size cap (`ClientConfig`); every failure
 (unreachable, timeout, TLS, an HTTP error status, a body that is not the expected JSON) raises
-`DeviceError`, whose `unreachable` says whether the device could not be reached at all.
+`DeviceError`, whose `unreachable` says whether the device could not be reached at all,
+`transient` whether it may answer later (unreachable, or a 5xx answer), and `reason` is the
+cause in one line without the device's name or URL (`connection refused`, `HTTP 503: ...`).
 `last_date` is the device's own time at its last answer (its `Date` header, whole seconds), so
 stctl can ask "what happened on the device since this instant" without trusting two clocks.
 """
@@ -28,9 +30,16 @@ FINAL_JOB_STATES = ("active", "failed", "rolled_back")
 class DeviceError(StctlError):
     """A device call failed; `unreachable` is True when no HTTP answer came back."""
 
-    def __init__(self, device: str, message: str, *, unreachable: bool = False, status_code: int | None = None):
+    def __init__(self, device: str, message: str, *, unreachable: bool = False, status_code: int | None = None,
+                 reason: str | None = None):
         super().__init__(f"{device}: {message}")
         self.device, self.unreachable, self.status_code = device, unreachable, status_code
+        self.reason = _one_line(reason or message)
+
+    @property
+    def transient(self) -> bool:
+        """No answer, or a 5xx one: the device may answer later, so a caller with a deadline retries."""
+        return self.unreachable or (self.status_code is not None and self.status_code >= 500)
 
 
 @dataclass(frozen=True)
@@ -71,11 +80,14 @@ class DeviceClient:
                 body = self._read_capped(r)
                 date = r.headers.get("date")
         except requests.exceptions.SSLError as e:
-            raise DeviceError(self.name, f"TLS handshake with {self.url} failed ({_short(e)})", unreachable=True) from None
+            raise DeviceError(self.name, f"TLS handshake with {self.url} failed ({_short(e)})", unreachable=True,
+                              reason=f"TLS handshake failed ({_short(e)})") from None
         except (requests.ConnectionError, requests.Timeout) as e:
-            raise DeviceError(self.name, f"unreachable at {self.url} ({_short(e)})", unreachable=True) from None
+            raise DeviceError(self.name, f"unreachable at {self.url} ({_short(e)})", unreachable=True,
+                              reason=_short(e)) from None
         except requests.RequestException as e:
-            raise DeviceError(self.name, f"request to {self.url}{path} failed ({_short(e)})", unreachable=True) from None
+            raise DeviceError(self.name, f"request to {self.url}{path} failed ({_short(e)})", unreachable=True,
+                              reason=_short(e)) from None
         if date:
             try:
                 self.last_date = parsedate_to_datetime(date).timestamp()
@@ -88,7 +100,8 @@ class DeviceClient:
         if r.status_code >= 400:
             message = data.get("error", {}).get("message") if isinstance(data, dict) and \
                 isinstance(data.get("error"), dict) else (body[:200].decode(errors="replace") or r.reason)
-            raise DeviceError(self.name, f"{method} {path}: HTTP {r.status_code}: {message}", status_code=r.status_code)
+            raise DeviceError(self.name, f"{method} {path}: HTTP {r.status_code}: {message}", status_code=r.status_code,
+                              reason=f"HTTP {r.status_code}: {message}")
         if not isinstance(data, dict):
             raise DeviceError(self.name, f"{method} {path}: the answer is not a JSON object", status_code=r.status_code)
         return data
@@ -165,6 +178,11 @@ def _short(e: Exception) -> str:
         if marker in text:
             text = text.split(marker, 1)[-1]
     return text.strip(" ()'\"")[:160] or type(e).__name__
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """`text` with its whitespace runs (newlines included) folded to single spaces, at most `limit` characters."""
+    return " ".join(str(text).split())[:limit]
 
 
 def map_devices(fn, items: list, concurrency: int) -> list:

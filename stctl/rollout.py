@@ -9,6 +9,7 @@ Wave:     pending -> updating -> soaking -> gating -> passed | failed
 Device:   pending -> requesting -> updating -> updated -> passed
           pending -> skipped (already on the release);  any of them -> failed (with `failure`)
           updated|passed|failed -> rolling_back -> rolled_back
+          pending|requesting|updating may also be recorded unreachable (not a state: see below)
 
 Rules:
 - every transition is one transaction that updates the row and appends a `rollout_events` row;
@@ -23,10 +24,20 @@ Rules:
   `rolling_back` is rolled back only if it still runs the new release (a rollback swaps active
   and previous, so a blind second one would undo the first);
 - a device that does not reach a final update state within the wave's `device_timeout`
-  (unreachable included) is failed; gates run after the wave's soak: health check (if asked),
-  then decode tokens/s and peak RSS on the new release from the device's telemetry (pulled into
-  `fleet.db`); the failure fraction (failed / finished devices of the rollout) is judged once
-  `min_devices` have finished, during the updates and after the gates;
+  (unreachable included) is failed; the timeout counts, on the controller's monotonic clock, from
+  when this controller began on the device (a resumed rollout starts it again);
+- a device that does not answer while it is asked for or polled about its update (no connection,
+  TLS failure, timeout, a 5xx answer) keeps its state and is recorded unreachable: since when, the
+  last error in one line, the failed attempts, and `fails_at`, the wall-clock instant its timeout
+  fails it (the monotonic deadline re-anchored at every attempt, so `rollout status` in another
+  process counts down the real timeout). The first failed attempt appends an `unreachable` event
+  and says one line; the first answer after it clears the record with a `reachable` event and one
+  line (never one per poll); a device the timeout fails says in its `failure` since when it was
+  unreachable and the last error. Any other error answer (4xx, a bad body) fails it at once;
+- gates run after the wave's soak: health check (if asked), then decode tokens/s and peak RSS
+  on the new release from the device's telemetry (pulled into `fleet.db`); the failure fraction
+  (failed / finished devices of the rollout) is judged once `min_devices` have finished, during
+  the updates and after the gates;
 - on a failed gate the wave halts: nothing new starts, updates in flight finish, then (plan:
   `rollback`) every device of the wave that runs the new release is rolled back; a device that
   fails while the fraction holds is rolled back alone (`rollback`) or left as is (`halt`);
@@ -67,6 +78,10 @@ PENDING, REQUESTING, UPDATING, UPDATED, PASSED = "pending", "requesting", "updat
 SKIPPED, FAILED, ROLLING_BACK, ROLLED_BACK = "skipped", "failed", "rolling_back", "rolled_back"
 IN_FLIGHT = (REQUESTING, UPDATING)
 CHANGED = (UPDATED, PASSED, FAILED, ROLLING_BACK)  # may run the new release: candidates for a rollback
+# events of an outage (rollout_events.state; the device keeps its own state)
+UNREACHABLE, REACHABLE = "unreachable", "reachable"
+# what one step of an update does: finished the device, moved it to its next state, or found it still working
+DONE, MOVED, POLLED = "done", "moved", "polled"
 LOCK_FILE = ".rollout.lock"
 
 
@@ -100,6 +115,20 @@ def _create_rollouts(db: sqlite_utils.Database) -> None:
 
 ROLLOUT_MIGRATION = (22, "rollouts, rollout_waves, rollout_devices, rollout_events", _create_rollouts)
 register_migration(ROLLOUT_MIGRATION)
+
+# a device's outage (it does not answer): all NULL while it answers
+OUTAGE_COLUMNS = {"unreachable_since": "TEXT", "unreachable_error": "TEXT", "unreachable_attempts": "INTEGER",
+                  "fails_at": "REAL"}
+NO_OUTAGE = dict.fromkeys(OUTAGE_COLUMNS)
+
+
+def _add_outage_columns(db: sqlite_utils.Database) -> None:
+    for column, kind in OUTAGE_COLUMNS.items():
+        db.execute(f"ALTER TABLE rollout_devices ADD COLUMN {column} {kind}")
+
+
+UNREACHABLE_MIGRATION = (23, "rollout_devices: unreachable since, last error, attempts, fails_at", _add_outage_columns)
+register_migration(UNREACHABLE_MIGRATION)
 
 
 def _now() -> str:
@@ -192,6 +221,29 @@ class RolloutStore:
                 self._event(rollout_id, row["wave"], name, values["state"], values.get("detail", ""))
         return row
 
+    def note_unreachable(self, rollout_id: int, name: str, error: str, fails_at: float, detail: str) -> dict:
+        """Count a failed attempt to reach the device; the first of an outage sets `unreachable_since`
+        and appends an `unreachable` event with `detail`. Returns the row."""
+        with self._lock, write_transaction(self.db):
+            table = self.db["rollout_devices"]
+            row = table.get((rollout_id, name))
+            values = {"unreachable_error": error, "unreachable_attempts": (row["unreachable_attempts"] or 0) + 1,
+                      "fails_at": fails_at}
+            if not row["unreachable_since"]:
+                values["unreachable_since"] = _now()
+                self._event(rollout_id, row["wave"], name, UNREACHABLE, detail)
+            table.update((rollout_id, name), values)
+        return {**row, **values}
+
+    def clear_unreachable(self, rollout_id: int, name: str, detail: str) -> None:
+        """The device answered again: drop its outage and append a `reachable` event with `detail`."""
+        with self._lock, write_transaction(self.db):
+            table = self.db["rollout_devices"]
+            row = table.get((rollout_id, name))
+            if row["unreachable_since"]:
+                table.update((rollout_id, name), NO_OUTAGE)
+                self._event(rollout_id, row["wave"], name, REACHABLE, detail)
+
 
 class ControllerLock(FileLock):
     """The workspace's rollout lock: held by the one stctl process driving a rollout."""
@@ -213,6 +265,8 @@ class Controller:
         self.allow_downgrade = bool(row["allow_downgrade"])
         self.plan = RolloutPlan.from_json(row["plan"])
         self.urls = {d["name"]: d["url"] for d in enrolled(workspace)}
+        self._outages: dict[str, dict] = {}  # device -> its row while it is recorded unreachable
+        self._announced: set[str] = set()  # devices whose outage this controller has said
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _client(self, name: str) -> DeviceClient:
@@ -221,6 +275,8 @@ class Controller:
         return DeviceClient(name, self.urls[name], self.ws.pki_dir, self.config.client)
 
     def _device(self, name: str, **values) -> dict:
+        """Record a transition (and say it); a device that moves has answered, so its outage is cleared first."""
+        self._answered(name)
         row = self.store.set_device(self.id, name, **values)
         if "state" in values:
             extra = values.get("failure") or values.get("detail") or ""
@@ -341,54 +397,88 @@ class Controller:
         """Walk one device to `updated`, `skipped` or `failed` within the wave's device timeout."""
         client = self._client(name)
         deadline = time.monotonic() + wave.device_timeout_s
-        last_error = ""
         try:
             rec = self.store.device(self.id, name)
+            if rec["unreachable_since"]:  # recorded by a controller that stopped: cleared at the first answer
+                self._outages[name] = rec
             for _ in range(int(wave.device_timeout_s / self.config.poll_s) + 100):
                 try:
-                    if rec["state"] == PENDING:
-                        status = client.status()
-                        active = release_of(status)
-                        if active == self._target():
-                            rec = self._device(name, state=SKIPPED, detail=f"already on {self.version}")
-                            return
-                        mark = self._mark(client)
-                        rec = self._device(name, state=REQUESTING, mark=mark, from_model=active and active[0],
-                                           from_version=active and active[1])
-                        continue
-                    if rec["state"] == REQUESTING:
-                        job_id = self._adopt_job(client, rec)
-                        if job_id is None:
-                            self.store.set_device(self.id, name, requests=rec["requests"] + 1)
-                            job_id = client.request_update(self.model, self.version, self.repository_url,
-                                                           self.allow_downgrade)
-                        rec = self._device(name, state=UPDATING, job_id=job_id, detail=f"job {job_id[:8]}")
-                        continue
-                    if rec["state"] == UPDATING:
-                        job = client.update(rec["job_id"])
-                        if job["state"] == "active":
-                            rec = self._device(name, state=UPDATED, detail=f"{self.version} active")
-                            return
-                        if job["state"] in ("failed", "rolled_back"):
-                            rec = self._device(name, state=FAILED,
-                                               failure=f"update {job['state']}: {job.get('detail', '')}"[:500])
-                            return
-                    else:
-                        return
-                    last_error = ""
+                    rec, progress = self._step(client, rec)
+                    self._answered(name)
                 except DeviceError as e:
-                    if not e.unreachable:
-                        rec = self._device(name, state=FAILED, failure=str(e)[:500])
+                    if not e.transient:
+                        self._device(name, state=FAILED, failure=str(e)[:500])
                         return
-                    last_error = str(e)
+                    rec, progress = self._unreachable(rec, e, deadline), POLLED
+                if progress == DONE:
+                    return
+                if progress == MOVED:
+                    continue
                 if time.monotonic() >= deadline:
                     break
                 time.sleep(self.config.poll_s)
-            rec = self._device(name, state=FAILED,
-                               failure=f"no final update state within {wave.device_timeout_s:g}s (in {rec['state']}"
-                                       f"{'; ' + last_error if last_error else ''})"[:500])
+            self._time_out(rec, wave)
         finally:
             client.close()
+
+    def _step(self, client: DeviceClient, rec: dict) -> tuple[dict, str]:
+        """One move of the update: (the device's row, DONE | MOVED | POLLED); raises DeviceError."""
+        name = rec["device"]
+        if rec["state"] == PENDING:
+            status = client.status()
+            active = release_of(status)
+            if active == self._target():
+                return self._device(name, state=SKIPPED, detail=f"already on {self.version}"), DONE
+            mark = self._mark(client)
+            return self._device(name, state=REQUESTING, mark=mark, from_model=active and active[0],
+                                from_version=active and active[1]), MOVED
+        if rec["state"] == REQUESTING:
+            job_id = self._adopt_job(client, rec)
+            if job_id is None:
+                rec = self.store.set_device(self.id, name, requests=rec["requests"] + 1)
+                job_id = client.request_update(self.model, self.version, self.repository_url, self.allow_downgrade)
+            return self._device(name, state=UPDATING, job_id=job_id, detail=f"job {job_id[:8]}"), MOVED
+        if rec["state"] == UPDATING:
+            job = client.update(rec["job_id"])
+            if job["state"] == "active":
+                return self._device(name, state=UPDATED, detail=f"{self.version} active"), DONE
+            if job["state"] in ("failed", "rolled_back"):
+                return self._device(name, state=FAILED,
+                                    failure=f"update {job['state']}: {job.get('detail', '')}"[:500]), DONE
+            return rec, POLLED
+        return rec, DONE
+
+    def _unreachable(self, rec: dict, error: DeviceError, deadline: float) -> dict:
+        """Record a failed attempt (the device keeps its state); says one line when this controller
+        first finds the device unreachable."""
+        name = rec["device"]
+        left = max(0.0, deadline - time.monotonic())
+        note = f"unreachable ({error.reason}), still {rec['state']}; failed in {left:.0f}s unless it answers"
+        self._outages[name] = rec = self.store.note_unreachable(self.id, name, error.reason, time.time() + left, note)
+        if name not in self._announced:
+            self._announced.add(name)
+            self.say(f"  {name}: {note}")
+        return rec
+
+    def _answered(self, name: str) -> None:
+        """The device answered: clear its outage, if it has one (an event and one line)."""
+        self._announced.discard(name)
+        outage = self._outages.pop(name, None)
+        if outage is not None:
+            note = (f"answers again (unreachable since {outage['unreachable_since']}, "
+                    f"{outage['unreachable_attempts'] or 0} failed attempts)")
+            self.store.clear_unreachable(self.id, name, note)
+            self.say(f"  {name}: {note}")
+
+    def _time_out(self, rec: dict, wave: Wave) -> None:
+        """Fail a device that reached no final update state in time, saying so if it was unreachable."""
+        self._announced.discard(rec["device"])
+        outage = self._outages.pop(rec["device"], None)
+        why = f"no final update state within {wave.device_timeout_s:g}s (in {rec['state']}"
+        if outage is not None:
+            why += (f"; unreachable since {outage['unreachable_since']}, last error: {outage['unreachable_error']}, "
+                    f"{outage['unreachable_attempts']} failed attempts")
+        self._device(rec["device"], state=FAILED, failure=(why + ")")[:500], **NO_OUTAGE)
 
     def _mark(self, client: DeviceClient) -> float:
         """An instant on the device's clock after every update row it has recorded so far: the
@@ -667,12 +757,25 @@ def abort_rollout(workspace: Workspace, rollout_id: int | None = None, config: R
     return rollout_status(workspace, row["id"])
 
 
+def _outage(device: dict, now: float) -> dict | None:
+    """A device's outage as `rollout status` shows it (None while it answers): `time_left_s` is what
+    remains of its device timeout until `fails_at`, the instant its controller will fail it."""
+    if not device["unreachable_since"]:
+        return None
+    return {"since": device["unreachable_since"], "last_error": device["unreachable_error"] or "",
+            "attempts": device["unreachable_attempts"] or 0,
+            "time_left_s": round(max(0.0, (device["fails_at"] or now) - now), 1)}
+
+
 def rollout_status(workspace: Workspace, rollout_id: int | None = None) -> dict:
-    """The rollout, its waves (device counts per state) and devices."""
+    """The rollout, its waves (device counts per state) and devices; `unreachable` of a device is
+    null while it answers, else `{since, last_error, attempts, time_left_s}`."""
     store = RolloutStore(workspace.fleet_db)
     try:
         row = _pick(store, rollout_id, unfinished=False)
         devices = store.devices(row["id"])
+        now = time.time()
+        outages = {d["device"]: _outage(d, now) for d in devices}
         waves = []
         plan = RolloutPlan.from_json(row["plan"])
         for w in store.waves(row["id"]):
@@ -683,14 +786,16 @@ def rollout_status(workspace: Workspace, rollout_id: int | None = None) -> dict:
             done = sum(1 for d in members if d["state"] not in (PENDING, *IN_FLIGHT))
             waves.append({"index": w["idx"], "name": w["name"], "state": w["state"], "devices": len(members),
                           "done": done, "failed": sum(1 for d in members if d["failure"]), "counts": counts,
+                          "unreachable": sum(1 for d in members if outages[d["device"]]),
                           "soak_s": plan.waves[w["idx"]].soak_s, "detail": w["detail"]})
         return {"id": row["id"], "model": row["model"], "version": row["version"], "state": row["state"],
                 "requested": row["requested"] or None, "wave": row["wave"], "detail": row["detail"],
                 "plan_file": row["plan_file"], "created_at": row["created_at"], "updated_at": row["updated_at"],
                 "waves": waves,
-                "devices": [{k: d[k] for k in ("device", "wave", "state", "from_version", "job_id", "requests",
-                                               "decode_tokens_per_s", "peak_rss_bytes", "health", "failure",
-                                               "detail")} for d in devices]}
+                "devices": [{**{k: d[k] for k in ("device", "wave", "state", "from_version", "job_id", "requests",
+                                                  "decode_tokens_per_s", "peak_rss_bytes", "health", "failure",
+                                                  "detail")}, "unreachable": outages[d["device"]]}
+                            for d in devices]}
     finally:
         store.close()
 

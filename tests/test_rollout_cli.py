@@ -1,8 +1,14 @@
 """`stctl rollout start` refuses what cannot work before anything happens: a bad plan (the bad field
 named), an unpublished version, a wave selecting no device, a second rollout while one is
 unfinished. "Nothing happens": no rollout recorded, and no device contacted (the enrolled devices
-point at a port where nothing listens, so any contact would show up as a failed device)."""
+point at a port where nothing listens, so any contact would show up as a failed device).
+
+Then a rollout over those devices that nothing answers: the live output names them unreachable once
+each, the device timeout fails them with a failure that says why, and `fleet.db` keeps the record
+(one event per outage; a database made before the record existed is migrated in place)."""
 from __future__ import annotations
+
+import json
 
 import pytest
 from typer.testing import CliRunner
@@ -10,7 +16,7 @@ from typer.testing import CliRunner
 from stctl.cli import app
 from stctl.enroll import enroll_device
 from stctl.fleetdb import open_fleet_db
-from stctl.rollout import create_rollout, pause_rollout, rollout_status
+from stctl.rollout import UNREACHABLE_MIGRATION, create_rollout, pause_rollout, rollout_events, rollout_status
 
 pytest_plugins = ["release_fixtures"]
 
@@ -80,3 +86,44 @@ def test_one_unfinished_rollout_at_a_time_and_pause_without_controller(fleet_ws,
 def test_status_without_rollouts_is_one_line(workspace):
     out = CliRunner().invoke(app, ["rollout", "status", "--workspace", str(workspace.root)])
     assert out.exit_code == 1 and "no rollout yet" in out.output
+
+
+def test_devices_nothing_answers_are_named_unreachable_and_failed_after_their_timeout(fleet_ws, tmp_path):
+    out = start(fleet_ws, "device_timeout = '1.5s'\non_gate_failure = 'halt'\n[[waves]]\npercent = 100\n", tmp_path)
+    assert out.exit_code == 1, out.output  # halted: every device failed
+    assert "Traceback" not in out.output
+    for name in ("pc1", "pc2"):
+        said = [line.strip() for line in out.output.splitlines() if line.strip().startswith(f"{name}: unreachable")]
+        assert len(said) == 1, out.output  # one line per outage, not one per poll
+        assert "connection refused" in said[0] and "still pending; failed in" in said[0]
+    status = json.loads(CliRunner().invoke(app, ["rollout", "status", "--json", "--workspace",
+                                                 str(fleet_ws.root)]).output)
+    assert status["state"] == "halted" and status["waves"][0]["unreachable"] == 0
+    for d in status["devices"]:
+        assert d["state"] == "failed" and d["unreachable"] is None
+        assert d["failure"].startswith("no final update state within 1.5s (in pending; unreachable since ")
+        assert "last error: connection refused" in d["failure"]
+    events = [(e["device"], e["state"]) for e in rollout_events(fleet_ws, status["id"]) if e["device"]]
+    assert sorted(e for e in events if e[1] in ("unreachable", "reachable")) == \
+        [("pc1", "unreachable"), ("pc2", "unreachable")]
+
+
+def test_fleet_db_from_before_the_unreachable_record_is_migrated_in_place(fleet_ws, tmp_path):
+    plan = tmp_path / "good.toml"
+    plan.write_text(GOOD)
+    rollout_id = create_rollout(fleet_ws, "st-demo", "2.0.0", plan)
+    db = open_fleet_db(fleet_ws.fleet_db)  # back to the schema before the migration
+    for column in ("unreachable_since", "unreachable_error", "unreachable_attempts", "fails_at"):
+        db.execute(f"ALTER TABLE rollout_devices DROP COLUMN {column}")
+    db.execute("DELETE FROM _migrations WHERE version = ?", [UNREACHABLE_MIGRATION[0]])
+    db.conn.commit()
+    db.close()
+    status = rollout_status(fleet_ws, rollout_id)
+    assert [(d["device"], d["state"], d["unreachable"]) for d in status["devices"]] == \
+        [("pc1", "pending", None), ("pc2", "pending", None)]
+    db = open_fleet_db(fleet_ws.fleet_db)
+    try:
+        assert {"unreachable_since", "fails_at"} <= set(db["rollout_devices"].columns_dict)
+        assert db.execute("SELECT 1 FROM _migrations WHERE version = ?", [UNREACHABLE_MIGRATION[0]]).fetchone()
+    finally:
+        db.close()

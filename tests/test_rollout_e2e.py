@@ -1,19 +1,23 @@
 """Staged rollouts against three real `st-agent serve` processes on 127.0.0.1 (st-demo 1.0.0 active,
 the repository served by the embedded server): a healthy rollout completes wave by wave; a canary
 that fails a gate (an unreachable tokens/s threshold; an unreachable device) halts, the canary
-returns to 1.0.0 and no other device changes; abort mid-wave rolls back; stctl SIGKILLed
-mid-rollout and resumed updates every device exactly once (also when it died between the POST
-and recording its job id). Then the fleet commands on the same agents: device list, health,
+returns to 1.0.0 and no other device changes; devices that do not answer are named unreachable
+(status and live output) with the time left until their timeout fails them, and one that comes
+back in time is cleared and passes; abort mid-wave rolls back; stctl SIGKILLed mid-rollout and
+resumed updates every device exactly once (also when it died between the POST and recording its
+job id). Then the fleet commands on the same agents: device list, health,
 telemetry pull (incremental, idempotent) and show.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import pytest
 import sqlite_utils
 from typer.testing import CliRunner
 
+import agent_helpers
 from agent.enrollment import init_data_dir
 from agent_helpers import Agent, Fleet, set_limits
 from release_helpers import serve
@@ -28,7 +33,7 @@ from stctl.cli import app
 from stctl.enroll import enroll_device
 from stctl.fleetdb import open_fleet_db
 from stctl.rollout import (
-    abort_rollout, create_rollout, rollout_events, rollout_status, run_rollout, start_rollout,
+    RolloutConfig, abort_rollout, create_rollout, rollout_events, rollout_status, run_rollout, start_rollout,
 )
 from stctl.workspace import open_workspace
 
@@ -66,6 +71,33 @@ health_check = false
 name = "all"
 percent = 100
 soak = "{soak}"
+"""
+
+# the canary passes on its own; the rest, if they do not answer, fail after `timeout` and halt the rollout
+UNREACHABLE_PLAN = """
+max_concurrent = 2
+on_gate_failure = "halt"
+[gates]
+health_check = false
+[[waves]]
+name = "canary"
+tags = {{ ring = "canary" }}
+count = 1
+device_timeout = "3m"
+[[waves]]
+name = "rest"
+percent = 100
+device_timeout = "{timeout}"
+"""
+
+CANARY_ONLY_PLAN = """
+device_timeout = "2m"
+[gates]
+health_check = false
+[[waves]]
+name = "canary"
+tags = { ring = "canary" }
+count = 1
 """
 
 
@@ -250,6 +282,97 @@ def test_unreachable_canary_fails_after_its_timeout(fleet3, on_v1, tmp_path):
     assert {n: len(j) for n, j in fleet3.jobs_since(on_v1).items()} == {"d1": 0, "d2": 0, "d3": 0}
 
 
+def test_unreachable_devices_are_named_with_their_time_left_then_failed(fleet3, on_v1, tmp_path):
+    """Two of three devices enrolled where nothing listens: while the controller retries them,
+    `rollout status` names them unreachable with the last error and a time left that runs down; the
+    live output of `rollout start` says so once per device (not once per poll); the device timeout
+    then fails them with a failure that says since when they were unreachable and why."""
+    ws = fleet3.ws
+    urls = {name: fleet3.agents[name].url("").rstrip("/") for name in ("d2", "d3")}
+    open_fleet_db(ws.fleet_db).close()  # migrated here, not raced by the two processes below
+    plan = fleet3.plan(tmp_path, UNREACHABLE_PLAN.format(timeout="8s"))
+    for name in urls:
+        fleet3.set_url(name, "https://127.0.0.1:9")  # nothing listens there
+    controller = stctl(ws, "rollout", "start", "--model", "st-demo", "--version", "2.0.0", "--plan", str(plan))
+    try:
+        def shown_unreachable() -> dict | None:
+            out = cli(ws, "rollout", "status", "--json")
+            devices = {d["device"]: d for d in json.loads(out.output)["devices"]} if out.exit_code == 0 else {}
+            return devices if all(devices.get(name, {}).get("unreachable") for name in urls) else None
+
+        first = wait_for(shown_unreachable, "d2 and d3 shown unreachable")
+        time.sleep(1.0)
+        later = shown_unreachable()
+        assert later is not None, "d2 and d3 were failed before a second look: lengthen their device_timeout"
+        for name in urls:
+            seen, again = first[name]["unreachable"], later[name]["unreachable"]
+            assert first[name]["state"] == "pending" and seen["last_error"] == "connection refused", first[name]
+            assert seen["since"] and seen["attempts"] >= 1
+            assert 0 < again["time_left_s"] < seen["time_left_s"] <= 8, (seen, again)  # the real countdown
+        table = cli(ws, "rollout", "status")
+        assert table.exit_code == 0 and "(unreachable)" in table.output and "refused" in table.output, table.output
+        assert controller.wait(timeout=WAIT_S) == 1  # the failed devices fail the gate: halted
+        output = controller.stdout.read().decode()
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+        for name, url in urls.items():
+            fleet3.set_url(name, url)
+
+    result = rollout_status(ws)
+    assert result["state"] == "halted", brief(result)
+    devices = {d["device"]: d for d in result["devices"]}
+    assert devices["d1"]["state"] == "passed" and devices["d1"]["unreachable"] is None
+    for name in urls:
+        said = [line.strip() for line in output.splitlines() if line.strip().startswith(f"{name}: unreachable")]
+        assert len(said) == 1 and "connection refused" in said[0] and "failed in" in said[0], output
+        d = devices[name]
+        assert d["state"] == "failed" and d["unreachable"] is None, d
+        assert "no final update state within 8s (in pending; unreachable since " in d["failure"], d["failure"]
+        assert "last error: connection refused" in d["failure"]
+        assert int(re.search(r"(\d+) failed attempts", d["failure"]).group(1)) > 1  # retried, yet said once
+    outages = [(e["device"], e["state"]) for e in rollout_events(ws, result["id"])
+               if e["state"] in ("unreachable", "reachable")]
+    assert sorted(outages) == [("d2", "unreachable"), ("d3", "unreachable")]  # one event per outage
+    assert {n: len(j) for n, j in fleet3.jobs_since(on_v1).items()} == {"d1": 1, "d2": 0, "d3": 0}
+
+
+def test_device_down_then_back_before_its_timeout_is_cleared_and_passes(fleet3, on_v1, tmp_path, monkeypatch):
+    ws = fleet3.ws
+    agent = fleet3.agents["d1"]
+    port = agent.port
+    plan = fleet3.plan(tmp_path, CANARY_ONLY_PLAN)
+    said: list[str] = []
+    results: list[dict] = []
+    agent.stop()
+    runner = threading.Thread(target=lambda: results.append(
+        start_rollout(ws, "st-demo", "2.0.0", plan, config=RolloutConfig(poll_s=0.2), say=said.append)))
+    runner.start()
+    try:
+        rollout_id = wait_for(lambda: (r := _latest(ws)) and r["id"], "the rollout to be recorded")
+        outage = wait_for(lambda: rollout_status(ws, rollout_id)["devices"][0]["unreachable"], "d1 shown unreachable")
+        assert outage["last_error"] == "connection refused" and outage["time_left_s"] > 0
+        monkeypatch.setattr(agent_helpers, "free_port", lambda: port)  # back at the address it is enrolled with
+        agent.start()
+        runner.join(timeout=WAIT_S)
+    finally:
+        runner.join(timeout=WAIT_S)
+        if agent.process.poll() is not None:  # the restart failed: bring d1 back for the next tests
+            monkeypatch.undo()
+            agent.start()
+            fleet3.set_url("d1", agent.url("").rstrip("/"))
+    [result] = results
+    assert result["state"] == "completed", brief(result)
+    [d1] = result["devices"]
+    assert (d1["state"], d1["unreachable"], d1["failure"], d1["requests"]) == ("passed", None, "", 1), d1
+    events = [e["state"] for e in rollout_events(ws, result["id"]) if e["device"] == "d1"]
+    assert events[:3] == ["unreachable", "reachable", "requesting"], events  # cleared by its first answer
+    assert events.count("unreachable") == events.count("reachable") == 1
+    assert len([m for m in said if m.strip().startswith("d1: unreachable")]) == 1, said
+    assert len([m for m in said if m.strip().startswith("d1: answers again")]) == 1, said
+    assert fleet3.active()["d1"] == V2
+
+
 def test_abort_mid_wave_rolls_back(fleet3, on_v1, tmp_path):
     plan = fleet3.plan(tmp_path, ONE_WAVE_PLAN.format(soak="0s"))
     controller = stctl(fleet3.ws, "rollout", "start", "--model", "st-demo", "--version", "2.0.0", "--plan", str(plan))
@@ -394,7 +517,7 @@ def test_fleet_telemetry_pull_is_incremental_and_idempotent(fleet3):
     version = agent.status()["active"]["version"]
     agent.complete(max_tokens=3)
     pulled = json.loads(cli(ws, "telemetry", "pull", "--device", "d2", "--json").output)
-    assert pulled == [{"device": "d2", "generations": 1, "updates": 0, "health_checks": 0, "error": None}]
+    assert pulled == [{"device": "d2", "generations": 1, "updates": 0, "health_checks": 0, "requests": 1, "error": None}]
     db = open_fleet_db(ws.fleet_db)
     for table in ("generations", "updates", "health_checks"):  # fleet.db holds exactly the device's rows
         on_device = agent.get("/v1/telemetry", params={"table": table, "limit": 1000}).json()["rows"]
