@@ -1,11 +1,17 @@
 """The device HTTP API (DESIGN.md): FastAPI, served over TLS by `agent.server`.
 
 Rules:
-- `GET /healthz` is open and answers `ok`, nothing more;
-- `POST /v1/completions` is open to local applications (the daemon listens on loopback by
-  default); every other endpoint is a management endpoint: it needs a client certificate of the
+- the server listens while the active release loads: `GET /healthz` is open and answers 503
+  `loading` until the agent has started (release loaded, unfinished job resumed), then `ok`,
+  nothing more; every other endpoint answers 503 `starting` until then;
+- `POST /v1/completions` needs an application key (`Authorization: Bearer stk_...`, 401
+  without a valid one) unless the device's config sets `app_keys_required` false (a trusted
+  LAN); every other endpoint is a management endpoint: it needs a client certificate of the
   fleet CA (the TLS layer verifies the chain) whose role marker is `operator` (401 without a
-  certificate, 403 with another role);
+  certificate, 403 with another role); the operator manages keys with `GET /v1/app-keys`,
+  `PUT /v1/app-keys/{name}` `{sha256}` and `DELETE /v1/app-keys/{name}`;
+- a completion whose client disconnects is cancelled (streaming or not): generation stops
+  after the token being computed and its slot frees;
 - every request body is capped (`Limits.max_body_bytes`, 413); malformed input gets a 4xx;
   every error, on every path, is OpenAI's envelope `{"error": {"message", "type", "param",
   "code"}}` (`param`: the offending field or null; `code`: a short code or null), rendered as
@@ -30,6 +36,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -40,14 +47,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from agent.app_keys import AppKeys
 from agent.config import DeviceConfig
 from agent.errors import (
-    AgentError, BadRequestError, InstallError, QueueFullError, UpdateError, UpdateRefusedError,
+    AgentError, BadRequestError, InstallError, QueueFullError, UnauthorizedError, UpdateError, UpdateRefusedError,
 )
 from agent.lifecycle import JobStore
 from agent.serving import CompletionRequest, NoModelError, Serving
 from agent.telemetry import Telemetry
 from agent.updater import Updater, job_view
+from manifests import ManifestError
 from manifests.enrollment import ROLE_OPERATOR, certificate_role, check_repository_url
 from manifests.model_manifest import parse_version
 from manifests.names import check_name
@@ -57,7 +66,7 @@ from model.memory import current_rss_bytes
 from model.tokenizer import utf8_bytes
 
 log = logging.getLogger("st-agent.api")
-_STATUS = [(QueueFullError, 429, "queue_full"), (NoModelError, 503, "no_model"), (BadRequestError, 400, "invalid_request"),
+_STATUS = [(QueueFullError, 429, "queue_full"), (UnauthorizedError, 401, "unauthorized"), (NoModelError, 503, "no_model"), (BadRequestError, 400, "invalid_request"),
            (UpdateRefusedError, 409, "refused"), (InstallError, 409, "install"), (AgentError, 400, "invalid_request"),
            (UpdateError, 400, "update"), (InputError, 400, "invalid_request")]
 _HTTP_KINDS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
@@ -192,6 +201,20 @@ def require_operator(request: Request) -> None:
 Operator = Depends(require_operator)
 
 
+def require_started(request: Request) -> None:
+    """Every endpoint but /healthz (which says `loading` itself): 503 until the agent has started."""
+    if request.url.path != "/healthz" and not request.app.state.started.is_set():
+        raise _Error(503, "the agent is starting (loading the active release); retry shortly", "starting")
+
+
+def application_key(request: Request) -> str:
+    """The name of the completion's application key ("" where keys are optional and none came)."""
+    header = request.headers.get("authorization")
+    if header is None and not request.app.state.app_keys_required:
+        return ""
+    return request.app.state.app_keys.authenticate(header)
+
+
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, protected_namespaces=())
 TokenId = Annotated[int, Field(ge=0, lt=2**63)]  # int64 at the edge; the engine checks the vocabulary
 
@@ -231,6 +254,11 @@ class UpdateBody(BaseModel):
         return None if url is None else check_repository_url(url)
 
 
+class AppKeyBody(BaseModel):
+    model_config = ConfigDict(**_STRICT, extra="forbid")
+    sha256: str = Field(max_length=64)
+
+
 class CompletionBody(BaseModel):
     model_config = ConfigDict(**_STRICT, extra="ignore")
     prompt: str | list[TokenId]
@@ -249,8 +277,9 @@ class CompletionBody(BaseModel):
         return _unicode(value)
 
 
-def create_app(config: DeviceConfig) -> FastAPI:
-    """The API of the device whose data dir `config` describes (starts and recovers in its lifespan)."""
+def create_app(config: DeviceConfig, on_fatal: Callable[[], None] | None = None) -> FastAPI:
+    """The API of the device whose data dir `config` describes (starts and recovers in the
+    background of its lifespan; `on_fatal` is called if that fails, e.g. to stop the server)."""
     limits = config.limits
 
     @asynccontextmanager
@@ -258,8 +287,22 @@ def create_app(config: DeviceConfig) -> FastAPI:
         telemetry = Telemetry(config.telemetry_db, limits.telemetry_max_rows)
         serving = Serving(limits, telemetry)
         updater = Updater(config, telemetry, serving)
-        await run_in_threadpool(updater.boot)
+        app.state.telemetry, app.state.serving, app.state.updater = telemetry, serving, updater
         stop = threading.Event()
+
+        def boot() -> None:
+            try:
+                updater.boot()
+            except Exception as e:  # the daemon cannot serve: it stops and `serve` reports why
+                app.state.boot_error = f"{type(e).__name__}: {e}"
+                log.error("could not start: %s", app.state.boot_error)
+                if on_fatal is not None:
+                    on_fatal()
+                return
+            app.state.started.set()
+
+        booter = threading.Thread(target=boot, name="boot", daemon=True)
+        booter.start()
 
         def watch_pointer() -> None:
             while not stop.wait(limits.pointer_poll_s):
@@ -270,17 +313,20 @@ def create_app(config: DeviceConfig) -> FastAPI:
 
         watcher = threading.Thread(target=watch_pointer, name="pointer-watch", daemon=True)
         watcher.start()
-        app.state.telemetry, app.state.serving, app.state.updater = telemetry, serving, updater
         try:
             yield
         finally:
             stop.set()
+            booter.join(limits.shutdown_grace_s)
             watcher.join(limits.shutdown_grace_s)
             updater.join(limits.shutdown_grace_s)  # an unfinished job resumes at the next start
             serving.close()
             telemetry.close()
 
-    app = FastAPI(title="st-agent", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="st-agent", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  dependencies=[Depends(require_started)])
+    app.state.started, app.state.boot_error = threading.Event(), None
+    app.state.app_keys, app.state.app_keys_required = AppKeys(config.app_keys_file), config.app_keys_required
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     app.add_middleware(ErrorsAsJSON)
 
@@ -305,8 +351,30 @@ def create_app(config: DeviceConfig) -> FastAPI:
         return error(e.status_code, str(e.detail), kind, headers=getattr(e, "headers", None))
 
     @app.get("/healthz", response_class=PlainTextResponse)
-    async def healthz() -> str:
+    async def healthz(request: Request):
+        if not request.app.state.started.is_set():
+            return PlainTextResponse("loading", status_code=503)
         return "ok"
+
+    @app.get("/v1/app-keys", dependencies=[Operator])
+    async def app_keys(request: Request) -> dict:
+        return {"keys": await run_in_threadpool(request.app.state.app_keys.names),
+                "required": request.app.state.app_keys_required}
+
+    @app.put("/v1/app-keys/{name}", dependencies=[Operator])
+    async def put_app_key(name: str, body: AppKeyBody, request: Request) -> dict:
+        try:
+            check_name(name, "app key name")
+            await run_in_threadpool(request.app.state.app_keys.put, name, body.sha256)
+        except ManifestError as e:
+            raise _Error(400, str(e), "invalid_request") from None
+        return {"name": name}
+
+    @app.delete("/v1/app-keys/{name}", dependencies=[Operator])
+    async def delete_app_key(name: str, request: Request) -> dict:
+        if not await run_in_threadpool(request.app.state.app_keys.delete, name):
+            raise _Error(404, f"no application key named {name!r}", "not_found")
+        return {"name": name, "revoked": True}
 
     @app.get("/v1/status", dependencies=[Operator])
     async def status(request: Request) -> dict:
@@ -353,7 +421,7 @@ def create_app(config: DeviceConfig) -> FastAPI:
         return render_metrics(request.app.state.serving, request.app.state.updater)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody, request: Request):
+    async def completions(body: CompletionBody, request: Request, key: str = Depends(application_key)):
         serving: Serving = request.app.state.serving
         current = serving.current()
         if body.model is not None and current is not None and body.model not in (current[0], "@".join(current)):
@@ -362,7 +430,7 @@ def create_app(config: DeviceConfig) -> FastAPI:
         if len(stop) > limits.max_stop_sequences:
             raise _Error(400, f"at most {limits.max_stop_sequences} stop sequences", "invalid_request")
         completion = serving.admit(CompletionRequest(body.prompt, body.max_tokens, body.temperature, body.top_p,
-                                                     body.seed, stop))
+                                                     body.seed, stop, key))
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(kind: str, payload) -> None:
@@ -406,6 +474,13 @@ def create_app(config: DeviceConfig) -> FastAPI:
                     completion.cancel.set()
 
             return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        async def cancel_on_disconnect() -> None:
+            # the body was read already: the next message is the client going away
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            completion.cancel.set()
+
+        watcher = asyncio.create_task(cancel_on_disconnect())
         text = []
         try:
             async for kind, payload in pieces():
@@ -417,6 +492,7 @@ def create_app(config: DeviceConfig) -> FastAPI:
                     return {**head, "choices": [{"text": "".join(text), "index": 0, "logprobs": None,
                                                  "finish_reason": payload["finish_reason"]}], "usage": _usage(payload)}
         finally:
+            watcher.cancel()
             completion.cancel.set()
 
     return app

@@ -25,6 +25,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from agent.api import create_app
 from agent.config import DeviceConfig, Limits, parse_listen
+from agent.errors import AgentError
 from agent.connections import IdleConnections
 
 log = logging.getLogger("st-agent.server")
@@ -120,10 +121,13 @@ class DeviceServer(uvicorn.Server):
 
 
 def serve(config: DeviceConfig, listen: str) -> None:
-    """Run the daemon until SIGTERM/SIGINT."""
+    """Run the daemon until SIGTERM/SIGINT (AgentError if it could not start)."""
     host, port = parse_listen(listen)
+    app = create_app(config, on_fatal=lambda: setattr(server, "should_exit", True))
     server = DeviceServer(uvicorn.Config(
-        create_app(config), host=host, port=port, ws="none", lifespan="on", log_level="warning", access_log=False,
+        app, host=host, port=port, ws="none", lifespan="on", log_level="warning", access_log=False,
         timeout_graceful_shutdown=int(config.limits.shutdown_grace_s),
     ), tls_context(config), config.limits)
     server.run()
+    if app.state.boot_error is not None:
+        raise AgentError(f"could not start: {app.state.boot_error}")

@@ -14,13 +14,16 @@ from pathlib import Path
 
 import requests
 
+from agent.app_keys import AppKeys
 from agent.config import load_config
 from agent.enrollment import init_data_dir
 from agent.telemetry import Telemetry
 from agent.updater import Updater
+from manifests.app_keys import key_digest, new_key
 from stctl.workspace import Workspace
 
 PROMPT = "Line 4 torque check:"
+TEST_APP_KEY = new_key()  # the application key test clients send ("tests" on every test device)
 START_TIMEOUT_S = 120.0
 JOB_TIMEOUT_S = 180.0
 
@@ -83,18 +86,29 @@ class Agent:
         self.session = self.client(fleet.pki / "operator.crt", fleet.pki / "operator.key")
         self.log = data_dir.parent / f"{data_dir.name}.agent.log"
 
-    def client(self, cert: Path | None = None, key: Path | None = None) -> requests.Session:
+    def client(self, cert: Path | None = None, key: Path | None = None, app_key: str | None = TEST_APP_KEY
+               ) -> requests.Session:
+        """A client of this agent: with `cert`/`key` a TLS client certificate, with `app_key` the
+        application key for completions (the test key by default, None for none)."""
         s = requests.Session()
         s.trust_env = False  # $REQUESTS_CA_BUNDLE would otherwise replace `verify` (requests issue #3829)
         s.verify = str(self.fleet.pki / "ca.crt")
         if cert is not None:
             s.cert = (str(cert), str(key))
+        if app_key is not None:
+            s.headers["Authorization"] = f"Bearer {app_key}"
         return s
+
+    def grant_test_key(self) -> None:
+        """Register TEST_APP_KEY on the device (as `stctl device app-key create` does over the API)."""
+        if (self.data_dir / "agent.json").exists():
+            AppKeys(load_config(self.data_dir).app_keys_file).put("tests", key_digest(TEST_APP_KEY))
 
     def url(self, path: str) -> str:
         return f"https://127.0.0.1:{self.port}{path}"
 
     def start(self, wait: bool = True) -> Agent:
+        self.grant_test_key()
         self.port = free_port()
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
