@@ -4,14 +4,17 @@ Layout under the store root:
 - `blobs/sha256/<hex>`: installed blobs, each exactly the bytes whose sha256 is `<hex>`;
 - `incoming/<hex>`: blobs verified during a fetch that has not finished; they become installed
   all together when the whole release verified (`commit`), so a failed or attacked fetch
-  installs nothing, and a retried fetch does not download them again;
+  installs nothing, and a later fetch does not download them again;
 - `partial/`: interrupted downloads (the fetcher resumes them);
 - `tmp/`: temp files of atomic writes.
 
 Rules: a blob is written whole or not at all (temp file, fsync, rename, fsync the folder) and is
-read-only once written; only
-verified bytes enter `incoming/` or `blobs/`; a package directory is materialized from blobs in
-a temp folder and renamed into place, so it appears complete or not at all.
+read-only once written; only verified bytes enter `incoming/` or `blobs/`; a blob left in
+`incoming/` by an earlier fetch counts only after its bytes hash to its name again
+(`staged_intact`), so a flipped bit or a truncation means a new download, never an install;
+leftovers are bounded: a fetch removes those its release does not use (`keep_only`), and files
+untouched for a while are collected (`collect_stale`); a package directory is materialized from
+blobs in a temp folder and renamed into place, so it appears complete or not at all.
 """
 from __future__ import annotations
 
@@ -19,10 +22,12 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from agent.errors import StoreError
+from agent.errors import InsufficientSpaceError, StoreError
 from manifests import ManifestError, ModelManifest
 from agent.files import fsync_dir
 from manifests.release import package_files
@@ -77,8 +82,18 @@ class BlobStore:
         os.close(fd)
         return Path(name)
 
-    def is_staged(self, sha256: str) -> bool:
-        return (self.incoming_dir / sha256).is_file()
+    def staged_intact(self, sha256: str) -> bool:
+        """Whether `incoming/<sha256>` holds exactly the bytes of that hash; one that does not
+        (bit rot, a truncation) is removed."""
+        staged = self.incoming_dir / sha256
+        try:
+            with open(staged, "rb") as f:
+                intact = hashlib.file_digest(f, "sha256").hexdigest() == sha256
+        except FileNotFoundError:
+            return False
+        if not intact:
+            staged.unlink(missing_ok=True)
+        return intact
 
     def stage(self, verified_file: Path, sha256: str) -> None:
         """Move a file the caller verified to hash to `sha256` into `incoming/` (content synced;
@@ -94,6 +109,32 @@ class BlobStore:
                 os.replace(staged, self.path(sha256))
         fsync_dir(self.blobs_dir)
         fsync_dir(self.incoming_dir)
+
+    # ---- leftovers of unfinished fetches, and room for the next one ---------------------------
+    def keep_only(self, incoming: set[str], partials: set[Path] | None) -> None:
+        """Remove staged blobs not in `incoming` and partial downloads not in `partials` (None:
+        leave `partial/` alone, the fetch under way does not resume downloads)."""
+        self._remove(p for p in self.incoming_dir.iterdir() if p.name not in incoming)
+        if partials is not None:
+            self._remove(p for p in self.partial_dir.iterdir() if p not in partials)
+
+    def collect_stale(self, max_age_s: float) -> None:
+        """Remove staged blobs and partial downloads nobody wrote for `max_age_s` seconds."""
+        oldest = time.time() - max_age_s
+        for folder in (self.incoming_dir, self.partial_dir):
+            self._remove(p for p in folder.iterdir() if p.stat().st_mtime < oldest)
+
+    @staticmethod
+    def _remove(paths: Iterable[Path]) -> None:
+        for path in list(paths):
+            path.unlink(missing_ok=True)
+
+    def ensure_room(self, nbytes: int, purpose: str) -> None:
+        """Refuse (InsufficientSpaceError) unless the store's filesystem has `nbytes` free."""
+        free = shutil.disk_usage(self.root).free
+        if free < nbytes:
+            raise InsufficientSpaceError(f"not enough disk space for {purpose}: {nbytes} bytes needed free in "
+                                         f"{self.root}, {free} available")
 
     @staticmethod
     def _seal(path: Path) -> None:

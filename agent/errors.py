@@ -17,6 +17,16 @@ class DownloadError(UpdateError):
     """The transfer failed: network error, HTTP error status, or more bytes than expected."""
 
 
+class TransportError(DownloadError):
+    """The repository stayed unreachable for the whole retry window (connection refused or reset,
+    timeouts, cut transfers, HTTP 5xx/408/429). What was received is still good: the partial
+    download and the verified blobs are kept, and the next job resumes from them."""
+
+
+class UpdateStoppedError(UpdateError):
+    """The agent is stopping: the job stops where it is (nothing lost) and resumes at the next start."""
+
+
 class ReleaseNotFoundError(UpdateError):
     """The repository (or bundle) has no signed release with that model and version."""
 
@@ -33,12 +43,20 @@ class StoreError(UpdateError):
     """The blob store lacks a blob a package needs, or a package cannot be materialized."""
 
 
+class InsufficientSpaceError(StoreError):
+    """The store's filesystem has less free space than the download needs (checked before it starts)."""
+
+
 class AgentError(Exception):
     """Base of the device agent's errors outside the update channel (config, install, serving)."""
 
 
 class ConfigError(AgentError):
     """The data dir, its config or an enrollment file is missing, malformed or would be overwritten."""
+
+
+class UnauthorizedError(AgentError):
+    """A completion without a valid application key (HTTP 401)."""
 
 
 class InstallError(AgentError):

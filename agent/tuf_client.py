@@ -10,15 +10,23 @@ API (all the agent needs):
     release = verify_bundle(bundle_path, trusted_root_bytes, data_dir / "tuf-bundle", store)
 
 `trusted_root_bytes` is the root.json handed over at enrollment; newer roots are followed
-through the repository's signed chain. `cb(done_bytes, total_bytes, label)` reports progress.
-Failures raise `agent.errors.UpdateError` subclasses; a release already in the store is a normal
-fetch that downloads no shard.
+through the repository's signed chain. `cb(done_bytes, total_bytes, label)` reports progress
+(bytes transferred by this fetch, and what it has to transfer in all). Failures raise
+`agent.errors.UpdateError` subclasses (`TransportError` when the repository stayed unreachable
+through the fetcher's retry window); a release already in the store is a normal fetch that
+downloads no shard.
 
 Rules: python-tuf's `ngclient.Updater` verifies all metadata (signatures, thresholds, versions,
 expiry, hashes) and every target; this module adds the release rules on top: the manifest
 target must name the requested model and version, and every file it lists must be a signed
 `blobs/<sha256>` target of the same sha256 and size. Only files missing from the store are
 downloaded; they are installed only after the whole release verified (nothing on failure).
+What an earlier fetch left is reused, never trusted by name: a verified blob in `incoming/` is
+re-hashed before it counts, a resumed partial download that fails verification is fetched once
+more whole (a local bit flip is not an attack; a second failure is), and leftovers this release
+does not use are removed when its fetch starts. Before the first shard is downloaded the store
+must have room for the bytes still missing (plus the largest file, copied once by python-tuf, plus
+`disk_margin_bytes`): otherwise `InsufficientSpaceError` and nothing is downloaded.
 One updater per metadata folder at a time (an exclusive lock). Limits live in `ClientConfig`.
 """
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,9 +46,9 @@ from tuf.ngclient import Updater, UpdaterConfig
 
 from agent.blobstore import BlobStore
 from agent.errors import (
-    BundleFormatError, DownloadError, ReleaseNotFoundError, UpdaterBusyError, VerificationError,
+    BundleFormatError, DownloadError, ReleaseNotFoundError, TransportError, UpdaterBusyError, VerificationError,
 )
-from agent.fetcher import BundleFetcher, FetcherConfig, HttpFetcher, TransferStats
+from agent.fetcher import BundleFetcher, FetcherConfig, HttpFetcher, TransferStats, is_transient
 from manifests import ManifestError, ModelManifest
 from agent.files import FileLock
 from manifests.release import BUNDLE_INFO, METADATA_DIR, TARGETS_DIR, blob_target, manifest_target, package_files
@@ -51,9 +60,9 @@ Progress = Callable[[int, int, str], None]  # (done bytes, total bytes, label)
 class ClientConfig:
     """Limits of the update client."""
 
-    download_attempts: int = 3  # tries per target; each try resumes the previous one's bytes
     max_bundle_info_bytes: int = 64 * 1024
-    fetcher: FetcherConfig = FetcherConfig()
+    disk_margin_bytes: int = 64 * 2**20  # free space left over after a download, at the least
+    fetcher: FetcherConfig = FetcherConfig()  # timeouts and the retry policy
     updater: UpdaterConfig = field(default_factory=UpdaterConfig)
 
 
@@ -90,7 +99,8 @@ def _translated_errors() -> Iterator[None]:
     except exceptions.RepositoryError as e:
         raise VerificationError(f"{type(e).__name__}: {e}") from e
     except exceptions.DownloadError as e:
-        raise DownloadError(f"{type(e).__name__}: {e}") from e
+        error = TransportError if is_transient(e) else DownloadError
+        raise error(f"{type(e).__name__}: {e}") from e
     except ManifestError as e:
         raise VerificationError(f"manifest: {e}") from e
 
@@ -112,7 +122,7 @@ class ReleaseClient:
 
     def __init__(self, metadata_dir: str | os.PathLike, repository_url: str, trusted_root: bytes,
                  blob_store: BlobStore, progress: Progress | None = None, config: ClientConfig = ClientConfig(),
-                 ca_certs: str | None = None):
+                 ca_certs: str | None = None, stop: threading.Event | None = None):
         self.metadata_dir = Path(metadata_dir)
         self.base_url = repository_url.rstrip("/") + "/"
         self.trusted_root = trusted_root
@@ -120,6 +130,7 @@ class ReleaseClient:
         self.progress = progress
         self.config = config
         self.ca_certs = ca_certs
+        self.stop = stop  # set: a backoff wait or transfer under way ends with UpdateStoppedError
 
     def fetch_release(self, model: str, version: str) -> FetchedRelease:
         """Refresh metadata, then download and verify every file of `model` `version` the store lacks."""
@@ -127,11 +138,11 @@ class ReleaseClient:
             stats, tracker = TransferStats(), _ProgressTracker(self.progress)
             targets_url = self.base_url + TARGETS_DIR + "/"
             fetcher = HttpFetcher(targets_url, self.store.partial_dir, stats, tracker.on_chunk,
-                                  self.config.fetcher, self.ca_certs)
+                                  self.config.fetcher, self.ca_certs, self.stop)
             with _translated_errors():
                 updater = Updater(str(self.metadata_dir), self.base_url + METADATA_DIR + "/",
                                   target_base_url=targets_url, fetcher=fetcher, config=self.config.updater, bootstrap=self.trusted_root)
-            return _fetch_release(updater, stats, tracker, self.store, model, version, self.config)
+            return _fetch_release(updater, fetcher, stats, tracker, self.store, model, version, self.config)
 
 
 def verify_bundle(bundle_path: str | os.PathLike, trusted_root: bytes, metadata_dir: str | os.PathLike,
@@ -153,7 +164,7 @@ def verify_bundle(bundle_path: str | os.PathLike, trusted_root: bytes, metadata_
         with _translated_errors():
             updater = Updater(str(metadata), fetcher.BASE + METADATA_DIR + "/", target_base_url=fetcher.targets_prefix,
                               fetcher=fetcher, config=config.updater, bootstrap=trusted_root)
-        return _fetch_release(updater, stats, tracker, blob_store, model, version, config)
+        return _fetch_release(updater, fetcher, stats, tracker, blob_store, model, version, config)
 
 
 def _bundle_release(tar: tarfile.TarFile, path, limit: int) -> tuple[str, str]:
@@ -168,8 +179,9 @@ def _bundle_release(tar: tarfile.TarFile, path, limit: int) -> tuple[str, str]:
         raise BundleFormatError(f"{path}: no readable {BUNDLE_INFO} ({e})") from None
 
 
-def _fetch_release(updater: Updater, stats: TransferStats, tracker: _ProgressTracker, store: BlobStore,
-                   model: str, version: str, config: ClientConfig) -> FetchedRelease:
+def _fetch_release(updater: Updater, fetcher: HttpFetcher | BundleFetcher, stats: TransferStats,
+                   tracker: _ProgressTracker, store: BlobStore, model: str, version: str,
+                   config: ClientConfig) -> FetchedRelease:
     try:
         target = manifest_target(model, version)
     except ManifestError as e:
@@ -181,7 +193,7 @@ def _fetch_release(updater: Updater, stats: TransferStats, tracker: _ProgressTra
             raise ReleaseNotFoundError(f"{model}@{version}: no such signed release")
         tracker.label = "manifest"
         before = stats.bytes_received
-        tmp = _download_target(updater, info, store, config.download_attempts)
+        tmp = _download_target(updater, fetcher, info, store)
         manifest_bytes = tmp.read_bytes()
         tmp.unlink()
         stats.metadata_bytes += stats.bytes_received - before
@@ -197,32 +209,46 @@ def _fetch_release(updater: Updater, stats: TransferStats, tracker: _ProgressTra
                 raise VerificationError(f"manifest lists {file} ({sha256[:12]}, {size} bytes), "
                                         "which is not a signed target of that hash and size")
             needed[sha256] = blob
-        to_download = [sha for sha in needed if not store.is_staged(sha)]
-        tracker.total = tracker.done + sum(needed[sha].length for sha in to_download)
+        urls = {sha256: _target_url(fetcher.targets_prefix, blob) for sha256, blob in needed.items()}
+        partials = {fetcher.partial_path(url) for url in urls.values()} if isinstance(fetcher, HttpFetcher) else None
+        store.keep_only(set(needed), partials)
+        to_download = [sha for sha in needed if not store.staged_intact(sha)]
+        missing = sum(needed[sha].length - fetcher.held_bytes(urls[sha], needed[sha].length) for sha in to_download)
+        if to_download:
+            largest = max(needed[sha].length for sha in to_download)
+            store.ensure_room(missing + largest + config.disk_margin_bytes,
+                              f"{model}@{version} ({missing} bytes to download + {largest} copied once + "
+                              f"{config.disk_margin_bytes} margin); no shard was downloaded")
+        tracker.total = tracker.done + missing
         for sha256 in to_download:
             tracker.label = needed[sha256].path
-            store.stage(_download_target(updater, needed[sha256], store, config.download_attempts), sha256)
+            store.stage(_download_target(updater, fetcher, needed[sha256], store), sha256)
         store.commit(list(needed))
     return FetchedRelease(manifest, manifest_bytes, stats.bytes_received, stats.metadata_bytes,
                           manifest.total_bytes, len(to_download))
 
 
-def _download_target(updater: Updater, info: TargetFile, store: BlobStore, attempts: int) -> Path:
-    """A temp file in the store holding the verified target; interrupted transfers are retried,
-    each retry resuming where the last stopped."""
+def _target_url(targets_prefix: str, info: TargetFile) -> str:
+    """The URL python-tuf downloads `info` from: with consistent snapshots (always on in this
+    project's repositories, see manifests/release.py) `<dirname>/<sha256>.<basename>`."""
+    dirname, sep, basename = info.path.rpartition("/")
+    return f"{targets_prefix}{dirname}{sep}{info.hashes['sha256']}.{basename}"
+
+
+def _download_target(updater: Updater, fetcher: HttpFetcher | BundleFetcher, info: TargetFile,
+                     store: BlobStore) -> Path:
+    """A temp file in the store holding the verified target. The fetcher retries transport
+    failures; a download that resumed a leftover partial and then fails verification is fetched
+    once more from its first byte (the fetcher deleted the partial)."""
     tmp = store.temp_path()
-    attempt = 1
     try:
-        while True:
-            try:
-                updater.download_target(info, filepath=str(tmp))
-                return tmp
-            except exceptions.DownloadLengthMismatchError:
+        try:
+            updater.download_target(info, filepath=str(tmp))
+        except exceptions.LengthOrHashMismatchError:
+            if not fetcher.resumed_bytes:
                 raise
-            except exceptions.DownloadError:
-                if attempt >= attempts:
-                    raise
-                attempt += 1
+            updater.download_target(info, filepath=str(tmp))
+        return tmp
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

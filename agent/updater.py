@@ -9,9 +9,16 @@ Rules:
   fetching resumes downloads, verifying re-materializes, health-checking re-checks, activating
   re-applies the same pointer;
 - a release is activated only after its health check passed, with the engine that passed;
-- a job that ends releases its scratch files first (temp, partial, unstaged blobs: a full disk
-  frees its space), then saves its final state, then collects garbage (keeping the active and
-  previous releases' blobs);
+- a job that ends releases its scratch files first (temp files always; a full disk frees its
+  space), then saves its final state, then collects garbage (keeping the active and previous
+  releases' blobs). Its resume data (partial downloads, verified blobs not yet installed) stays
+  for the next job when the job ended in a way that leaves it valid: a transport failure (the
+  repository unreachable through the retry window), a release the repository does not have, or
+  nothing to do (already active, a rollback); what stays untouched for
+  `download_leftovers_max_age_s` is collected then. Any other end frees it: a verification
+  failure, a full disk or too little room, a store error, a failed health check, success;
+- `shutdown` makes a job under way stop at its next backoff wait or chunk: it stays in its
+  state (nothing lost) and resumes when the daemon starts again;
 - a release that fails its first health check after activation, or whose daemon keeps dying
   before that check (`max_probation_boots`), is rolled back automatically;
 - every transition writes one `updates` row.
@@ -24,8 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.blobstore import BlobStore
-from agent.config import DeviceConfig
-from agent.errors import AgentError, InstallError, UpdateError, UpdateRefusedError
+from agent.config import DeviceConfig, Limits
+from agent.errors import (
+    AgentError, InstallError, ReleaseNotFoundError, TransportError, UpdateError, UpdateRefusedError, UpdateStoppedError,
+)
+from agent.fetcher import FetcherConfig
 from agent.files import FileLock
 from agent.health import HealthResult, check_release
 from agent.install import Installation, Pointer, ReleaseRef
@@ -35,7 +45,7 @@ from agent.lifecycle import (
 )
 from agent.serving import Serving, close_engine, load_engine
 from agent.telemetry import Telemetry
-from agent.tuf_client import ReleaseClient, verify_bundle
+from agent.tuf_client import ClientConfig, ReleaseClient, verify_bundle
 from manifests import ManifestError
 from manifests.enrollment import check_repository_url
 from manifests.model_manifest import parse_version
@@ -46,6 +56,8 @@ log = logging.getLogger("st-agent.updater")
 BUNDLE_SOURCE = "bundle:"
 FINISHING_WAIT_S = 60.0  # how long a request waits for a finished job's garbage collection
 _HANDLED = (UpdateError, AgentError, ModelError, ManifestError, OSError)
+_RESUME_DATA_STAYS_VALID = (TransportError, ReleaseNotFoundError)  # failures that leave partials and blobs good
+_NOTHING_DONE = ("already_active", "rolled_back")  # endings of a job that fetched nothing now
 
 
 @dataclass
@@ -70,6 +82,7 @@ class Updater:
         self._engines: dict = {}  # job id -> the engine that passed its health check
         self._worker: threading.Thread | None = None
         self._worker_job: Job | None = None
+        self._stop = threading.Event()
         self._handlers = {IDLE: self._begin, FETCHING: self._fetch, VERIFYING: self._verify,
                           STAGED: lambda job: "check", HEALTH_CHECKING: self._check, ACTIVATING: self._activate}
 
@@ -129,34 +142,49 @@ class Updater:
         if self._worker is not None:
             self._worker.join(timeout)
 
+    def shutdown(self, timeout: float) -> None:
+        """Stop the job under way at its next backoff wait or chunk (it resumes at the next start)
+        and wait up to `timeout` for the worker to end."""
+        self._stop.set()
+        self.join(timeout)
+
     # ---- the job loop ----------------------------------------------------------------------------
     def run(self, job: Job) -> Job:
         """Walk `job` to a final state (the caller holds the lock; it is released at the end)."""
         try:
             bound = len(STATES) * (self.limits.max_state_visits + 1)
             for _ in range(bound):
-                if job.finished:
+                if job.finished or self._stop.is_set():
                     break
                 if over_visits(job, self.limits.max_state_visits):
                     self._give_up(job)
                     continue
+                error = None
                 try:
                     event, detail = self._handlers[job.state](job), ""
+                except UpdateStoppedError as e:
+                    log.info("update %s stopped in %s (%s); it resumes at the next start", job.id, job.state, e)
+                    self.jobs.save(job)
+                    break
                 except _HANDLED as e:
-                    event, detail = LOOP_EXIT[job.state], f"{job.state}: {e}"
+                    error, event, detail = e, LOOP_EXIT[job.state], f"{job.state}: {e}"
                     log.warning("update %s failed in %s: %s", job.id, job.state, e)
                     if job.state == ACTIVATING:  # the pointer may have moved: move it back
                         self._undo_activation(job)
-                self._step(job, event, detail)
+                self._step(job, event, detail, error)
             return job
         finally:
             self.progress.pop(job.id, None)
             self._drop_engine(job.id)
             self.lock.release()
 
-    def _step(self, job: Job, event: str, detail: str = "") -> None:
-        if next_state(job.state, event) in FINAL:
-            self.install.clean_scratch()  # first: frees the space a full disk needs to save the state
+    def _step(self, job: Job, event: str, detail: str = "", error: BaseException | None = None) -> None:
+        if next_state(job.state, event) in FINAL:  # first: frees the space a full disk needs to save the state
+            if isinstance(error, _RESUME_DATA_STAYS_VALID) or (error is None and event in _NOTHING_DONE):
+                self.install.clean_temp()
+                self.store.collect_stale(self.limits.download_leftovers_max_age_s)
+            else:
+                self.install.clean_scratch()
         transition(job, event, self.jobs, detail)
         self._record(job)
         if job.finished:
@@ -195,22 +223,26 @@ class Updater:
         return "start"
 
     def _fetch(self, job: Job) -> str:
-        progress = self.progress.setdefault(job.id, Progress())
+        progress = self.progress[job.id] = Progress()
 
         def report(done: int, total: int, label: str) -> None:
             progress.done, progress.total, progress.label = done, total, label
 
         trusted_root = self.config.trusted_root.read_bytes()
-        if job.source.startswith(BUNDLE_SOURCE):
-            release = verify_bundle(job.source[len(BUNDLE_SOURCE):], trusted_root, self.config.bundle_tuf_dir,
-                                    self.store, report)
-            job.model, job.version = release.manifest.name, release.manifest.version
-            self._check_downgrade(ReleaseRef(job.model, job.version), job.allow_downgrade)
-        else:
-            client = ReleaseClient(self.config.tuf_dir, job.source, trusted_root, self.store, report)
-            release = client.fetch_release(job.model, job.version)
+        config = client_config(self.limits)
+        try:
+            if job.source.startswith(BUNDLE_SOURCE):
+                release = verify_bundle(job.source[len(BUNDLE_SOURCE):], trusted_root, self.config.bundle_tuf_dir,
+                                        self.store, report, config)
+                job.model, job.version = release.manifest.name, release.manifest.version
+                self._check_downgrade(ReleaseRef(job.model, job.version), job.allow_downgrade)
+            else:
+                client = ReleaseClient(self.config.tuf_dir, job.source, trusted_root, self.store, report, config,
+                                       stop=self._stop)
+                release = client.fetch_release(job.model, job.version)
+        finally:
+            job.bytes_downloaded += progress.done  # what this try transferred, failed or not
         job.manifest_sha256 = self.store.put(release.manifest_bytes)
-        job.bytes_downloaded += release.bytes_downloaded
         job.bytes_total = release.bytes_total
         job.shards_downloaded += release.shards_downloaded
         return "fetched"
@@ -343,6 +375,13 @@ class Updater:
                 "previous": pointer.previous and pointer.previous.to_dict(), "probation": pointer.probation,
                 "update": job_view(job, self.progress.get(job.id)) if job is not None else None,
                 "serving": "@".join(serving) if serving else None, "kernel": describe_kernels() if serving else None}
+
+
+def client_config(limits: Limits) -> ClientConfig:
+    """The release client's limits from the device's."""
+    return ClientConfig(disk_margin_bytes=limits.download_disk_margin_bytes, fetcher=FetcherConfig(
+        socket_timeout=limits.download_socket_timeout_s, retry_window_s=limits.download_retry_window_s,
+        retry_first_delay_s=limits.download_retry_first_delay_s, retry_max_delay_s=limits.download_retry_max_delay_s))
 
 
 def _ref(job: Job) -> ReleaseRef | None:

@@ -1,9 +1,12 @@
-"""A full disk during the download of an update: the data dir lives on a tmpfs with room for v1
-and only half of the v2 delta. The update must fail cleanly: v1 keeps serving, no partial files
-are left, every blob matches its hash, and the job and telemetry record the failure.
+"""Too little disk for an update. The data dir lives on a tmpfs with room for v1 and only half of
+the v2 delta: the job is refused before any shard is downloaded (the room check counts the
+missing bytes against the free space), v1 keeps serving, and the job and its `updates` row say
+why. A disk that fills up anyway during the download (another writer took the space after the
+check; ENOSPC injected into the fetcher's file writes, in-process) fails the job cleanly: no
+partial or unverified files are left, every blob matches its hash.
 
-Mounting a tmpfs needs root (CAP_SYS_ADMIN); without it the same path runs in-process with
-ENOSPC injected into the fetcher's file writes."""
+Mounting a tmpfs needs root (CAP_SYS_ADMIN); without it the room check is driven on the real
+disk by a `download_disk_margin_bytes` larger than its free space."""
 from __future__ import annotations
 
 import errno
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_helpers import install_with_library
+from agent_helpers import install_with_library, set_limits
 from model.package import read_manifest
 from stctl.delta import diff_manifests
 
@@ -27,9 +30,9 @@ def tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def assert_failed_cleanly(data_dir: Path, job: dict) -> None:
+def assert_failed_cleanly(data_dir: Path, job: dict, reason: str) -> None:
     assert job["state"] == "failed" and job["history"][-2:] == ["fetching", "failed"], job
-    assert "No space left" in job["detail"] or "ENOSPC" in job["detail"], job["detail"]
+    assert reason in job["detail"], job["detail"]
     store = data_dir / "store"
     assert all(not any((store / d).iterdir()) for d in ("tmp", "partial", "incoming"))
     assert not (data_dir / "releases" / "st-demo" / "2.0.0").exists()
@@ -58,23 +61,31 @@ def small_disk(tmp_path, v1_template, demo_packages):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
 
 
-def test_full_disk_during_download_fails_cleanly(small_disk, fleet, agent_factory, expected_text, device_dir,
-                                                 monkeypatch):
-    if small_disk is None:  # no tmpfs: inject ENOSPC into the fetcher's writes, in-process
-        _injected_enospc(device_dir, monkeypatch)
-        return
-    agent = agent_factory(small_disk, fleet).start()
+def test_too_little_room_for_the_missing_bytes_refuses_the_update_before_downloading(
+        small_disk, fleet, agent_factory, expected_text, device_dir, demo_packages):
+    delta = diff_manifests(read_manifest(demo_packages[0]), read_manifest(demo_packages[1]))
+    if small_disk is None:  # no tmpfs: the real disk, with a margin it cannot leave free
+        data_dir = device_dir
+        set_limits(data_dir, download_disk_margin_bytes=2 * shutil.disk_usage(data_dir).total)
+    else:  # the margin out of the way: the missing bytes alone do not fit
+        data_dir = small_disk
+        set_limits(data_dir, download_disk_margin_bytes=1)
+        assert shutil.disk_usage(data_dir).free < delta.bytes_to_ship
+    agent = agent_factory(data_dir, fleet).start()
     job = agent.wait_job(agent.update("2.0.0"))
-    assert_failed_cleanly(small_disk, job)
+    assert_failed_cleanly(data_dir, job, "not enough disk space for st-demo@2.0.0")
+    assert f"{delta.bytes_to_ship} bytes to download" in job["detail"]
+    assert job["shards_downloaded"] == 0 and job["bytes_downloaded"] < delta.bytes_to_ship // 4  # metadata only
     status = agent.status()
     assert status["active"] == {"model": "st-demo", "version": "1.0.0"} and status["update"] is None
     assert agent.complete()["choices"][0]["text"] == expected_text["1.0.0"]
     rows = agent.get("/v1/telemetry", params={"table": "updates"}).json()["rows"]
     assert rows[-1]["job_id"] == job["id"] and rows[-1]["state"] == "failed"
+    assert "not enough disk space" in rows[-1]["detail"]
     assert agent.stop() in (0, -15)
 
 
-def _injected_enospc(data_dir: Path, monkeypatch) -> None:
+def test_disk_filling_up_during_the_download_fails_cleanly(device_dir, monkeypatch):
     import agent.fetcher as fetcher
 
     real_open = open
@@ -104,5 +115,5 @@ def _injected_enospc(data_dir: Path, monkeypatch) -> None:
         return FullDisk(f) if "w" in mode or "+" in mode else f
 
     monkeypatch.setattr(fetcher, "open", full_open, raising=False)
-    job = install_with_library(data_dir, "2.0.0")
-    assert_failed_cleanly(data_dir, job)
+    job = install_with_library(device_dir, "2.0.0")
+    assert_failed_cleanly(device_dir, job, "No space left")
