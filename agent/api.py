@@ -319,7 +319,7 @@ def create_app(config: DeviceConfig, on_fatal: Callable[[], None] | None = None)
             stop.set()
             booter.join(limits.shutdown_grace_s)
             watcher.join(limits.shutdown_grace_s)
-            updater.join(limits.shutdown_grace_s)  # an unfinished job resumes at the next start
+            updater.shutdown(limits.shutdown_grace_s)  # an unfinished job stops where it is and resumes at the next start
             serving.close()
             telemetry.close()
 
@@ -525,6 +525,10 @@ def render_metrics(serving: Serving, updater: Updater) -> str:
            [("", serving.rejected)])
     metric("st_agent_completion_failures_total", "counter", "Completions that failed while generating.",
            [("", serving.failures)])
+    metric("st_agent_completions_cancelled_total", "counter", "Completions cancelled because their client went away.",
+           [("", serving.cancelled)])
+    metric("st_agent_completions_rejected_by_key_total", "counter", "Completions refused with 429, by application key.",
+           [(f'{{key="{key}"}}', n) for key, n in sorted(serving.rejected_by_key.items())])
     metric("st_agent_completions_in_progress", "gauge", "Completions admitted and not finished.",
            [("", serving.admitted)])
     metric("st_agent_decode_tokens_per_second", "gauge", "Decode speed of the last completion.",

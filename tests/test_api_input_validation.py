@@ -157,6 +157,7 @@ def test_an_unhandled_exception_is_a_500_envelope_and_one_log_line(device_dir, c
         raise RuntimeError("disk on fire\nsecond line")
 
     app.add_api_route("/v1/broken", broken)
+    app.state.started.set()  # no lifespan here: count the agent as started
     with caplog.at_level("ERROR", logger="st-agent.api"):
         r = TestClient(app).get("/v1/broken")  # raise_server_exceptions: nothing may reach the server
     assert_envelope(r, 500, None, "internal_error")
