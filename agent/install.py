@@ -25,7 +25,8 @@ from agent.config import DeviceConfig
 from agent.errors import InstallError, StoreError
 from agent.files import atomic_write_json, read_json
 from manifests import ManifestError, ModelManifest
-from manifests.model_manifest import check_name, parse_version
+from manifests.model_manifest import parse_version
+from manifests.names import check_name
 from manifests.release import package_files
 from model.errors import ModelError
 from model.package import verify_package

@@ -46,7 +46,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 # the event that ends a job stuck in a state (entered too often)
 LOOP_EXIT = {state: ("gave_up" if state == ACTIVATING else "error") for state in UNFINISHED}
 
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_JOB_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
 
 
 class TransitionError(AgentError):
@@ -109,7 +109,7 @@ class JobStore:
         folder.mkdir(parents=True, exist_ok=True)
 
     def path(self, job_id: str) -> Path:
-        if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+        if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
             raise KeyError(job_id)
         return self.folder / f"{job_id}.json"
 

@@ -14,7 +14,8 @@ import torch
 
 from manifests import ModelManifest, TokenizerSpec
 from manifests.errors import ManifestError
-from manifests.model_manifest import check_name, parse_version
+from manifests.model_manifest import parse_version
+from manifests.names import check_name
 from model.checkpoint import HFCheckpoint, RandomWeights, demo_changed_experts, expected_shape
 from model.config import ModelConfig
 from model.errors import CheckpointError, ConfigError, PackageError

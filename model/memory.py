@@ -19,7 +19,7 @@ def parse_size(text: str | int) -> int:
     """'512MiB', '1GiB', '2.5GB', '1048576' -> bytes."""
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text, re.ASCII)
     if not m or m.group(2).lower() not in _UNITS:
         raise ModelError(f"size {text!r}: expected bytes or a number with a unit like 512MiB or 1GiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
