@@ -119,7 +119,8 @@ def test_requests_rows_name_the_key_never_the_secret(agent):
 # ---- fair shares -----------------------------------------------------------------------------
 def flood_while(agent: Agent, flood_key: str | None, keyed: str, seconds: float) -> tuple[int, int, dict]:
     """Six looping clients under `flood_key` (None: no key) for `seconds`, and one client under
-    `keyed` asking one completion at a time. Returns (keyed answers, keyed attempts, flood statuses)."""
+    `keyed` asking one completion at a time, the operator's status after each (answered within
+    2 s). Returns (keyed answers, keyed attempts, flood statuses)."""
     stop, statuses, lock = threading.Event(), {}, threading.Lock()
 
     def flood() -> None:
@@ -143,6 +144,8 @@ def flood_while(agent: Agent, flood_key: str | None, keyed: str, seconds: float)
         while time.monotonic() < deadline:
             attempts += 1
             answers += complete(agent, keyed, max_tokens=2).status_code == 200
+            # management stays reachable while completions are saturated
+            assert agent.session.get(agent.url("/v1/status"), timeout=2.0).status_code == 200
     finally:
         stop.set()
         for t in threads:
