@@ -3,6 +3,10 @@
     python benchmarks/engine_decode.py --preset smallthinker-4b-a0.6b --threads 2 --json
     python benchmarks/engine_decode.py --package DIR --scenarios in-memory,budget --json
 
+On a shared host (a VM whose neighbours come and go) one run of each can be off by 1.5x either
+way: `--rounds N` runs the engine and both llama.cpp settings N times, interleaved round by
+round, and reports each one's median run, with every round's figures beside it.
+
 Scenarios (each engine run is a separate `stctl model bench` process, so RSS figures are its own;
 every scenario runs the default package layout, dense ReGLU, and in-memory also the sparse one):
 - in-memory: every weight resident; llama.cpp on the exported GGUF with its defaults.
@@ -227,6 +231,26 @@ def busy_neighbour():
         proc.wait(timeout=30)
 
 
+def interleaved(runs: dict, rounds: int) -> tuple[dict, dict]:
+    """Each of `runs` (name -> a function returning one run's figures, or None) `rounds` times, one
+    of each per round, so a slow spell of a shared host falls on all of them alike. Returns, per
+    name, the run with the median decode speed (a whole, real run), and every round's decode and
+    prefill speeds."""
+    seen: dict[str, list[dict]] = {name: [] for name in runs}
+    for r in range(rounds):
+        for name, run in runs.items():
+            log(f"  round {r + 1}/{rounds}: {name}")
+            result = run()
+            if result is not None and "decode_tokens_per_s" in result:
+                seen[name].append(result)
+    median = {name: (sorted(rs, key=lambda x: x["decode_tokens_per_s"])[(len(rs) - 1) // 2] if rs else None)
+              for name, rs in seen.items()}
+    spread = {name: {"decode_tokens_per_s": [round(x["decode_tokens_per_s"], 2) for x in rs],
+                     "prefill_tokens_per_s": [round(x["prefill_tokens_per_s"], 2) for x in rs]}
+              for name, rs in seen.items()}
+    return median, spread
+
+
 def ratio(ours: dict, peer: dict | None, key: str = "decode_tokens_per_s") -> float | None:
     if not peer or key not in peer or not peer[key] or key not in ours:
         return None
@@ -247,6 +271,9 @@ def main() -> None:
     ap.add_argument("--storage-mbps", type=float, default=500.0)
     ap.add_argument("--router-skew", type=float, default=1.0)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="in-memory: run the engine and both llama.cpp settings this many times, interleaved, "
+                         "and report the median run of each (a noisy shared host needs 3 or more)")
     ap.add_argument("--skip-llama", action="store_true", help="do not run the llama.cpp peer")
     ap.add_argument("--json", action="store_true", help="print JSON (the only output format)")
     ap.add_argument("--engine-child", action="store_true", help=argparse.SUPPRESS)
@@ -269,13 +296,16 @@ def main() -> None:
                     "prompt_tokens": args.prompt_tokens, "llama_cpp": llama_cpp_available() and not args.skip_llama}
 
     if "in-memory" in scenarios:
-        log("in-memory: engine (dense ReGLU, HF layout)")
-        dense = engine_run(pkg, args)
+        log(f"in-memory: engine (dense ReGLU, HF layout) and llama.cpp (default, flash attention), "
+            f"{args.rounds} round(s)")
+        median, spread = interleaved({
+            "engine_dense": lambda: engine_run(pkg, args),
+            "llama_cpp": lambda: peer_run(gguf, args) if gguf else None,
+            "llama_cpp_flash_attn": lambda: peer_run(gguf, args, flash_attn=True) if gguf else None,
+        }, max(1, args.rounds))
+        dense, peer, peer_fa = median["engine_dense"], median["llama_cpp"], median["llama_cpp_flash_attn"]
         log("in-memory: engine (sparse ReGLU)")
         ours = engine_run(sparse_pkg, args)
-        log("in-memory: llama.cpp")
-        peer = peer_run(gguf, args) if gguf else None
-        peer_fa = peer_run(gguf, args, flash_attn=True) if gguf else None
         log("in-memory: memory bandwidth")
         bandwidth = memory_bandwidth(args.threads)
         per_token = bytes_per_token(pkg)
@@ -290,6 +320,7 @@ def main() -> None:
             "memory_bandwidth": bandwidth, "weight_bytes_per_token": per_token,
             "bandwidth_limit_tokens_per_s": limit,
             "fraction_of_bandwidth_limit": round(dense["decode_tokens_per_s"] / limit, 3) if limit else None,
+            "rounds": max(1, args.rounds), "every_round": spread,
         }
         report["machine"] = dense["machine"]
 
