@@ -66,6 +66,7 @@ class Limits:
     request_timeout_s: float = 10.0  # a whole request (head and body) arrives within this of the connection idling
     max_idle_per_client: int = 16  # idle connections kept per client address (the oldest goes first)
     max_idle_connections: int = 128  # idle connections kept in all
+    crl_refresh_s: float = 900.0  # how often the daemon fetches the fleet CA's CRL (besides every update job)
 
     @classmethod
     def from_dict(cls, d: dict) -> Limits:

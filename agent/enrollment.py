@@ -1,7 +1,9 @@
 """`st-agent init`: turn an enrollment file into an initialized data dir.
 
 Rules: the enrollment is checked before anything is written (format, the device certificate is
-signed by the enclosed fleet CA, carries the device role and matches the enclosed key); an
+signed by the enclosed fleet CA, carries the device role and matches the enclosed key, the
+enclosed CRL if any is a CRL of that CA); the CRL is kept by `agent.revocation.DeviceCrl` (so
+the server enforces it from the first start); an
 initialized data dir is never overwritten; `agent.json` is written last, so a data dir is
 initialized only once everything else is in place. The private key is written 0600.
 """
@@ -17,8 +19,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 from agent.config import CONFIG_FILE, DeviceConfig
 from agent.errors import ConfigError
 from agent.files import atomic_write
+from agent.revocation import DeviceCrl, RevocationError
 from agent.telemetry import Telemetry
 from manifests import ManifestError
+from manifests.crl import read_crl
 from manifests.enrollment import ROLE_DEVICE, Enrollment, certificate_role
 
 MAX_ENROLLMENT_BYTES = 1 << 20
@@ -56,6 +60,11 @@ def _check_credentials(e: Enrollment, where: str) -> None:
     spki = PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(Encoding.PEM, spki) != cert.public_key().public_bytes(Encoding.PEM, spki):
         raise ConfigError(f"{where}: the private key does not belong to the device certificate")
+    if e.crl_pem is not None:
+        try:
+            read_crl(e.crl_pem.encode(), ca)
+        except ManifestError as err:
+            raise ConfigError(f"{where}: {err}") from None
 
 
 def init_data_dir(enrollment_file: str | os.PathLike, data_dir: str | os.PathLike) -> DeviceConfig:
@@ -69,6 +78,11 @@ def init_data_dir(enrollment_file: str | os.PathLike, data_dir: str | os.PathLik
     atomic_write(config.device_cert, enrollment.device_cert_pem.encode())
     atomic_write(config.device_key, enrollment.device_key_pem.encode(), mode=0o600)
     atomic_write(config.trusted_root, enrollment.trusted_root.encode())
+    if enrollment.crl_pem is not None:
+        try:
+            DeviceCrl(config).take(enrollment.crl_pem.encode())
+        except RevocationError as e:
+            raise ConfigError(f"{enrollment_file}: {e}") from None
     for folder in (config.jobs_dir, config.releases_dir, config.store_dir):
         folder.mkdir(parents=True, exist_ok=True)
     Telemetry(config.telemetry_db, config.limits.telemetry_max_rows).close()

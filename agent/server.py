@@ -10,13 +10,25 @@ no new connections, in-flight requests get `shutdown_grace_s`, then the lifespan
 Idle and slow connections are bounded by `agent.connections` (handshake and request timeouts,
 idle caps per client and in all); there is no server-wide connection limit that a flood of idle
 connections could fill.
+
+Revocation: the context also refuses, at the handshake, a client certificate that the device's
+CRL (`tls/crl.pem`, kept by `agent.revocation`) revokes, device and operator alike; requests
+without a certificate are unaffected. Before each new connection's handshake (`wrap_bio`) the
+context notices a replaced CRL file (its inode, size or mtime changed), checks it (a fleet CRL
+of the CA, usable now) and adds it to the live context; OpenSSL enforces the newest of the CRLs
+loaded. The CRL check is switched on only once a CRL is loaded (with it and no CRL, OpenSSL
+refuses every client certificate); a file that fails the check is logged and ignored, the
+CRLs loaded before stay. The daemon refreshes the CRL from the repository every
+`crl_refresh_s` while it serves (`agent.revocation.CrlRefresher`).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import sys
+from datetime import datetime, timezone
 
 import h11
 import uvicorn
@@ -27,16 +39,55 @@ from agent.api import create_app
 from agent.config import DeviceConfig, Limits, parse_listen
 from agent.errors import AgentError
 from agent.connections import IdleConnections
+from agent.revocation import CrlRefresher, RevocationError, crl_file, load_ca, read_crl_file
+from manifests.crl import enforce_crl
 
 log = logging.getLogger("st-agent.server")
 
 
-def tls_context(config: DeviceConfig) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+class RevokingContext(ssl.SSLContext):
+    """The server's TLS context: picks up a replaced CRL file before each new connection's handshake."""
+
+    def watch_crl(self, config: DeviceConfig) -> None:
+        self._crl_path, self._ca = crl_file(config), load_ca(config)
+        self._crl_seen: tuple | None = None
+        self.load_new_crl()
+
+    def wrap_bio(self, *args, **kwargs):
+        self.load_new_crl()
+        return super().wrap_bio(*args, **kwargs)
+
+    def load_new_crl(self) -> None:
+        """Add the CRL file's CRL if the file changed since the last look (never raises)."""
+        try:
+            st = os.stat(self._crl_path)
+        except OSError:
+            return
+        seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if seen == self._crl_seen:
+            return
+        self._crl_seen = seen
+        try:
+            crl = read_crl_file(self._crl_path, self._ca)
+            if crl is None:
+                return
+            if not crl.usable_at(datetime.now(timezone.utc)):
+                raise RevocationError(f"CRL {crl.number} is not valid on this device's clock now "
+                                      f"({crl.last_update} to {crl.next_update})")
+            enforce_crl(self, crl)
+        except (RevocationError, OSError, ssl.SSLError) as e:
+            log.warning("CRL not loaded (the CRLs loaded before stay): %s", e)
+            return
+        log.info("CRL %d enforced: %d certificate(s) revoked", crl.number, len(crl.revoked))
+
+
+def tls_context(config: DeviceConfig) -> RevokingContext:
+    ctx = RevokingContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(config.device_cert, config.device_key)
     ctx.load_verify_locations(cafile=str(config.ca_cert))
     ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.watch_crl(config)
     return ctx
 
 
@@ -128,6 +179,11 @@ def serve(config: DeviceConfig, listen: str) -> None:
         app, host=host, port=port, ws="none", lifespan="on", log_level="warning", access_log=False,
         timeout_graceful_shutdown=int(config.limits.shutdown_grace_s),
     ), tls_context(config), config.limits)
-    server.run()
+    crl_refresher = CrlRefresher(config)
+    crl_refresher.start()
+    try:
+        server.run()
+    finally:
+        crl_refresher.stop(config.limits.shutdown_grace_s)
     if app.state.boot_error is not None:
         raise AgentError(f"could not start: {app.state.boot_error}")

@@ -8,6 +8,8 @@ API (all the agent needs):
     store.materialize(release.manifest_bytes, data_dir / "packages" / "st-demo-2.0.0")
     # offline: the same checks, from a bundle file and its own metadata folder
     release = verify_bundle(bundle_path, trusted_root_bytes, data_dir / "tuf-bundle", store)
+    # the fleet CA's CRL alone (the daemon's periodic refresh), in a metadata folder of its own
+    crl_pem = fetch_crl(data_dir / "tuf-crl", "http://repo:8080", trusted_root_bytes)   # None: none published
 
 `trusted_root_bytes` is the root.json handed over at enrollment; newer roots are followed
 through the repository's signed chain. `cb(done_bytes, total_bytes, label)` reports progress
@@ -27,6 +29,12 @@ more whole (a local bit flip is not an attack; a second failure is), and leftove
 does not use are removed when its fetch starts. Before the first shard is downloaded the store
 must have room for the bytes still missing (plus the largest file, copied once by python-tuf, plus
 `disk_margin_bytes`): otherwise `InsufficientSpaceError` and nothing is downloaded.
+The CRL target (`pki/crl.pem`, manifests.release) travels with every release: when the signed
+targets list it, a fetch downloads and verifies it like any target right after the metadata
+refresh and hands its bytes to `on_crl` before the release itself (so a release that then fails
+still delivers it); a CRL that is listed but cannot be downloaded fails the fetch like any
+target (it cannot be withheld), except from a bundle, which may not carry it. A repository
+without the target has revoked nothing. What the CRL must be is `on_crl`'s rule (agent.revocation).
 One updater per metadata folder at a time (an exclusive lock). Limits live in `ClientConfig`.
 """
 from __future__ import annotations
@@ -51,9 +59,13 @@ from agent.errors import (
 from agent.fetcher import BundleFetcher, FetcherConfig, HttpFetcher, TransferStats, is_transient
 from manifests import ManifestError, ModelManifest
 from agent.files import FileLock
-from manifests.release import BUNDLE_INFO, METADATA_DIR, TARGETS_DIR, blob_target, manifest_target, package_files
+from manifests.crl import MAX_CRL_BYTES
+from manifests.release import (
+    BUNDLE_INFO, CRL_TARGET, METADATA_DIR, TARGETS_DIR, blob_target, manifest_target, package_files,
+)
 
 Progress = Callable[[int, int, str], None]  # (done bytes, total bytes, label)
+CrlSink = Callable[[bytes], None]  # receives the verified bytes of the CRL target
 
 
 @dataclass(frozen=True)
@@ -122,7 +134,7 @@ class ReleaseClient:
 
     def __init__(self, metadata_dir: str | os.PathLike, repository_url: str, trusted_root: bytes,
                  blob_store: BlobStore, progress: Progress | None = None, config: ClientConfig = ClientConfig(),
-                 ca_certs: str | None = None, stop: threading.Event | None = None):
+                 ca_certs: str | None = None, stop: threading.Event | None = None, on_crl: CrlSink | None = None):
         self.metadata_dir = Path(metadata_dir)
         self.base_url = repository_url.rstrip("/") + "/"
         self.trusted_root = trusted_root
@@ -131,6 +143,7 @@ class ReleaseClient:
         self.config = config
         self.ca_certs = ca_certs
         self.stop = stop  # set: a backoff wait or transfer under way ends with UpdateStoppedError
+        self.on_crl = on_crl
 
     def fetch_release(self, model: str, version: str) -> FetchedRelease:
         """Refresh metadata, then download and verify every file of `model` `version` the store lacks."""
@@ -139,15 +152,57 @@ class ReleaseClient:
             targets_url = self.base_url + TARGETS_DIR + "/"
             fetcher = HttpFetcher(targets_url, self.store.partial_dir, stats, tracker.on_chunk,
                                   self.config.fetcher, self.ca_certs, self.stop)
-            with _translated_errors():
-                updater = Updater(str(self.metadata_dir), self.base_url + METADATA_DIR + "/",
-                                  target_base_url=targets_url, fetcher=fetcher, config=self.config.updater, bootstrap=self.trusted_root)
-            return _fetch_release(updater, fetcher, stats, tracker, self.store, model, version, self.config)
+            updater = _updater(self.metadata_dir, self.base_url, fetcher, self.trusted_root, self.config)
+            return _fetch_release(updater, fetcher, stats, tracker, self.store, model, version, self.config,
+                                  self.on_crl)
+
+
+def _updater(metadata_dir: Path, base_url: str, fetcher: HttpFetcher | BundleFetcher, trusted_root: bytes,
+             config: ClientConfig) -> Updater:
+    with _translated_errors():
+        return Updater(str(metadata_dir), base_url + METADATA_DIR + "/", target_base_url=fetcher.targets_prefix,
+                       fetcher=fetcher, config=config.updater, bootstrap=trusted_root)
+
+
+def fetch_crl(metadata_dir: str | os.PathLike, repository_url: str, trusted_root: bytes,
+              config: ClientConfig = ClientConfig(), ca_certs: str | None = None,
+              stop: threading.Event | None = None) -> bytes | None:
+    """Refresh the metadata in `metadata_dir` and download the CRL target: its verified bytes, or
+    None when the repository publishes none. Use a metadata folder of its own: an update job
+    holds the online folder for its whole fetch."""
+    metadata = Path(metadata_dir)
+    with metadata_lock(metadata):
+        base_url = repository_url.rstrip("/") + "/"
+        fetcher = HttpFetcher(base_url + TARGETS_DIR + "/", metadata / "partial", TransferStats(), None,
+                              config.fetcher, ca_certs, stop)
+        updater = _updater(metadata, base_url, fetcher, trusted_root, config)
+        with _translated_errors():
+            updater.refresh()
+            return _download_crl(updater, fetcher, metadata / ".crl.tmp", bundle=False)
+
+
+def _download_crl(updater: Updater, fetcher: HttpFetcher | BundleFetcher, tmp: Path, bundle: bool) -> bytes | None:
+    """The verified CRL target, None if the signed targets list none (or a bundle does not carry it)."""
+    info = updater.get_targetinfo(CRL_TARGET)
+    if info is None:
+        return None
+    if info.length > MAX_CRL_BYTES:
+        raise VerificationError(f"{CRL_TARGET}: signed as {info.length} bytes, more than the {MAX_CRL_BYTES} allowed")
+    try:
+        _download_target(updater, fetcher, info, tmp)
+    except exceptions.DownloadHTTPError as e:
+        if bundle and e.status_code == 404:
+            return None
+        raise
+    try:
+        return tmp.read_bytes()
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def verify_bundle(bundle_path: str | os.PathLike, trusted_root: bytes, metadata_dir: str | os.PathLike,
                   blob_store: BlobStore, progress: Progress | None = None,
-                  config: ClientConfig = ClientConfig()) -> FetchedRelease:
+                  config: ClientConfig = ClientConfig(), on_crl: CrlSink | None = None) -> FetchedRelease:
     """Verify an offline bundle against `trusted_root` and install the files the store lacks.
 
     Use a metadata folder for bundles apart from the online one: a bundle carries its own
@@ -161,10 +216,8 @@ def verify_bundle(bundle_path: str | os.PathLike, trusted_root: bytes, metadata_
         model, version = _bundle_release(tar, bundle_path, config.max_bundle_info_bytes)
         stats, tracker = TransferStats(), _ProgressTracker(progress)
         fetcher = BundleFetcher(tar, stats, tracker.on_chunk)
-        with _translated_errors():
-            updater = Updater(str(metadata), fetcher.BASE + METADATA_DIR + "/", target_base_url=fetcher.targets_prefix,
-                              fetcher=fetcher, config=config.updater, bootstrap=trusted_root)
-        return _fetch_release(updater, fetcher, stats, tracker, blob_store, model, version, config)
+        updater = _updater(metadata, fetcher.BASE, fetcher, trusted_root, config)
+        return _fetch_release(updater, fetcher, stats, tracker, blob_store, model, version, config, on_crl)
 
 
 def _bundle_release(tar: tarfile.TarFile, path, limit: int) -> tuple[str, str]:
@@ -181,19 +234,26 @@ def _bundle_release(tar: tarfile.TarFile, path, limit: int) -> tuple[str, str]:
 
 def _fetch_release(updater: Updater, fetcher: HttpFetcher | BundleFetcher, stats: TransferStats,
                    tracker: _ProgressTracker, store: BlobStore, model: str, version: str,
-                   config: ClientConfig) -> FetchedRelease:
+                   config: ClientConfig, on_crl: CrlSink | None = None) -> FetchedRelease:
     try:
         target = manifest_target(model, version)
     except ManifestError as e:
         raise ReleaseNotFoundError(str(e)) from None
     with _translated_errors():
         updater.refresh()
+        if on_crl is not None:
+            tracker.label = CRL_TARGET
+            before = stats.bytes_received
+            crl = _download_crl(updater, fetcher, store.temp_path(), bundle=isinstance(fetcher, BundleFetcher))
+            stats.metadata_bytes += stats.bytes_received - before
+            if crl is not None:
+                on_crl(crl)
         info = updater.get_targetinfo(target)
         if info is None:
             raise ReleaseNotFoundError(f"{model}@{version}: no such signed release")
         tracker.label = "manifest"
         before = stats.bytes_received
-        tmp = _download_target(updater, fetcher, info, store)
+        tmp = _download_target(updater, fetcher, info, store.temp_path())
         manifest_bytes = tmp.read_bytes()
         tmp.unlink()
         stats.metadata_bytes += stats.bytes_received - before
@@ -222,7 +282,7 @@ def _fetch_release(updater: Updater, fetcher: HttpFetcher | BundleFetcher, stats
         tracker.total = tracker.done + missing
         for sha256 in to_download:
             tracker.label = needed[sha256].path
-            store.stage(_download_target(updater, fetcher, needed[sha256], store), sha256)
+            store.stage(_download_target(updater, fetcher, needed[sha256], store.temp_path()), sha256)
         store.commit(list(needed))
     return FetchedRelease(manifest, manifest_bytes, stats.bytes_received, stats.metadata_bytes,
                           manifest.total_bytes, len(to_download))
@@ -235,12 +295,10 @@ def _target_url(targets_prefix: str, info: TargetFile) -> str:
     return f"{targets_prefix}{dirname}{sep}{info.hashes['sha256']}.{basename}"
 
 
-def _download_target(updater: Updater, fetcher: HttpFetcher | BundleFetcher, info: TargetFile,
-                     store: BlobStore) -> Path:
-    """A temp file in the store holding the verified target. The fetcher retries transport
+def _download_target(updater: Updater, fetcher: HttpFetcher | BundleFetcher, info: TargetFile, tmp: Path) -> Path:
+    """`tmp` (a temp file path) holding the verified target. The fetcher retries transport
     failures; a download that resumed a leftover partial and then fails verification is fetched
     once more from its first byte (the fetcher deleted the partial)."""
-    tmp = store.temp_path()
     try:
         try:
             updater.download_target(info, filepath=str(tmp))

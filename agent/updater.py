@@ -21,6 +21,8 @@ Rules:
   state (nothing lost) and resumes when the daemon starts again;
 - a release that fails its first health check after activation, or whose daemon keeps dying
   before that check (`max_probation_boots`), is rolled back automatically;
+- every fetch also brings the fleet CA's CRL when the repository (or bundle) has one; it is
+  taken before the release is fetched (`agent.revocation`: a refused CRL is logged, the job goes on);
 - every transition writes one `updates` row.
 """
 from __future__ import annotations
@@ -43,6 +45,7 @@ from agent.lifecycle import (
     ACTIVATING, ACTIVE, FETCHING, FINAL, HEALTH_CHECKING, IDLE, LOOP_EXIT, STAGED, STATES, VERIFYING, Job, JobStore,
     enter, next_state, over_visits, transition,
 )
+from agent.revocation import DeviceCrl
 from agent.serving import Serving, close_engine, load_engine
 from agent.telemetry import Telemetry
 from agent.tuf_client import ClientConfig, ReleaseClient, verify_bundle
@@ -76,6 +79,7 @@ class Updater:
         self.store = BlobStore(config.store_dir)
         self.install = Installation(config, self.store)
         self.jobs = JobStore(config.jobs_dir, config.limits.jobs_kept)
+        self.crl = DeviceCrl(config)  # takes the CRL every fetch brings (agent.revocation)
         self.lock = FileLock(config.update_lock)  # the data dir's one update at a time
         self.progress: dict[str, Progress] = {}
         self.finished_by_state: dict[str, int] = {}
@@ -233,12 +237,12 @@ class Updater:
         try:
             if job.source.startswith(BUNDLE_SOURCE):
                 release = verify_bundle(job.source[len(BUNDLE_SOURCE):], trusted_root, self.config.bundle_tuf_dir,
-                                        self.store, report, config)
+                                        self.store, report, config, on_crl=self.crl.offer)
                 job.model, job.version = release.manifest.name, release.manifest.version
                 self._check_downgrade(ReleaseRef(job.model, job.version), job.allow_downgrade)
             else:
                 client = ReleaseClient(self.config.tuf_dir, job.source, trusted_root, self.store, report, config,
-                                       stop=self._stop)
+                                       stop=self._stop, on_crl=self.crl.offer)
                 release = client.fetch_release(job.model, job.version)
         finally:
             job.bytes_downloaded += progress.done  # what this try transferred, failed or not

@@ -2,7 +2,9 @@
 
 `stctl device enroll` writes the file, `st-agent init` reads it; it carries everything a device
 needs to join the fleet: its name, tags and the URL it serves on, its TLS key and certificate
-(signed by the fleet CA), the CA certificate, the TUF trusted root and the repository URL.
+(signed by the fleet CA), the CA certificate, the TUF trusted root and the repository URL, and
+the fleet's current certificate revocation list when it has one (`crl_pem`, optional: absent
+before the first revocation and in files of older stctl versions; `manifests.crl` checks it).
 
 Rules: a file that parses is complete: the name is a device name (`manifests.names`), the
 device URL is `https://HOST:PORT`, the repository URL is http(s), tags are short `k=v` strings
@@ -101,6 +103,7 @@ class Enrollment:
     device_key_pem: str
     trusted_root: str  # root.json text, byte for byte as the repository signed it
     tags: dict[str, str] = field(default_factory=dict)
+    crl_pem: str | None = None  # the fleet CA's CRL at enrollment (None: nothing revoked yet)
 
     @classmethod
     def from_dict(cls, d) -> Enrollment:
@@ -124,6 +127,7 @@ class Enrollment:
             device_key_pem=_check_pem(d.get("device_key_pem"), "PRIVATE KEY", "device_key_pem"),
             trusted_root=_check_root(d.get("trusted_root")),
             tags=dict(tags),
+            crl_pem=None if d.get("crl_pem") is None else _check_pem(d["crl_pem"], "X509 CRL", "crl_pem"),
         )
 
     @classmethod
@@ -135,7 +139,7 @@ class Enrollment:
         return cls.from_dict(d)
 
     def to_bytes(self) -> bytes:
-        d = {"format": ENROLLMENT_FORMAT, **self.__dict__}
+        d = {"format": ENROLLMENT_FORMAT, **{k: v for k, v in self.__dict__.items() if v is not None}}
         return (json.dumps(d, sort_keys=True, indent=1) + "\n").encode()
 
 

@@ -5,6 +5,8 @@ Rule: one place decides what a TUF target is called, so both sides agree byte fo
 - A shard is a content-addressed target `blobs/<sha256>`: two versions that share a shard share
   one target, so a device that holds it never downloads it again.
 - A release's manifest is the target `models/<name>/<version>/manifest.json`.
+- The fleet CA's certificate revocation list (PEM) is the target `pki/crl.pem`: devices fetch it
+  with their updates (one per repository; a repository without it has revoked nothing).
 - With consistent snapshots (always on), TUF stores and serves a target as
   `<dirname>/<sha256>.<basename>`, e.g. `targets/blobs/<sha>.<sha>`; metadata as
   `metadata/<version>.<role>.json`, with `metadata/timestamp.json` unversioned.
@@ -23,6 +25,7 @@ BLOB_PREFIX = "blobs/"
 MODELS_PREFIX = "models/"
 MANIFEST_BASENAME = "manifest.json"
 BUNDLE_INFO = "bundle.json"
+CRL_TARGET = "pki/crl.pem"
 
 
 def blob_target(sha256: str) -> str:

@@ -47,6 +47,10 @@ from stctl.cli_device import device_app  # noqa: E402
 
 app.add_typer(device_app, name="device")
 
+from stctl.cli_pki import pki_app  # noqa: E402
+
+app.add_typer(pki_app, name="pki")
+
 # Fleet commands: `device list`, `rollout ...`, `health`, `telemetry ...` (stctl/cli_fleet.py).
 from stctl import cli_fleet  # noqa: E402
 

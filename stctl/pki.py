@@ -11,6 +11,10 @@ SAN URI `urn:st:role:<role>` (the constants and `certificate_role` live in `mani
   clientAuth, with the device's DNS names and IP addresses as SANs so HTTPS to them verifies.
 A device accepts management requests only from a client certificate of the fleet CA whose SAN
 URI is `urn:st:role:operator`.
+
+Lifetimes: the CA 10 years, a device certificate 825 days, the operator certificate 90 days by
+default (`stctl pki renew-operator` issues a fresh one; the one it replaces stays valid until it
+expires unless revoked). Revocation (the CRL the CA signs) lives in `stctl.revocation`.
 """
 from __future__ import annotations
 
@@ -33,7 +37,9 @@ from agent.files import atomic_write
 from stctl.workspace import ENV_PASSPHRASE, Workspace
 
 CA_VALIDITY = timedelta(days=3650)
-LEAF_VALIDITY = timedelta(days=825)
+DEVICE_VALIDITY = timedelta(days=825)
+OPERATOR_VALIDITY = timedelta(days=90)
+MAX_OPERATOR_DAYS = 825  # `renew-operator --days` at most this
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey, secret: bytes | None = None) -> bytes:
@@ -72,12 +78,17 @@ def create_pki(pki_dir: Path, secret: bytes | None, fleet_name: str) -> None:
                .sign(ca_key, hashes.SHA256()))
     atomic_write(pki_dir / "ca.key", _key_pem(ca_key, secret), mode=0o600)
     atomic_write(pki_dir / "ca.crt", ca_cert.public_bytes(Encoding.PEM))
-    key_pem, cert_pem = _issue(ca_key, ca_cert, "operator", ROLE_OPERATOR, [])
+    write_operator_credentials(pki_dir, *_issue(ca_key, ca_cert, "operator", ROLE_OPERATOR, [], OPERATOR_VALIDITY))
+
+
+def write_operator_credentials(pki_dir: Path, key_pem: bytes, cert_pem: bytes) -> None:
+    """Replace `operator.key` (0600) and `operator.crt`, each atomically, the key first."""
     atomic_write(pki_dir / "operator.key", key_pem, mode=0o600)
     atomic_write(pki_dir / "operator.crt", cert_pem)
 
 
-def _issue(ca_key, ca_cert: x509.Certificate, name: str, role: str, hosts: list[str]) -> tuple[bytes, bytes]:
+def _issue(ca_key, ca_cert: x509.Certificate, name: str, role: str, hosts: list[str],
+           validity: timedelta) -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role)]
     for host in hosts:
@@ -86,7 +97,7 @@ def _issue(ca_key, ca_cert: x509.Certificate, name: str, role: str, hosts: list[
         except ValueError:
             sans.append(x509.DNSName(host))
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if role == ROLE_DEVICE else [])
-    cert = (_builder(_name(name, role), ca_cert.subject, key.public_key(), LEAF_VALIDITY)
+    cert = (_builder(_name(name, role), ca_cert.subject, key.public_key(), validity)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_agreement=True, content_commitment=False,
                                          key_encipherment=False, data_encipherment=False, key_cert_sign=False,
@@ -98,10 +109,8 @@ def _issue(ca_key, ca_cert: x509.Certificate, name: str, role: str, hosts: list[
     return _key_pem(key), cert.public_bytes(Encoding.PEM)
 
 
-def issue_device_cert(workspace: Workspace, name: str, hosts: list[str]) -> tuple[bytes, bytes]:
-    """(key PEM, certificate PEM) for device `name`, valid for TLS to each of `hosts` (DNS names or IPs)."""
-    if not name or not hosts:
-        raise WorkspaceError("a device certificate needs a name and at least one host name or IP address")
+def load_ca(workspace: Workspace) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The fleet CA's key (passphrase checked) and certificate."""
     path = workspace.pki_dir / "ca.key"
     try:
         ca_key = load_pem_private_key(path.read_bytes(), passphrase(workspace))
@@ -109,5 +118,28 @@ def issue_device_cert(workspace: Workspace, name: str, hosts: list[str]) -> tupl
         raise WorkspaceError(f"{path}: missing; this workspace has no fleet CA") from None
     except (TypeError, ValueError):
         raise SigningKeyError(f"{path}: wrong passphrase (${ENV_PASSPHRASE}) or corrupt key file") from None
-    ca_cert = x509.load_pem_x509_certificate((workspace.pki_dir / "ca.crt").read_bytes())
-    return _issue(ca_key, ca_cert, name, ROLE_DEVICE, hosts)
+    return ca_key, load_ca_cert(workspace)
+
+
+def load_ca_cert(workspace: Workspace) -> x509.Certificate:
+    path = workspace.pki_dir / "ca.crt"
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise WorkspaceError(f"{path}: missing; this workspace has no fleet CA") from None
+    except ValueError:
+        raise WorkspaceError(f"{path}: not a PEM certificate") from None
+
+
+def issue_device_cert(workspace: Workspace, name: str, hosts: list[str]) -> tuple[bytes, bytes]:
+    """(key PEM, certificate PEM) for device `name`, valid for TLS to each of `hosts` (DNS names or IPs)."""
+    if not name or not hosts:
+        raise WorkspaceError("a device certificate needs a name and at least one host name or IP address")
+    ca_key, ca_cert = load_ca(workspace)
+    return _issue(ca_key, ca_cert, name, ROLE_DEVICE, hosts, DEVICE_VALIDITY)
+
+
+def issue_operator_cert(workspace: Workspace, validity: timedelta = OPERATOR_VALIDITY) -> tuple[bytes, bytes]:
+    """(key PEM, certificate PEM) of a new operator certificate (written by the caller)."""
+    ca_key, ca_cert = load_ca(workspace)
+    return _issue(ca_key, ca_cert, "operator", ROLE_OPERATOR, [], validity)

@@ -16,6 +16,8 @@ Rules:
   walk clients do.
 - Every input is checked, and every signing key loaded, before the first byte is written: bad
   input leaves the repository unchanged.
+- Other signed files (the fleet CA's CRL, `stctl.revocation`) are published through the same
+  path: `stage_target` under the workspace lock, then `commit`.
 - A key rotation publishes root N+1 (signed by the old and the new root keys when root itself
   rotates), then re-signs the rotated role and the roles after it. If it stops half-way,
   `stctl repo refresh` re-signs every role whose signature root no longer trusts.
@@ -227,6 +229,24 @@ class Repository:
                                     snapshot_changed=snapshot_changed, expiry=self.ws.config.expiry):
             atomic_write(self.metadata_dir / name, data)
 
+    def stage_target(self, state: State, target: str, data: bytes) -> str:
+        """Write the small target `target` (content-addressed, so no file a client may read is
+        rewritten) and list it in `state`'s targets, replacing an earlier version; returns its
+        sha256. The caller holds the workspace lock and `commit`s next."""
+        sha256 = hashlib.sha256(data).hexdigest()
+        atomic_write(self.targets_dir / stored_target_path(target, sha256), data)
+        state.targets.signed.targets[target] = TargetFile(len(data), {"sha256": sha256}, target)
+        return sha256
+
+    def target_bytes(self, target: str, state: State | None = None) -> bytes | None:
+        """The published content of `target`, None if the repository has no such target."""
+        try:
+            return self.target_file(target, state).read_bytes()
+        except ReleaseNotFoundError:
+            return None
+        except FileNotFoundError:
+            raise WorkspaceError(f"{target}: signed, but its file is missing from {self.targets_dir}") from None
+
     # ---- publish -------------------------------------------------------------------------
     def publish(self, package_dir: str | os.PathLike, progress: Progress | None = None) -> PublishReport:
         """Add a model package as a release: every file as `blobs/<sha256>`, the manifest as
@@ -270,9 +290,7 @@ class Repository:
                     fsync_dir(folder)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-            manifest_sha = hashlib.sha256(manifest_data).hexdigest()
-            atomic_write(self.targets_dir / stored_target_path(target, manifest_sha), manifest_data)
-            published[target] = TargetFile(len(manifest_data), {"sha256": manifest_sha}, target)
+            manifest_sha = self.stage_target(state, target, manifest_data)
             self.commit(state, signers, targets_changed=True)
             report(total, total, "signed")
         result = PublishReport(manifest.name, manifest.version, len(manifest.shards), manifest.total_bytes,
