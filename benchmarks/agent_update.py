@@ -6,9 +6,10 @@ agent RSS idle and while serving the demo model.
 
 Builds demo v1 and v2 (cached under --workdir), publishes them to a fresh workspace, serves the
 repository in-process, enrolls a device and runs a real `st-agent serve` process over mTLS. Then:
-install v1; sample idle RSS; stream completions from `--clients` clients continuously while the
-device updates to v2 (each completion is labelled before / during / after by when it ran relative
-to the update job); report latencies (time to first token, total) per phase and the agent's RSS.
+create an application key for the clients (`stctl device app-key create`'s library call), sent
+with every completion; install v1; sample idle RSS; stream completions from `--clients` clients
+continuously while the device updates to v2 (each completion is labelled before / during / after
+by when it ran relative to the update job); report latencies (time to first token, total) per phase and the agent's RSS.
 RSS comes from /proc/<pid>/status of the agent process (Linux). Prints one JSON document; never
 asserts speed.
 """
@@ -112,6 +113,7 @@ def summary(samples: list[dict]) -> dict:
 
 def run(workdir: Path, threads: int, clients: int, max_tokens: int, after_s: float) -> dict:
     from agent.enrollment import init_data_dir
+    from stctl.app_keys import create_app_key
     from stctl.bootstrap import init_workspace
     from stctl.enroll import enroll_device
     from stctl.repository import Repository
@@ -125,14 +127,14 @@ def run(workdir: Path, threads: int, clients: int, max_tokens: int, after_s: flo
     server = make_server(ws.repository, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     repo_url = f"http://127.0.0.1:{server.server_address[1]}"
-    enroll_device(ws, "bench", "https://127.0.0.1:8443", run_dir / "bench.enroll", repo_url)
+    port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    enroll_device(ws, "bench", url, run_dir / "bench.enroll", repo_url)  # fleet.db knows where it listens
     data_dir = run_dir / "device"
     init_data_dir(run_dir / "bench.enroll", data_dir)
     agent_json = json.loads((data_dir / "agent.json").read_text())
     agent_json["limits"]["threads"] = threads
     (data_dir / "agent.json").write_text(json.dumps(agent_json))
-    port = free_port()
-    url = f"https://127.0.0.1:{port}"
     script = Path(sys.executable).with_name("st-agent")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
     launched = time.monotonic()
@@ -141,15 +143,17 @@ def run(workdir: Path, threads: int, clients: int, max_tokens: int, after_s: flo
     operator, app = session(ws.pki_dir, True), session(ws.pki_dir, False)
     try:
         deadline = time.monotonic() + 300
-        while True:
+        while True:  # 503 `loading` until the release is loaded, no answer before it listens
             try:
                 if app.get(url + "/healthz", timeout=2).ok:
                     break
             except requests.RequestException:
-                if time.monotonic() > deadline or agent.poll() is not None:
-                    raise RuntimeError("st-agent did not start")
-                time.sleep(0.1)
+                pass
+            if time.monotonic() > deadline or agent.poll() is not None:
+                raise RuntimeError("st-agent did not start")
+            time.sleep(0.1)
         startup_s = time.monotonic() - launched
+        app.headers["Authorization"] = f"Bearer {create_app_key(ws, 'bench-clients', ['bench'])['key']}"
         idle_no_model = rss_bytes(agent.pid)
         log("installing v1")
         t0 = time.monotonic()

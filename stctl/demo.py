@@ -1,10 +1,12 @@
 """`stctl demo`: the main job on the built-in default, end to end, in a temporary directory.
 
 A fleet workspace; st-demo 1.0.0 and 2.0.0 built and published; the repository served on
-127.0.0.1; three devices enrolled with tags and run as real `st-agent serve` processes; 1.0.0
-installed everywhere by a one-wave rollout; completions on every device; 2.0.0 rolled out canary
-(one device) -> the rest, gated on health, decode tokens/s and peak RSS; completions again; the
-devices' telemetry pulled into fleet.db and shown as the fleet table.
+127.0.0.1; three devices enrolled with tags and run as real `st-agent serve` processes, each
+given an application key of its own (`stctl device app-key create`'s library call); 1.0.0
+installed everywhere by a one-wave rollout; completions on every device, each sending its
+device's key; 2.0.0 rolled out canary (one device) -> the rest, gated on health, decode tokens/s
+and peak RSS; completions again; the devices' telemetry pulled into fleet.db and shown as the
+fleet table.
 
 Rules: the demo uses only public library calls and the `st-agent` command (the same ones an
 operator uses); every process it starts is stopped at the end, also on Ctrl-C or SIGTERM; every
@@ -29,6 +31,7 @@ import requests
 
 import manifests
 from model.build import build_demo
+from stctl.app_keys import create_app_key
 from stctl.bootstrap import init_workspace
 from stctl.device_client import ClientConfig, DeviceClient, map_devices
 from stctl.enroll import enroll_device
@@ -44,6 +47,7 @@ DEVICES = {"line4-pc1": ["ring=canary", "line=4"], "line4-pc2": ["ring=main", "l
            "line5-pc1": ["ring=main", "line=5"]}
 EXAMPLES = Path(manifests.__file__).parent / "examples"
 INSTALL_PLAN, UPGRADE_PLAN = EXAMPLES / "all-at-once.toml", EXAMPLES / "canary-then-rest.toml"
+DEMO_APP_KEY = "demo-app"  # the name of each device's application key (telemetry shows it)
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
 
@@ -128,14 +132,16 @@ def _wait_ready(process: subprocess.Popen, url: str, ca: Path, log: Path) -> Non
     raise DemoError(f"st-agent at {url} not ready within {START_TIMEOUT_S:.0f}s")
 
 
-def _complete_everywhere(ws, tokens: int, say: Callable) -> None:
+def _complete_everywhere(ws, tokens: int, say: Callable, app_keys: dict[str, str]) -> None:
+    """Completions on every device, each with that device's application key (`app_keys`: device -> key)."""
     config = ClientConfig(completion_timeout_s=300.0)
 
     def complete(device: dict) -> None:
         client = DeviceClient.for_device(ws, device, config)
         try:
             for prompt in DEMO_PROMPTS:
-                out = client.complete(prompt, max_tokens=tokens, temperature=0.8, seed=7)
+                out = client.complete(prompt, max_tokens=tokens, app_key=app_keys[device["name"]], temperature=0.8,
+                                      seed=7)
                 say(f"  {device['name']} ({out.get('system_fingerprint')}) {prompt!r} -> "
                     f"{out['choices'][0]['text'][:40]!r}")
         finally:
@@ -190,18 +196,21 @@ def run_demo(work_dir: Path | None = None, *, tokens: int = 24, say: Callable = 
             for name, (process, url, log) in agents.items():
                 _wait_ready(process, url, ws.pki_dir / "ca.crt", log)
                 say(f"agent {name} ({', '.join(DEVICES[name])}) serving at {url}")
+            app_keys = {name: create_app_key(ws, DEMO_APP_KEY, [name])["key"] for name in agents}
+            say(f"application key {DEMO_APP_KEY!r} created on each device (a key of its own, the device keeps only "
+                "its sha256); every completion below sends it as Authorization: Bearer")
 
             say("install st-demo 1.0.0 on every device (one wave)")
             first = start_rollout(ws, "st-demo", "1.0.0", INSTALL_PLAN, say=say)
             if first["state"] != "completed":
                 raise DemoError(f"installing 1.0.0 ended {first['state']}: {first['detail']}")
             say("completions on 1.0.0")
-            _complete_everywhere(ws, tokens, say)
+            _complete_everywhere(ws, tokens, say, app_keys)
 
             say(f"roll out st-demo 2.0.0: canary -> rest, gated ({UPGRADE_PLAN.name})")
             second = start_rollout(ws, "st-demo", "2.0.0", UPGRADE_PLAN, say=say)
             say("completions on every device after the rollout")
-            _complete_everywhere(ws, tokens, say)
+            _complete_everywhere(ws, tokens, say, app_keys)
 
             pull_fleet(ws)
             fleet = fleet_table(ws)
@@ -233,6 +242,7 @@ def run_demo(work_dir: Path | None = None, *, tokens: int = 24, say: Callable = 
                     {"name": w["name"], "state": w["state"], "devices": [
                         d["device"] for d in second["devices"] if d["wave"] == w["index"]]} for w in second["waves"]]},
                 "bytes_shipped": shipped, "bytes_full": full * len(DEVICES),
+                "requests_by_key": _requests_by_key(ws),
                 "telemetry": summary, "seconds": round(time.monotonic() - started, 1),
             }
     finally:
@@ -253,6 +263,19 @@ def _stops_when(stopped: threading.Event, say: Callable) -> Callable:
         say(message)
 
     return checked
+
+
+def _requests_by_key(ws) -> list[dict]:
+    """Completions per device, application key and outcome (the pulled `requests` telemetry)."""
+    from stctl.fleetdb import open_fleet_db
+
+    db = open_fleet_db(ws.fleet_db)
+    try:
+        rows = db.execute("SELECT device, key, outcome, COUNT(*) FROM requests GROUP BY device, key, outcome "
+                          "ORDER BY device, key, outcome").fetchall()
+        return [{"device": r[0], "key": r[1], "outcome": r[2], "requests": r[3]} for r in rows]
+    finally:
+        db.close()
 
 
 def _bytes_downloaded(ws, version: str) -> int:

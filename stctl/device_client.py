@@ -20,6 +20,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import requests
+from requests.utils import quote
 
 from stctl.errors import StctlError
 from stctl.workspace import Workspace
@@ -153,9 +154,30 @@ class DeviceClient:
             raise DeviceError(self.name, f"GET /v1/telemetry: rows of {table} are not a list of objects")
         return rows
 
-    def complete(self, prompt: str, max_tokens: int = 16, **options) -> dict:
+    def complete(self, prompt: str, max_tokens: int = 16, app_key: str | None = None, **options) -> dict:
+        """A completion; `app_key` is sent as `Authorization: Bearer` (devices require one by default)."""
+        headers = {"Authorization": f"Bearer {app_key}"} if app_key else {}
         return self._call("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, **options},
-                          read_timeout=self.config.completion_timeout_s)
+                          headers=headers, read_timeout=self.config.completion_timeout_s)
+
+    def app_keys(self) -> dict:
+        """`{"keys": [{"name", "created"}], "required": bool}`: the application keys the device accepts
+        (names and when they were added, never a digest) and whether completions need one."""
+        answer = self._call("GET", "/v1/app-keys")
+        keys, required = answer.get("keys"), answer.get("required")
+        if not isinstance(keys, list) or not isinstance(required, bool) or not all(
+                isinstance(k, dict) and isinstance(k.get("name"), str) and
+                (k.get("created") is None or isinstance(k.get("created"), (int, float))) for k in keys):
+            raise DeviceError(self.name, "GET /v1/app-keys: expected {keys: [{name, created}], required}")
+        return {"keys": [{"name": k["name"], "created": k.get("created")} for k in keys], "required": required}
+
+    def put_app_key(self, name: str, digest: str) -> None:
+        """Add (or replace) the application key `name`, given as the hex sha256 of the key."""
+        self._call("PUT", f"/v1/app-keys/{quote(name, safe='')}", json={"sha256": digest})
+
+    def revoke_app_key(self, name: str) -> None:
+        """Remove the application key `name`; a device without it answers 404 (a DeviceError)."""
+        self._call("DELETE", f"/v1/app-keys/{quote(name, safe='')}")
 
 
 def release_of(status: dict, key: str = "active") -> tuple[str, str] | None:

@@ -1,6 +1,6 @@
-"""`stctl demo`, as `make demo` runs it: three real agents, a canary -> rest rollout of 2.0.0 with
-gates, completions on every device, the fleet table; every process it started is gone at the end,
-also when interrupted with Ctrl-C."""
+"""`stctl demo`, as `make demo` runs it: three real agents, an application key made for each, a
+canary -> rest rollout of 2.0.0 with gates, completions on every device (with its key), the fleet
+table; every process it started is gone at the end, also when interrupted with Ctrl-C."""
 from __future__ import annotations
 
 import json
@@ -58,6 +58,9 @@ def test_demo_rolls_out_canary_then_rest_and_cleans_up(tmp_path):
     completions = {(r["device"], r["version"]): r["completions"] for r in result["telemetry"]}
     assert all(completions[(name, v)] >= 3 for name in ("line4-pc1", "line4-pc2", "line5-pc1")
                for v in ("1.0.0", "2.0.0"))
+    # every completion came with the device's application key (the demo made one per device)
+    assert {(r["device"], r["key"], r["outcome"], r["requests"]) for r in result["requests_by_key"]} == \
+        {(name, "demo-app", "completed", 6) for name in ("line4-pc1", "line4-pc2", "line5-pc1")}
     assert list(tmp_path.iterdir()) == [] and processes_under(tmp_path) == []
 
 
