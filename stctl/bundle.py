@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from manifests import ModelManifest
-from manifests.release import BUNDLE_INFO, METADATA_DIR, blob_target, manifest_target, package_files
+from manifests.release import BUNDLE_INFO, CRL_TARGET, METADATA_DIR, blob_target, manifest_target, package_files
 from stctl.errors import BundleError
 from stctl.repository import Repository, sign_next, stored_target_path
 from stctl.workspace import Workspace
@@ -59,6 +59,8 @@ def export_bundle(workspace: Workspace, model: str, version: str, out: str | os.
                            version=int(time.time() * 1000))
         files = [repo.metadata_dir / f"{v}.root.json" for v in range(1, state.root.signed.version + 1)]
         files.append(repo.target_file(manifest_target(model, version), state))
+        if CRL_TARGET in state.targets.signed.targets:  # air-gapped devices learn revocations too
+            files.append(repo.target_file(CRL_TARGET, state))
         files += [repo.targets_dir / stored_target_path(blob_target(sha256), sha256) for sha256 in blobs]
         info = {"model": model, "version": version, "from_version": from_version, "blobs": len(blobs),
                 "bytes": sum(blobs.values()), "expires": state.timestamp.signed.expires.isoformat(),

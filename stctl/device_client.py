@@ -23,6 +23,7 @@ import requests
 from requests.utils import quote
 
 from stctl.errors import StctlError
+from stctl.revocation import CrlCheckingAdapter
 from stctl.workspace import Workspace
 
 FINAL_JOB_STATES = ("active", "failed", "rolled_back")
@@ -63,6 +64,7 @@ class DeviceClient:
         self.session.trust_env = False  # no proxy or $REQUESTS_CA_BUNDLE from the environment: only the fleet CA
         self.session.verify = str(pki_dir / "ca.crt")
         self.session.cert = (str(pki_dir / "operator.crt"), str(pki_dir / "operator.key"))
+        self.session.mount("https://", CrlCheckingAdapter(pki_dir))  # a revoked device certificate is refused
         self.last_date: float | None = None
 
     @classmethod
