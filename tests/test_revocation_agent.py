@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tarfile
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ def private(fleet, tmp_path):
     shutil.copytree(fleet.workspace.root, tmp_path / "fleet")
     ws = open_workspace(tmp_path / "fleet")
     with serve(ws.repository) as url:
-        enroll_device(ws, "pc2", "https://127.0.0.1:8443", tmp_path / "pc2.enroll", url)
+        enroll_device(ws, "stolen-pc", "https://127.0.0.1:8443", tmp_path / "pc2.enroll", url)
         pc2 = Enrollment.from_bytes((tmp_path / "pc2.enroll").read_bytes())
         (tmp_path / "pc2.crt").write_text(pc2.device_cert_pem)
         (tmp_path / "pc2.key").write_text(pc2.device_key_pem)
@@ -78,7 +77,7 @@ def test_stolen_device_certificate_is_refused_by_a_running_agent_after_its_next_
     agent = agent_factory(device_dir, fleet).start()
     ca, operator = fleet.pki / "ca.crt", (fleet.pki / "operator.crt", fleet.pki / "operator.key")
     assert handshake(agent.port, ca, *pc2) == "ok"
-    revoked = stctl(fleet.workspace, "revoke", "device", "pc2")
+    revoked = stctl(fleet.workspace, "revoke", "device", "stolen-pc")
     assert handshake(agent.port, ca, *pc2) == "ok"  # the device has not fetched the CRL yet
     job = agent.wait_job(agent.update("2.0.0"))
     assert job["state"] == "active", job
@@ -118,7 +117,7 @@ def test_leaked_operator_certificate_is_refused_after_the_periodic_refresh_and_t
 
 def test_update_channel_takes_the_crl_when_published_and_never_needs_one(private, fleet, tmp_path):
     """A repository without a CRL and a bundle without one still install; with one, the fetch hands it over
-    (from a bundle too: `stctl bundle export` does not put it in yet)."""
+    (from a bundle too: `stctl bundle export` puts it in)."""
     copy, _ = private
     trusted_root = (fleet.workspace.metadata_dir / "1.root.json").read_bytes()
     store = BlobStore(tmp_path / "store")
@@ -129,14 +128,13 @@ def test_update_channel_takes_the_crl_when_published_and_never_needs_one(private
             "st-demo", "1.0.0")
 
     assert fetch(fleet.repository_url, "tuf-old").manifest.version == "1.0.0" and seen == []  # an older fleet
-    stctl(copy.workspace, "revoke", "device", "pc2")
+    before = export_bundle(copy.workspace, "st-demo", "2.0.0", tmp_path / "before.bundle", from_version="1.0.0")
+    stctl(copy.workspace, "revoke", "device", "stolen-pc")
     assert fetch(copy.repository_url, "tuf-new").shards_downloaded == 0
-    assert seen == [Repository(copy.workspace).target_bytes(CRL_TARGET)]
-    bundle = export_bundle(copy.workspace, "st-demo", "2.0.0", tmp_path / "v2.bundle", from_version="1.0.0")
-    release = verify_bundle(bundle["bundle"], trusted_root, tmp_path / "tuf-bundle", store, on_crl=seen.append)
-    assert release.manifest.version == "2.0.0" and len(seen) == 1  # the bundle carries no CRL: not an error
-    crl_file = Repository(copy.workspace).target_file(CRL_TARGET)
-    with tarfile.open(bundle["bundle"], "a") as tar:  # a bundle that carries the CRL: the device takes it
-        tar.add(crl_file, arcname=str(crl_file.relative_to(copy.workspace.repository)))
-    verify_bundle(bundle["bundle"], trusted_root, tmp_path / "tuf-bundle-2", store, on_crl=seen.append)
-    assert seen[1:] == [crl_file.read_bytes()]
+    crl = Repository(copy.workspace).target_bytes(CRL_TARGET)
+    assert seen == [crl]
+    release = verify_bundle(before["bundle"], trusted_root, tmp_path / "tuf-bundle", store, on_crl=seen.append)
+    assert release.manifest.version == "2.0.0" and seen == [crl]  # a bundle without a CRL: not an error
+    after = export_bundle(copy.workspace, "st-demo", "2.0.0", tmp_path / "after.bundle", from_version="1.0.0")
+    verify_bundle(after["bundle"], trusted_root, tmp_path / "tuf-bundle-2", store, on_crl=seen.append)
+    assert seen == [crl, crl]  # bundles carry the CRL: air-gapped devices learn revocations too
