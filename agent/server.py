@@ -32,13 +32,13 @@ from datetime import datetime, timezone
 
 import h11
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.config import STARTUP_FAILURE
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from agent.api import create_app
 from agent.config import DeviceConfig, Limits, parse_listen
-from agent.errors import AgentError
 from agent.connections import IdleConnections
+from agent.errors import AgentError
 from agent.revocation import CrlRefresher, RevocationError, crl_file, load_ca, read_crl_file
 from manifests.crl import enforce_crl
 
