@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from agent.enrollment import init_data_dir
 from agent.telemetry import Telemetry
 from agent.updater import Updater
 from manifests.app_keys import key_digest, new_key
+from stctl.enroll import enroll_device
 from stctl.workspace import Workspace
 
 PROMPT = "Line 4 torque check:"
@@ -211,3 +213,18 @@ class Agent:
             finish = chunk["choices"][0]["finish_reason"] or finish
         assert done and finish in ("length", "stop")
         return "".join(text), fingerprint, finish
+
+
+def enrolled_agent(workspace: Workspace, name: str, tags: list[str], repository_url: str, v1_template: Path,
+                   root: Path) -> Agent:
+    """Enroll `name` in `workspace` and give it a data dir with st-demo 1.0.0 installed (a copy of
+    `v1_template` with this device's own identity and one thread); the Agent is not started yet."""
+    enrollment = root / f"{name}.enroll"
+    enroll_device(workspace, name, "https://127.0.0.1:1", enrollment, repository_url, tags)
+    fresh = init_data_dir(enrollment, root / f"{name}-fresh")
+    data_dir = root / name
+    shutil.copytree(v1_template, data_dir)
+    for rel in ("tls/device.crt", "tls/device.key", "agent.json"):
+        shutil.copy2(fresh.data_dir / rel, data_dir / rel)
+    set_limits(data_dir, threads=1)
+    return Agent(data_dir, Fleet(workspace, repository_url, enrollment))

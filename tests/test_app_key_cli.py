@@ -13,8 +13,8 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from agent.enrollment import init_data_dir
-from agent_helpers import PROMPT, Agent, Fleet, set_limits
+from agent_helpers import PROMPT, Agent, enrolled_agent
+from cli_helpers import assert_one_error_line
 from manifests.app_keys import is_key, key_digest
 from release_helpers import serve
 from stctl.cli import app
@@ -70,14 +70,7 @@ def keyed(published_template, v1_template, tmp_path_factory):
     with serve(ws.repository) as url:
         try:
             for name, tags in DEVICES.items():
-                enroll_device(ws, name, "https://127.0.0.1:1", root / f"{name}.enroll", url, tags)
-                fresh = init_data_dir(root / f"{name}.enroll", root / f"{name}-fresh")
-                data_dir = root / name
-                shutil.copytree(v1_template, data_dir)  # st-demo 1.0.0 installed; then this device's identity
-                for rel in ("tls/device.crt", "tls/device.key", "agent.json"):
-                    shutil.copy2(fresh.data_dir / rel, data_dir / rel)
-                set_limits(data_dir, threads=1)
-                agents[name] = Agent(data_dir, Fleet(ws, url, root / f"{name}.enroll")).start(wait=False)
+                agents[name] = enrolled_agent(ws, name, tags, url, v1_template, root).start(wait=False)
             enroll_device(ws, UNREACHABLE, "https://127.0.0.1:9", root / "gone.enroll", url, ["line=9"])
             db = open_fleet_db(ws.fleet_db)
             for name, agent in agents.items():
@@ -89,17 +82,6 @@ def keyed(published_template, v1_template, tmp_path_factory):
             for agent in agents.values():
                 if agent.process is not None and agent.process.poll() is None:
                     agent.kill()
-
-
-def assert_one_error_line(result, *mentions: str) -> str:
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert result.stdout == "", result.stdout
-    for m in mentions:
-        assert m in lines[0], (m, lines[0])
-    return lines[0]
 
 
 def create(keyed: KeyedFleet, *args: str) -> str:

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.cli import app as agent_app
+from cli_helpers import assert_one_error_line
 from manifests.cli_support import one_line
 from stctl.bootstrap import init_workspace
 from stctl.cli import app as stctl_app
@@ -31,17 +32,6 @@ def workspace(tmp_path_factory):
 def enroll(workspace, *args: str):
     return runner.invoke(stctl_app, ["device", "enroll", *args, "--workspace", str(workspace.root)],
                          env={ENV_REPOSITORY_URL: None})
-
-
-def assert_one_error_line(result, *mentions: str) -> str:
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert result.stdout == "", result.stdout
-    for m in mentions:
-        assert m in lines[0], (m, lines[0])
-    return lines[0]
 
 
 def test_enroll_without_repository_url_prints_one_line_not_a_traceback(workspace, tmp_path):

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from typer.testing import CliRunner
 
 from agent.enrollment import init_data_dir
+from cli_helpers import assert_one_error_line
 from agent.errors import DownloadError, VerificationError
 from agent.revocation import CRL_METADATA_DIR, CrlRefresher, DeviceCrl, RevocationError, crl_file
 from agent.server import tls_context
@@ -270,13 +271,6 @@ def test_stctl_refuses_a_device_that_presents_a_revoked_certificate(fleet):
 
 def stctl(fleet, *args: str):
     return CliRunner().invoke(stctl_app, ["pki", *args, "--workspace", str(fleet.ws.root)])
-
-
-def assert_one_error_line(result, mention: str) -> None:
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and mention in lines[0], result.stderr
-    assert result.stdout == ""
 
 
 def test_cli_revokes_and_renews_and_each_refusal_is_one_line(fleet):

@@ -26,11 +26,9 @@ import sqlite_utils
 from typer.testing import CliRunner
 
 import agent_helpers
-from agent.enrollment import init_data_dir
-from agent_helpers import Agent, Fleet, set_limits
+from agent_helpers import Agent, enrolled_agent
 from release_helpers import serve
 from stctl.cli import app
-from stctl.enroll import enroll_device
 from stctl.fleetdb import open_fleet_db
 from stctl.rollout import (
     RolloutConfig, abort_rollout, create_rollout, rollout_events, rollout_status, run_rollout, start_rollout,
@@ -137,14 +135,7 @@ def fleet3(published_template, v1_template, tmp_path_factory):
     with serve(ws.repository) as url:
         try:
             for name, tags in DEVICES.items():
-                enroll_device(ws, name, "https://127.0.0.1:1", root / f"{name}.enroll", url, tags)
-                fresh = init_data_dir(root / f"{name}.enroll", root / f"{name}-fresh")
-                data_dir = root / name
-                shutil.copytree(v1_template, data_dir)  # st-demo 1.0.0 installed; then this device's identity
-                for rel in ("tls/device.crt", "tls/device.key", "agent.json"):
-                    shutil.copy2(fresh.data_dir / rel, data_dir / rel)
-                set_limits(data_dir, threads=1)
-                agents[name] = Agent(data_dir, Fleet(ws, url, root / f"{name}.enroll")).start(wait=False)
+                agents[name] = enrolled_agent(ws, name, tags, url, v1_template, root).start(wait=False)
             fleet = Fleet3(ws, agents)
             for name, agent in agents.items():
                 agent.wait_ready()
