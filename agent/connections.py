@@ -36,10 +36,6 @@ class IdleConnections:
         self._all: OrderedDict[Closable, str] = OrderedDict()
         self._by_client: dict[str, OrderedDict[Closable, None]] = {}
         self._timers: dict[Closable, asyncio.TimerHandle] = {}
-        self.closed_idle = 0  # connections this server closed for idling or for a cap
-
-    def __len__(self) -> int:
-        return len(self._all)
 
     def idle(self, connection: Closable, client: str, loop: asyncio.AbstractEventLoop) -> None:
         """`connection` now waits for a request: its deadline starts, and the caps apply."""
@@ -67,5 +63,4 @@ class IdleConnections:
 
     def _expire(self, connection: Closable) -> None:
         self.busy(connection)
-        self.closed_idle += 1
         connection.close_idle()

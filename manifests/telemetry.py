@@ -30,7 +30,6 @@ TELEMETRY_TABLES: dict[str, dict[str, type]] = {
     },
 }
 DESIGN_TABLES = ("generations", "updates", "health_checks")
-REQUEST_OUTCOMES = ("completed", "cancelled", "failed")
 
 
 def telemetry_row(table: str, values: dict) -> dict:
