@@ -101,6 +101,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+def route_weights(logits: torch.Tensor, k: int, softmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [..., E] -> the top-k expert ids and their weights [..., K]: softmax over the
+    top-k logits, or their sigmoids normalized to sum 1."""
+    top, ids = logits.topk(k, dim=-1)  # [..., K]
+    if softmax:
+        return ids, top.softmax(dim=-1)
+    weights = top.sigmoid()
+    return ids, weights / weights.sum(dim=-1, keepdim=True)
+
+
+def visible_keys(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """mask [T, S]: query at qpos[t] sees the key at kpos[s] when 0 <= qpos - kpos (< window)."""
+    delta = qpos[:, None] - kpos[None, :]  # [T, S]
+    mask = delta >= 0
+    return mask & (delta < window) if window is not None else mask
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
@@ -203,13 +220,7 @@ class Block:
         logits = h @ self.w.router.t()  # [T, E]
         if self.router_bias is not None:
             logits = logits + self.router_bias
-        top, ids = logits.topk(self.cfg.moe_num_active_primary_experts, dim=-1)  # [T, K]
-        if self.cfg.moe_primary_router_apply_softmax:
-            weights = top.softmax(dim=-1)
-        else:
-            weights = top.sigmoid()
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return ids, weights
+        return route_weights(logits, self.cfg.moe_num_active_primary_experts, self.cfg.moe_primary_router_apply_softmax)
 
     def attention(self, x: torch.Tensor, pos0: int, cache: KVCache, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         cfg, t = self.cfg, x.shape[0]
@@ -226,11 +237,7 @@ class Block:
             scores = torch.bmm(qg, keys.permute(1, 2, 0)) * self.scale  # [G, H/G, S]
             out = torch.bmm(scores.softmax(dim=-1), values.transpose(0, 1))  # [G, H/G, Hd]
             return self.w.o(out.reshape(1, H * Hd))  # [1, D]
-        qpos = torch.arange(pos0, pos0 + t)
-        delta = qpos[:, None] - kpos[None, :]  # [T, S]
-        mask = delta >= 0
-        if self.window is not None:
-            mask &= delta < self.window
+        mask = visible_keys(torch.arange(pos0, pos0 + t), kpos, self.window)  # [T, S]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),  # [H|G, T|S, Hd]
             attn_mask=mask, enable_gqa=True,
