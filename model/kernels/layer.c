@@ -89,29 +89,48 @@ int64_t st_attention_work_floats(const st_layer *L, int64_t max_keys) {
     return L->d + q_dim + 2 * kv_dim + q_dim + L->n_heads * max_keys;
 }
 
-/* The attention of kv group g for the one new token (its key and value go to cache slot `slot`). */
+/* out[i] += p * v[i] for i < n */
+static void axpy(float *out, float p, const float *v, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX2__)
+    const __m256 vp = _mm256_set1_ps(p);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+#endif
+    for (; i < n; i++) out[i] += p * v[i];
+}
+
+/*
+ * The attention of kv group g for the one new token (its key and value go to cache slot `slot`).
+ * The group's query heads walk the cache together, key by key: each cached key and value is
+ * read once per token for all of them (not once per head), the scores of all heads first, then
+ * the values. scores holds group * n_keys floats for this group.
+ */
 static void attend_group(const st_layer *L, int64_t g, float *qkv, float *att, float *scores, float *k_cache,
                          float *v_cache, int64_t slot, int64_t n_keys, const float *cos, const float *sin) {
     const int64_t H = L->n_heads, G = L->n_kv_heads, hd = L->head_dim, group = H / G;
     const int64_t q_dim = H * hd, kv_dim = G * hd;
     float *k = qkv + q_dim + g * hd, *v = qkv + q_dim + kv_dim + g * hd;
-    if (cos != NULL) rope(k, cos, sin, hd);
+    float *q = qkv + g * group * hd, *out = att + g * group * hd, *s = scores + g * group * n_keys;
+    if (cos != NULL) {
+        rope(k, cos, sin, hd);
+        for (int64_t h = 0; h < group; h++) rope(q + h * hd, cos, sin, hd);
+    }
     memcpy(k_cache + slot * kv_dim + g * hd, k, (size_t)hd * sizeof(float));
     memcpy(v_cache + slot * kv_dim + g * hd, v, (size_t)hd * sizeof(float));
-    for (int64_t head = g * group; head < (g + 1) * group; head++) {
-        float *q = qkv + head * hd, *s = scores + head * n_keys, *out = att + head * hd;
-        if (cos != NULL) rope(q, cos, sin, hd);
-        float mx = -INFINITY, sum = 0.0f;
-        for (int64_t j = 0; j < n_keys; j++) {
-            s[j] = dot(q, k_cache + (j * G + g) * hd, hd) * L->scale;
-            if (s[j] > mx) mx = s[j];
-        }
-        for (int64_t j = 0; j < n_keys; j++) sum += (s[j] = expf(s[j] - mx));
-        memset(out, 0, (size_t)hd * sizeof(float));
-        for (int64_t j = 0; j < n_keys; j++) {
-            const float p = s[j] / sum, *vj = v_cache + (j * G + g) * hd;
-            for (int64_t i = 0; i < hd; i++) out[i] += p * vj[i];
-        }
+    for (int64_t j = 0; j < n_keys; j++) {
+        const float *kj = k_cache + (j * G + g) * hd;
+        for (int64_t h = 0; h < group; h++) s[h * n_keys + j] = dot(q + h * hd, kj, hd) * L->scale;
+    }
+    for (int64_t h = 0; h < group; h++) {
+        float *sh = s + h * n_keys, mx = -INFINITY, sum = 0.0f;
+        for (int64_t j = 0; j < n_keys; j++) mx = sh[j] > mx ? sh[j] : mx;
+        for (int64_t j = 0; j < n_keys; j++) sum += (sh[j] = expf(sh[j] - mx));
+        for (int64_t j = 0; j < n_keys; j++) sh[j] /= sum;
+    }
+    memset(out, 0, (size_t)(group * hd) * sizeof(float));
+    for (int64_t j = 0; j < n_keys; j++) {
+        const float *vj = v_cache + (j * G + g) * hd;
+        for (int64_t h = 0; h < group; h++) axpy(out + h * hd, s[h * n_keys + j], vj, hd);
     }
 }
 

@@ -28,7 +28,9 @@
 #include "q4_0.h"
 
 #define X4_QS 64          /* nibble bytes of one block of a group */
+#ifndef GEMM_T
 #define GEMM_T 4          /* activation rows per pass of the GEMM */
+#endif
 #ifndef X4_PREFETCH
 /* bytes ahead in the weight stream that a product asks for: about DRAM latency x rate; 16 KiB
    won over 1 KiB in the engine's decode (README, Performance) */
@@ -151,12 +153,15 @@ static ALWAYS_INLINE void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, co
 }
 #elif defined(__AVX2__)
 /* ---- 256-bit: one ymm = one block of 2 rows ---------------------------------------------- */
-static inline __m256i dot_u4s8(__m256i acc, __m256i q, __m256i x) {   /* acc + 4-byte dot products */
+/* c + the 4-byte dot products of the low nibbles with xl and the high nibbles with xh */
+static inline __m256i block_dot(__m256i c, __m256i lo, __m256i xl, __m256i hi, __m256i xh) {
 #if defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(acc, q, x);
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(c, lo, xl), hi, xh);
 #else
-    /* q <= 15, |x| <= 127: the int16 pair sums cannot saturate */
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1)));
+    /* q <= 15, |x| <= 127: a pair sum is at most 3810 and two of them 7620, so adding the two
+       int16 products before widening cannot saturate (one widening instead of two) */
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+    return _mm256_add_epi32(c, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 #endif
 }
 
@@ -168,40 +173,41 @@ static inline __m128 lane_sums(__m256 a, __m256 b) {   /* 2 x (2 rows x 4 partia
     return _mm_unpacklo_ps(lo, hi);
 }
 
+/* Half h of a block (rows 2h, 2h + 1 of the group) is one ymm; the halves run one after the
+   other so that with 16 ymm registers the accumulators of T rows stay in registers. */
 static ALWAYS_INLINE void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, const block_q8 *x, const int32_t *corr,
                                     int64_t n, float *y, int64_t ldy, const int G, const int T) {
     const int64_t gb = x4_group_bytes(nb);
     const __m256i low4 = _mm256_set1_epi8(0x0F);
-    const __m256i spread0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), spread1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+    const __m256i spread[2] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)};
     __m256 acc[2][GEMM_T][2];
     for (int g = 0; g < G; g++)
         for (int t = 0; t < T; t++) acc[g][t][0] = acc[g][t][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        __m256i lo[2][2], hi[2][2];
-        __m256 d[2][2];
-        for (int g = 0; g < G; g++) {
-            const uint8_t *grp = w + (g0 + g) * gb;
-            _mm_prefetch((const char *)grp + b * X4_QS + X4_PREFETCH, _MM_HINT_T0);
-            for (int h = 0; h < 2; h++) {
+        for (int g = 0; g < G; g++)
+            _mm_prefetch((const char *)w + (g0 + g) * gb + b * X4_QS + X4_PREFETCH, _MM_HINT_T0);
+        for (int h = 0; h < 2; h++) {
+            __m256i lo[2], hi[2];
+            __m256 d[2];
+            for (int g = 0; g < G; g++) {
+                const uint8_t *grp = w + (g0 + g) * gb;
                 const __m256i q = _mm256_loadu_si256((const __m256i *)(grp + b * X4_QS + 32 * h));
-                lo[g][h] = _mm256_and_si256(q, low4);
-                hi[g][h] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+                lo[g] = _mm256_and_si256(q, low4);
+                hi[g] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+                const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(grp + nb * X4_QS + b * 2 * X4_ROWS)));
+                d[g] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s4), spread[h]);
             }
-            const __m256 s4 = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(grp + nb * X4_QS + b * 2 * X4_ROWS))));
-            d[g][0] = _mm256_permutevar8x32_ps(s4, spread0);
-            d[g][1] = _mm256_permutevar8x32_ps(s4, spread1);
-        }
-        for (int t = 0; t < T; t++) {
-            const block_q8 *xb = x + t * nb + b;
-            const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xb->qs));
-            const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xb->qs + 16)));
-            const __m256i c = _mm256_set1_epi32(corr[t * nb + b]);
-            const __m256 xd = _mm256_set1_ps(xb->d);
-            for (int g = 0; g < G; g++)
-                for (int h = 0; h < 2; h++) {
-                    const __m256i s = dot_u4s8(dot_u4s8(c, lo[g][h], xl), hi[g][h], xh);
-                    acc[g][t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d[g][h], xd), acc[g][t][h]);
+            for (int t = 0; t < T; t++) {
+                const block_q8 *xb = x + t * nb + b;
+                const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xb->qs));
+                const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xb->qs + 16)));
+                const __m256i c = _mm256_set1_epi32(corr[t * nb + b]);
+                const __m256 xd = _mm256_set1_ps(xb->d);
+                for (int g = 0; g < G; g++) {
+                    const __m256i s = block_dot(c, lo[g], xl, hi[g], xh);
+                    acc[g][t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d[g], xd), acc[g][t][h]);
                 }
+            }
         }
     }
     for (int g = 0; g < G; g++) {
