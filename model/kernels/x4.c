@@ -1,23 +1,32 @@
 /*
  * Q4_0 in the interleaved "x4" layout: the dense products of decode and prefill.
  *
- * Rule: x4 holds the same bytes as GGML Q4_0, reordered so one vector load brings a block of 4
- * rows. Rows come in groups of 4 (a matrix of n rows has ceil(n/4) groups; missing rows of the
- * last group are zero: nibbles 8, scale 0). Group g, with nb = k/32 blocks per row, is nb*72
- * bytes: first, for each block b, the 16 nibble bytes of rows 4g..4g+3 (64 bytes, row after row),
- * then, for each block b, the 4 rows' fp16 scales (8 bytes). Within a row's 16 bytes the nibbles
- * keep GGML's order (low nibble = element j, high = j + 16). The repack is a permutation of the
- * verified bytes, done once at load, in place (no second copy); st_q4_0_x4_rows undoes it for
- * the rows a tied embedding looks up.
+ * Rule: x4 holds the same bytes as GGML Q4_0, reordered so that one vector load brings a block
+ * of 4 rows and a group of 4 rows is read front to back as one sequential stream. Rows come in
+ * groups of 4 (a matrix of n rows has ceil(n/4) groups; missing rows of the last group are
+ * zero: nibbles 8, scale 0). Group g, with nb = k/32 blocks per row, is nb*72 bytes, made of
+ * chunks of up to X4_CHUNK (8) blocks: a chunk of c blocks holds first the c blocks' scales (for
+ * each block, the 4 rows' fp16 scales: 8 bytes), then the c blocks' nibbles (for each block, the
+ * 16 nibble bytes of rows 4g..4g+3, row after row: 64 bytes). A whole chunk is 576 bytes, nine
+ * cache lines. Within a row's 16 bytes the nibbles keep GGML's order (low nibble = element j,
+ * high = j + 16). The repack is a permutation of the verified bytes, done once at load, in place
+ * (no second copy); st_q4_0_x4_rows undoes it for the rows a tied embedding looks up.
+ *
+ * Why one stream: the hardware prefetchers keep a single sequential stream per core at DRAM
+ * speed, but not several interleaved ones. Measured on a Zen 4 core (one thread, a 131 MB
+ * matrix-vector product): scales apart from the nibbles and two groups read side by side (four
+ * streams) 12-14 GB/s; this layout, one group at a time, 21-24 GB/s (README, Performance).
  *
  * Products: y[t, r] = sum_k x[t, k] w[r, k] with x rounded to Q8_0 per 32 values, exactly as
  * q4_0.c does: the integer dot products of each block are exact, then scaled by d_w * d_x in
- * float and summed over blocks left to right, so each output is the same on every ISA path up
- * to the order of the float additions within a block (4 partial sums on the vector paths).
- * Paths: AVX-512 VNNI (64 bytes = 4 rows per instruction), 256-bit (AVX-VNNI dot products
- * where present, else AVX2 maddubs), and portable C. The nibbles are unsigned
- * (0..15) against signed activations; the -8 offset comes back as -2 * sum(x) per 32-bit
- * partial sum (4 partial sums per row and block: -8 * sum(x) in all, exact).
+ * float and summed over blocks, so each output is the same on every ISA path up to the order of
+ * the float additions (the vector paths keep partial sums per lane, and decode two accumulators
+ * per row). Paths: AVX-512 VNNI (64 bytes = 4 rows per instruction), 256-bit (AVX-VNNI dot
+ * products where present, else AVX2 maddubs), and portable C. The nibbles are unsigned (0..15)
+ * against signed activations; the -8 offset comes back as -2 * sum(x) per 32-bit partial sum
+ * (4 partial sums per row and block: -8 * sum(x) in all, exact). A single activation row
+ * (decode) walks one group at a time (one stream); several rows (prefill) walk two groups at
+ * once and reuse each loaded block for GEMM_T rows.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -28,16 +37,40 @@
 #include "q4_0.h"
 
 #define X4_QS 64          /* nibble bytes of one block of a group */
+#define X4_SC (2 * X4_ROWS) /* scale bytes of one block of a group */
+#define X4_BLOCK (X4_QS + X4_SC)
+#define X4_CHUNK 8        /* blocks per chunk: scales, then nibbles */
 #ifndef GEMM_T
 #define GEMM_T 4          /* activation rows per pass of the GEMM */
 #endif
 #ifndef X4_PREFETCH
-/* bytes ahead in the weight stream that a product asks for: about DRAM latency x rate; 16 KiB
-   won over 1 KiB in the engine's decode (README, Performance) */
-#define X4_PREFETCH 16384
+/* bytes ahead in the weight stream that a product asks for once per chunk (0: none, the
+   hardware prefetcher alone) */
+#define X4_PREFETCH 0
 #endif
 
-static inline int64_t x4_group_bytes(int64_t nb) { return nb * (X4_QS + 2 * X4_ROWS); }
+static inline int64_t x4_group_bytes(int64_t nb) { return nb * X4_BLOCK; }
+
+/* Blocks in the chunk that starts at block c0 (X4_CHUNK, or fewer for the last one). */
+static inline int64_t x4_chunk_len(int64_t nb, int64_t c0) { return nb - c0 < X4_CHUNK ? nb - c0 : X4_CHUNK; }
+
+/* Offsets in a group of block b's 4 scales and of its 64 nibble bytes. */
+static inline int64_t x4_scales_at(int64_t nb, int64_t b) {
+    (void)nb;
+    return b / X4_CHUNK * X4_CHUNK * X4_BLOCK + b % X4_CHUNK * X4_SC;
+}
+static inline int64_t x4_nibbles_at(int64_t nb, int64_t b) {
+    const int64_t c0 = b / X4_CHUNK * X4_CHUNK;
+    return c0 * X4_BLOCK + x4_chunk_len(nb, c0) * X4_SC + (b - c0) * X4_QS;
+}
+
+static inline void x4_prefetch(const uint8_t *p) {
+#if X4_PREFETCH > 0
+    __builtin_prefetch(p + X4_PREFETCH, 0, 3);
+#else
+    (void)p;
+#endif
+}
 
 int64_t st_q4_0_x4_bytes(int64_t n, int64_t k) { return (n + X4_ROWS - 1) / X4_ROWS * x4_group_bytes(k / QK); }
 
@@ -51,10 +84,10 @@ void st_q4_0_to_x4(const uint8_t *src, uint8_t *dst, int64_t n, int64_t k) {
     for (int64_t g = 0; g < (n + X4_ROWS - 1) / X4_ROWS; g++) {
         const int rows = n - g * X4_ROWS < X4_ROWS ? (int)(n - g * X4_ROWS) : X4_ROWS;
         memcpy(tmp, src + g * X4_ROWS * row_bytes, (size_t)(rows * row_bytes));
-        uint8_t *out = dst + g * gb, *scales = out + nb * X4_QS;
+        uint8_t *out = dst + g * gb;
         for (int64_t b = 0; b < nb; b++)
             for (int r = 0; r < X4_ROWS; r++) {
-                uint8_t *qs = out + b * X4_QS + r * 16, *d = scales + b * 2 * X4_ROWS + 2 * r;
+                uint8_t *qs = out + x4_nibbles_at(nb, b) + r * 16, *d = out + x4_scales_at(nb, b) + 2 * r;
                 if (r < rows) {
                     const uint8_t *blk = tmp + r * row_bytes + b * Q4_BYTES;
                     memcpy(d, blk, 2);
@@ -77,8 +110,8 @@ void st_q4_0_x4_rows(const uint8_t *x4, int64_t n, int64_t k, const int64_t *ids
         const int r = (int)(ids[i] % X4_ROWS);
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *blk = out + (i * nb + b) * Q4_BYTES;
-            memcpy(blk, grp + nb * X4_QS + b * 2 * X4_ROWS + 2 * r, 2);
-            memcpy(blk + 2, grp + b * X4_QS + r * 16, 16);
+            memcpy(blk, grp + x4_scales_at(nb, b) + 2 * r, 2);
+            memcpy(blk + 2, grp + x4_nibbles_at(nb, b) + r * 16, 16);
         }
     }
 }
@@ -111,34 +144,40 @@ static inline __m128 lane_sums(__m512 acc) {   /* 16 partials -> the 4 rows' sum
     return _mm_hadd_ps(_mm_hadd_ps(a, b), _mm_hadd_ps(c, d));
 }
 
-/* Groups [g0, g0 + G) against T activation rows; y[t * ldy + row]. G <= 2, T <= GEMM_T. */
+/* Groups [g0, g0 + G) against T activation rows; y[t * ldy + row]. G <= 2, T <= GEMM_T. Each
+   (group, row) pair keeps two accumulators, even and odd blocks, so that consecutive blocks'
+   multiply-adds do not wait for each other (decode has only one pair). */
 static ALWAYS_INLINE void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, const block_q8 *x, const int32_t *corr,
                                     int64_t n, float *y, int64_t ldy, const int G, const int T) {
     const int64_t gb = x4_group_bytes(nb);
     const __m512i low4 = _mm512_set1_epi8(0x0F);
-    __m512 acc[2][GEMM_T];
+    __m512 acc[2][GEMM_T][2];
     for (int g = 0; g < G; g++)
-        for (int t = 0; t < T; t++) acc[g][t] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m512i lo[2], hi[2];
-        __m512 d[2];
-        for (int g = 0; g < G; g++) {
-            const uint8_t *grp = w + (g0 + g) * gb;
-            const __m512i q = _mm512_loadu_si512(grp + b * X4_QS);
-            _mm_prefetch((const char *)grp + b * X4_QS + X4_PREFETCH, _MM_HINT_T0);
-            lo[g] = _mm512_and_si512(q, low4);
-            hi[g] = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
-            d[g] = group_scales(grp + nb * X4_QS + b * 2 * X4_ROWS);
-        }
-        for (int t = 0; t < T; t++) {
-            const block_q8 *xb = x + t * nb + b;
-            const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xb->qs));
-            const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb->qs + 16)));
-            const __m512i c = _mm512_set1_epi32(corr[t * nb + b]);
-            const __m512 xd = _mm512_set1_ps(xb->d);
+        for (int t = 0; t < T; t++) acc[g][t][0] = acc[g][t][1] = _mm512_setzero_ps();
+    for (int64_t c0 = 0; c0 < nb; c0 += X4_CHUNK) {
+        const int64_t len = x4_chunk_len(nb, c0);
+        for (int g = 0; g < G; g++) x4_prefetch(w + (g0 + g) * gb + c0 * X4_BLOCK);
+        for (int64_t j = 0; j < len; j++) {
+            const int64_t b = c0 + j;
+            __m512i lo[2], hi[2];
+            __m512 d[2];
             for (int g = 0; g < G; g++) {
-                const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c, lo[g], xl), hi[g], xh);
-                acc[g][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d[g], xd), acc[g][t]);
+                const uint8_t *chunk = w + (g0 + g) * gb + c0 * X4_BLOCK;
+                const __m512i q = _mm512_loadu_si512(chunk + len * X4_SC + j * X4_QS);
+                lo[g] = _mm512_and_si512(q, low4);
+                hi[g] = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
+                d[g] = group_scales(chunk + j * X4_SC);
+            }
+            for (int t = 0; t < T; t++) {
+                const block_q8 *xb = x + t * nb + b;
+                const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xb->qs));
+                const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb->qs + 16)));
+                const __m512i c = _mm512_set1_epi32(corr[t * nb + b]);
+                const __m512 xd = _mm512_set1_ps(xb->d);
+                for (int g = 0; g < G; g++) {
+                    const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c, lo[g], xl), hi[g], xh);
+                    acc[g][t][j & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d[g], xd), acc[g][t][j & 1]);
+                }
             }
         }
     }
@@ -146,7 +185,7 @@ static ALWAYS_INLINE void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, co
         const int64_t r0 = (g0 + g) * X4_ROWS;
         for (int t = 0; t < T; t++) {
             float out[X4_ROWS];
-            _mm_storeu_ps(out, lane_sums(acc[g][t]));
+            _mm_storeu_ps(out, lane_sums(_mm512_add_ps(acc[g][t][0], acc[g][t][1])));
             for (int r = 0; r < X4_ROWS && r0 + r < n; r++) y[t * ldy + r0 + r] = out[r];
         }
     }
@@ -184,17 +223,18 @@ static ALWAYS_INLINE void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, co
     for (int g = 0; g < G; g++)
         for (int t = 0; t < T; t++) acc[g][t][0] = acc[g][t][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        for (int g = 0; g < G; g++)
-            _mm_prefetch((const char *)w + (g0 + g) * gb + b * X4_QS + X4_PREFETCH, _MM_HINT_T0);
+        const int64_t c0 = b / X4_CHUNK * X4_CHUNK, len = x4_chunk_len(nb, c0), j = b - c0;
+        if (j == 0)
+            for (int g = 0; g < G; g++) x4_prefetch(w + (g0 + g) * gb + c0 * X4_BLOCK);
         for (int h = 0; h < 2; h++) {
             __m256i lo[2], hi[2];
             __m256 d[2];
             for (int g = 0; g < G; g++) {
-                const uint8_t *grp = w + (g0 + g) * gb;
-                const __m256i q = _mm256_loadu_si256((const __m256i *)(grp + b * X4_QS + 32 * h));
+                const uint8_t *chunk = w + (g0 + g) * gb + c0 * X4_BLOCK;
+                const __m256i q = _mm256_loadu_si256((const __m256i *)(chunk + len * X4_SC + j * X4_QS + 32 * h));
                 lo[g] = _mm256_and_si256(q, low4);
                 hi[g] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
-                const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(grp + nb * X4_QS + b * 2 * X4_ROWS)));
+                const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(chunk + j * X4_SC)));
                 d[g] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s4), spread[h]);
             }
             for (int t = 0; t < T; t++) {
@@ -231,11 +271,11 @@ static void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, const block_q8 *
             for (int r = 0; r < X4_ROWS && (g0 + g) * X4_ROWS + r < n; r++) {
                 float acc = 0.0f;
                 for (int64_t b = 0; b < nb; b++) {
-                    const uint8_t *qs = grp + b * X4_QS + r * 16;
+                    const uint8_t *qs = grp + x4_nibbles_at(nb, b) + r * 16;
                     const block_q8 *xb = x + t * nb + b;
                     int32_t s = 0;
                     for (int j = 0; j < 16; j++) s += ((qs[j] & 0x0F) - 8) * xb->qs[j] + ((qs[j] >> 4) - 8) * xb->qs[j + 16];
-                    acc += (float)s * (st_fp16_to_fp32(rd16(grp + nb * X4_QS + b * 2 * X4_ROWS + 2 * r)) * xb->d);
+                    acc += (float)s * (st_fp16_to_fp32(rd16(grp + x4_scales_at(nb, b) + 2 * r)) * xb->d);
                 }
                 y[t * ldy + (g0 + g) * X4_ROWS + r] = acc;
             }
@@ -252,11 +292,8 @@ static void x4_groups(const uint8_t *w, int64_t n, int64_t nb, const block_q8 *x
         for (; g + 2 <= hi; g += 2) x4_kernel(w, nb, g, xq + t * nb, corr + t * nb, n, y + t * n, n, 2, GEMM_T);
         if (g < hi) x4_kernel(w, nb, g, xq + t * nb, corr + t * nb, n, y + t * n, n, 1, GEMM_T);
     }
-    for (; t < m; t++) {
-        int64_t g = lo;
-        for (; g + 2 <= hi; g += 2) x4_kernel(w, nb, g, xq + t * nb, corr + t * nb, n, y + t * n, n, 2, 1);
-        if (g < hi) x4_kernel(w, nb, g, xq + t * nb, corr + t * nb, n, y + t * n, n, 1, 1);
-    }
+    for (; t < m; t++)   /* one group at a time: the weights as one sequential stream */
+        for (int64_t g = lo; g < hi; g++) x4_kernel(w, nb, g, xq + t * nb, corr + t * nb, n, y + t * n, n, 1, 1);
 }
 
 /* Groups [lo, hi) of y = w . x for one activation row already in Q8_0 (+ corrections). */
