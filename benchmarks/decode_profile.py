@@ -19,10 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-
-from model import Engine  # noqa: E402
+from model import Engine  # noqa: E402  (before torch: model sets torch's thread policy, see model/runtime_env.py)
 from model.bench import cpu_model  # noqa: E402
+
+import torch  # noqa: E402
 
 
 def timed(obj, name: str, bucket: str, spent: Counter) -> None:

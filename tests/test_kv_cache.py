@@ -208,27 +208,52 @@ def test_engine_rejects_token_ids_outside_the_vocabulary(zoo):
             list(engine.generate(bad, 3))
 
 
+def _cache_state(tf) -> tuple:
+    return tf.pos, [(c.k.clone(), c.v.clone(), c.length) for c in tf.caches]
+
+
+def _restore_cache_state(tf, state: tuple) -> None:
+    tf.pos, caches = state
+    for c, (k, v, length) in zip(tf.caches, caches):
+        c.k.copy_(k)
+        c.v.copy_(v)
+        c.length = length
+
+
 @pytest.mark.parametrize("spec", [KV_SPEC, GEN_SPEC])
 def test_native_decode_layer_equals_the_torch_layer(zoo, spec):
-    """Decode through the native single-token layer (layer.c: router, attention, experts summed in
-    place) and through Block's torch ops: both round activations to Q8_0 the same way, so they
-    differ by float32 summation order only (observed ~3e-7; bound 1e-5, far below what a wrong
-    RoPE half, ring slot or router weight moves)."""
+    """Each decode step through the native single-token layer (layer.c: router, attention,
+    experts summed in place) and through Block's torch ops, from the same KV cache (the native
+    step's cache is carried on). Both round activations to Q8_0 the same way, so they differ by
+    float32 summation order (observed ~3e-7), except where an activation sits within that
+    difference of a rounding boundary and one int8 flips (a Q8_0 step: ~1e-3 in the logits,
+    seen at a few positions depending on the sequence). So: nearly every position within 1e-5,
+    none beyond a few Q8_0 steps; a wrong RoPE half, ring slot or router weight moves most
+    positions by far more."""
     _, cfg, _ = zoo.checkpoint(spec)
     engine = zoo.engine(spec, "q4_0")
-    blocks = engine.transformer.blocks
+    tf, blocks = engine.transformer, engine.transformer.blocks
     if engine.kernel != "c":
         pytest.skip("the native layer needs the c kernel backend")
     assert all(b.fast is not None for b in blocks)
     ids = _sequence(cfg, 4, 3 * cfg["sliding_window_size"] + 5)
-    native = _decode(engine, ids)
     fast = [b.fast for b in blocks]
-    try:
-        for b in blocks:
-            b.fast = None
-        torch_ops = _decode(engine, ids)
-    finally:
-        for b, f in zip(blocks, fast):
-            b.fast = f
-    errs = _row_errors(native, torch_ops)
-    assert errs.max() <= 1e-5, f"position {int(errs.argmax())}: native vs torch layer {errs.max():.3g}"
+    tf.setup_caches(len(ids))
+    native, torch_ops = [], []
+    for t in ids:
+        before = _cache_state(tf)
+        native.append(tf.forward(torch.tensor([t]))[-1].to(torch.float64).numpy())
+        after = _cache_state(tf)
+        _restore_cache_state(tf, before)
+        try:
+            for b in blocks:
+                b.fast = None
+            torch_ops.append(tf.forward(torch.tensor([t]))[-1].to(torch.float64).numpy())
+        finally:
+            for b, f in zip(blocks, fast):
+                b.fast = f
+        _restore_cache_state(tf, after)
+    errs = _row_errors(np.stack(native), np.stack(torch_ops))
+    close = errs <= 1e-5
+    assert close.mean() >= 0.9, f"only {close.sum()} of {len(errs)} positions agree: {np.round(errs, 6).tolist()}"
+    assert errs.max() <= 2e-2, f"position {int(errs.argmax())}: native vs torch layer {errs.max():.3g}"

@@ -144,48 +144,61 @@ static inline __m128 lane_sums(__m512 acc) {   /* 16 partials -> the 4 rows' sum
     return _mm_hadd_ps(_mm_hadd_ps(a, b), _mm_hadd_ps(c, d));
 }
 
-/* Groups [g0, g0 + G) against T activation rows; y[t * ldy + row]. G <= 2, T <= GEMM_T. Each
-   (group, row) pair keeps two accumulators, even and odd blocks, so that consecutive blocks'
-   multiply-adds do not wait for each other (decode has only one pair). */
+/* acc[g][t] += block j of the chunk at w + (g0 + g) * gb + c0 * X4_BLOCK (len blocks) against
+   rows t of x (block b = c0 + j), for G groups and T rows. */
+static ALWAYS_INLINE void x4_block(__m512 acc[2][GEMM_T], const uint8_t *w, int64_t gb, int64_t nb, int64_t g0,
+                                   int64_t c0, int64_t len, int64_t j, const block_q8 *x, const int32_t *corr,
+                                   const int G, const int T) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const int64_t b = c0 + j;
+    __m512i lo[2], hi[2];
+    __m512 d[2];
+    for (int g = 0; g < G; g++) {
+        const uint8_t *chunk = w + (g0 + g) * gb + c0 * X4_BLOCK;
+        const __m512i q = _mm512_loadu_si512(chunk + len * X4_SC + j * X4_QS);
+        lo[g] = _mm512_and_si512(q, low4);
+        hi[g] = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
+        d[g] = group_scales(chunk + j * X4_SC);
+    }
+    for (int t = 0; t < T; t++) {
+        const block_q8 *xb = x + t * nb + b;
+        const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xb->qs));
+        const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb->qs + 16)));
+        const __m512i c = _mm512_set1_epi32(corr[t * nb + b]);
+        const __m512 xd = _mm512_set1_ps(xb->d);
+        for (int g = 0; g < G; g++) {
+            const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c, lo[g], xl), hi[g], xh);
+            acc[g][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d[g], xd), acc[g][t]);
+        }
+    }
+}
+
+/* Groups [g0, g0 + G) against T activation rows; y[t * ldy + row]. G <= 2, T <= GEMM_T. With
+   one row (decode) even and odd blocks go to two accumulators, so that consecutive blocks'
+   multiply-adds do not wait for each other; with several rows the other pairs' work fills that
+   wait, and the registers are needed for them. */
 static ALWAYS_INLINE void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, const block_q8 *x, const int32_t *corr,
                                     int64_t n, float *y, int64_t ldy, const int G, const int T) {
     const int64_t gb = x4_group_bytes(nb);
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    __m512 acc[2][GEMM_T][2];
+    __m512 acc[2][GEMM_T], odd[2][GEMM_T];
     for (int g = 0; g < G; g++)
-        for (int t = 0; t < T; t++) acc[g][t][0] = acc[g][t][1] = _mm512_setzero_ps();
+        for (int t = 0; t < T; t++) acc[g][t] = odd[g][t] = _mm512_setzero_ps();
     for (int64_t c0 = 0; c0 < nb; c0 += X4_CHUNK) {
         const int64_t len = x4_chunk_len(nb, c0);
         for (int g = 0; g < G; g++) x4_prefetch(w + (g0 + g) * gb + c0 * X4_BLOCK);
-        for (int64_t j = 0; j < len; j++) {
-            const int64_t b = c0 + j;
-            __m512i lo[2], hi[2];
-            __m512 d[2];
-            for (int g = 0; g < G; g++) {
-                const uint8_t *chunk = w + (g0 + g) * gb + c0 * X4_BLOCK;
-                const __m512i q = _mm512_loadu_si512(chunk + len * X4_SC + j * X4_QS);
-                lo[g] = _mm512_and_si512(q, low4);
-                hi[g] = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
-                d[g] = group_scales(chunk + j * X4_SC);
+        int64_t j = 0;
+        if (T == 1)
+            for (; j + 2 <= len; j += 2) {
+                x4_block(acc, w, gb, nb, g0, c0, len, j, x, corr, G, T);
+                x4_block(odd, w, gb, nb, g0, c0, len, j + 1, x, corr, G, T);
             }
-            for (int t = 0; t < T; t++) {
-                const block_q8 *xb = x + t * nb + b;
-                const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xb->qs));
-                const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb->qs + 16)));
-                const __m512i c = _mm512_set1_epi32(corr[t * nb + b]);
-                const __m512 xd = _mm512_set1_ps(xb->d);
-                for (int g = 0; g < G; g++) {
-                    const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c, lo[g], xl), hi[g], xh);
-                    acc[g][t][j & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d[g], xd), acc[g][t][j & 1]);
-                }
-            }
-        }
+        for (; j < len; j++) x4_block(acc, w, gb, nb, g0, c0, len, j, x, corr, G, T);
     }
     for (int g = 0; g < G; g++) {
         const int64_t r0 = (g0 + g) * X4_ROWS;
         for (int t = 0; t < T; t++) {
             float out[X4_ROWS];
-            _mm_storeu_ps(out, lane_sums(_mm512_add_ps(acc[g][t][0], acc[g][t][1])));
+            _mm_storeu_ps(out, lane_sums(T == 1 ? _mm512_add_ps(acc[g][t], odd[g][t]) : acc[g][t]));
             for (int r = 0; r < X4_ROWS && r0 + r < n; r++) y[t * ldy + r0 + r] = out[r];
         }
     }
