@@ -24,10 +24,10 @@ import os
 import platform
 import time
 
-import torch
-
-from model.kernels import Q4Matrix, SparseReGLUExpert, _native, describe
+from model.kernels import Q4Matrix, SparseReGLUExpert, _native, describe  # before torch (model/runtime_env.py)
 from model.quant import dequantize_q4_0, quantize_q4_0
+
+import torch
 
 SHAPES = ((768, 1536), (1536, 768), (1536, 1536), (151936, 1536))
 ROWS = (1, 8, 64)
