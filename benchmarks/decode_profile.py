@@ -1,10 +1,12 @@
 """Where one decoded token's time goes: router, attention half, experts, lm_head, the rest.
 
-    python benchmarks/decode_profile.py PACKAGE [--threads 2] [--tokens 40] [--position 64] --json
+    python benchmarks/decode_profile.py PACKAGE [--threads 2] [--tokens 40] [--position 64] [--split] --json
 
 Loads the package with every weight resident, prefills `--position` tokens, then decodes the
 token at that position `--tokens` times (the KV cache is rewound each time, so every run does the
-same work) with a timer around each native call. Timers add ~1 us per call (~100 calls a token).
+same work) with a timer around each native call. With every expert resident a layer is one
+native call (`st_layer_decode`); `--split` runs the three calls it stands for instead (router,
+attention half, experts), timed apart. Timers add ~1 us per call.
 Prints one JSON document; never asserts speed.
 """
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=40)
     ap.add_argument("--position", type=int, default=64)
+    ap.add_argument("--split", action="store_true", help="time router, attention and experts apart (3 calls a layer)")
     ap.add_argument("--json", action="store_true", help="print JSON (the only output format)")
     args = ap.parse_args()
 
@@ -51,6 +54,9 @@ def main() -> None:
     tf = engine.transformer
     if any(b.fast is None for b in tf.blocks):
         sys.exit("decode_profile: this package's layers do not run on the native kernel (q4_0 and a C compiler needed)")
+    if args.split:
+        for block in tf.blocks:
+            block.fast.unbind_experts()
     tf.setup_caches(args.position + 1)
     tf.forward(torch.arange(args.position) % engine.config.vocab_size)
     spent: Counter = Counter()
@@ -58,6 +64,7 @@ def main() -> None:
         timed(block.fast, "route", "router", spent)
         timed(block.fast, "attend", "attention", spent)
         timed(block.fast, "moe", "experts", spent)  # a layer's resident experts, one call
+        timed(block.fast, "decode", "layers (one call each)", spent)  # the whole layer, every expert resident
     for expert in {id(s.weights): s.weights for s in tf.experts.slots}.values():
         timed(expert, "accumulate", "experts", spent)
     timed(tf, "head", "lm_head", spent)
@@ -81,7 +88,7 @@ def main() -> None:
                     "kernel": engine.kernel},
         "package": args.package, "position": args.position, "tokens": args.tokens,
         "ms_per_token": round(total_ms, 3), "tokens_per_s": round(1e3 / total_ms, 2), "ms_by_part": parts,
-        "expert_calls_per_token": engine.config.num_hidden_layers,  # one fused call per layer (st_moe_dense)
+        "native_calls_per_layer": 1 if all(b.fast.has_experts for b in tf.blocks) else 3,
     }, indent=2))
 
 

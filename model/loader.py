@@ -163,4 +163,8 @@ def load_transformer(package_dir: Path, manifest: ModelManifest, cfg: ModelConfi
             )
         expert_budget = memory_budget_bytes - dense_bytes - kv
     experts.allocate(expert_budget)
+    for block in blocks:  # with every expert resident for good, a layer decodes in one native call
+        resident = experts.resident_experts(block.index, list(range(E)))
+        if block.fast is not None and resident is not None:
+            block.fast.bind_experts(resident)
     return Loaded(Transformer(cfg, embed_rows, blocks, final_norm, head, experts), dense_bytes)

@@ -77,6 +77,15 @@ class FastDecode(Protocol):
         """h += the weighted experts of the attended row in one native call; False (nothing
         done) when the experts are not of the kind it runs."""
 
+    has_experts: bool  # whether `decode` runs (the layer's experts are bound, resident for good)
+
+    def bind_experts(self, experts: list[Expert]) -> bool:
+        """Hold all the layer's experts (resident for good) for `decode`; False if it cannot."""
+
+    def decode(self, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int, n_keys: int,
+               rope: tuple[torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None) -> list[int]:
+        """route + attend + moe of the bound experts in one native call; the chosen ids."""
+
 
 class ExpertSource(Protocol):
     """Where a layer gets its experts: `prefetch` is told the router's choice before attention and
@@ -267,6 +276,13 @@ class Block:
 
     def decode_fast(self, h: torch.Tensor, pos0: int, cache: KVCache, rope, experts: ExpertSource) -> torch.Tensor:
         """`forward` for one token through `self.fast`; h [1, D] is updated in place."""
+        if self.fast.has_experts:  # every expert resident for good: nothing to fetch, one call
+            slot, n_keys = cache.advance_one(pos0)
+            id_list = self.fast.decode(h, cache.k, cache.v, slot, n_keys, rope if self.rope else None, self.router_bias)
+            experts.prefetch(self.index, id_list)  # counts the lookups
+            if self.expert_log is not None:
+                self.expert_log.update(id_list)
+            return h
         id_list, weights = self.fast.route(h, self.router_bias)  # router before attention ...
         if self.expert_log is not None:
             self.expert_log.update(id_list)

@@ -132,6 +132,8 @@ def _build(isa_name: str, cflags: str) -> ctypes.CDLL:
     lib.st_attention_work_floats.restype = i64
     lib.st_attention_decode.argtypes = [vp, vp, vp, vp, vp, i64, i64, vp, vp, vp]
     lib.st_attention_decode.restype = None
+    lib.st_layer_decode.argtypes = [vp, vp, vp, i64, vp, vp, vp, vp, vp, i64, i64, vp, vp, vp, vp, vp, vp]
+    lib.st_layer_decode.restype = None
     lib.st_has_avx2.restype = ctypes.c_int
     return lib
 

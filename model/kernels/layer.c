@@ -142,8 +142,9 @@ typedef struct {
     float *work;
 } attention_args;
 
-static void attention_task(void *p, int ith, int nth) {
-    const attention_args *a = p;
+/* The attention half for thread ith of nth; ends with the post-attention norm in a->y, written by
+   thread 0 after the last barrier (callers that read y on other threads sync first). */
+static void attention_part(const attention_args *a, int ith, int nth) {
     const st_layer *L = a->L;
     const int64_t d = L->d, H = L->n_heads, G = L->n_kv_heads, hd = L->head_dim;
     const int64_t q_dim = H * hd, kv_dim = G * hd, n_qkv = q_dim + 2 * kv_dim;
@@ -169,6 +170,8 @@ static void attention_task(void *p, int ith, int nth) {
         rms_norm(a->h, L->post_norm, d, L->eps, a->y);
     }
 }
+
+static void attention_task(void *p, int ith, int nth) { attention_part(p, ith, nth); }
 
 /*
  * Attention half of the layer for one token at cache slot `slot`, which sees n_keys cached
@@ -200,8 +203,7 @@ typedef struct {
     float *acc, *work;
 } moe_args;
 
-static void moe_task(void *p, int ith, int nth) {
-    const moe_args *a = p;
+static void moe_part(const moe_args *a, int ith, int nth) {
     const int64_t d = a->d, f = a->f, d_out = a->d_out, K = a->k, nb_d = d / QK, nb_f = f / QK;
     const int64_t groups_gu = (2 * f + X4_ROWS - 1) / X4_ROWS, groups_down = (d_out + X4_ROWS - 1) / X4_ROWS;
     int64_t lo, hi;
@@ -236,6 +238,8 @@ static void moe_task(void *p, int ith, int nth) {
     }
 }
 
+static void moe_task(void *p, int ith, int nth) { moe_part(p, ith, nth); }
+
 /*
  * A layer's k dense ReGLU experts for one activation row, added in place in list order:
  * acc [d_out] += sum_e weights[e] * down_e(relu(gate_e . x) * (up_e . x)). gate_up[e]: Q4_0 x4
@@ -263,4 +267,39 @@ int64_t st_reglu_dense_work_floats(int64_t d, int64_t f, int64_t d_out) {
 void st_reglu_dense(const uint8_t *gate_up, const uint8_t *down, int64_t d, int64_t f, int64_t d_out,
                     const float *x, float weight, float *acc, float *work) {
     st_moe_dense(&gate_up, &down, &weight, 1, d, f, d_out, x, acc, work);
+}
+
+typedef struct {
+    attention_args attention;
+    moe_args moe;
+} layer_args;
+
+static void layer_task(void *p, int ith, int nth) {
+    layer_args *a = p;
+    attention_part(&a->attention, ith, nth);
+    st_sync(nth);   /* y, the experts' input, is thread 0's */
+    moe_part(&a->moe, ith, nth);
+}
+
+/*
+ * The whole layer for one token with every expert resident, in one task of the pool:
+ * st_route, then st_attention_decode, then st_moe_dense over the chosen experts, in that order
+ * and with the same bits as those three calls. gate_up, down: all n_experts experts' matrices
+ * (as st_moe_dense takes them); ids, weights: the chosen experts, best first, and their weights
+ * (outputs); y [d]: the post-attention norm; work: st_attention_work_floats(L, n_keys) floats;
+ * moe_work: st_moe_dense_work_floats(d, f, d, top_k) floats.
+ */
+void st_layer_decode(const st_layer *L, const uint8_t *const *gate_up, const uint8_t *const *down, int64_t f,
+                     const float *bias, float *h, float *y, float *k_cache, float *v_cache, int64_t slot,
+                     int64_t n_keys, const float *cos, const float *sin, float *work, float *moe_work, int32_t *ids,
+                     float *weights) {
+    st_route(L, bias, h, ids, weights);
+    const uint8_t *chosen_gate_up[L->top_k], *chosen_down[L->top_k];
+    for (int64_t e = 0; e < L->top_k; e++) {
+        chosen_gate_up[e] = gate_up[ids[e]];
+        chosen_down[e] = down[ids[e]];
+    }
+    layer_args a = {{L, h, y, k_cache, v_cache, slot, n_keys, cos, sin, work},
+                    {chosen_gate_up, chosen_down, weights, L->top_k, L->d, f, L->d, y, h, moe_work}};
+    st_run(layer_task, &a, 1);
 }

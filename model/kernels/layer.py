@@ -3,8 +3,11 @@
 
 Rule: the same math as `Block.route` + `Block.attention` + the post-attention norm (+ the
 resident experts, `moe`), in native calls per layer: route, then attention, so the router's
-choice still reaches the expert store before attention runs; weight pointers are fixed here once, and the per-call buffers
-(router ids and weights, the experts' input row, work memory) are allocated once per layer.
+choice still reaches the expert store before attention runs. When every expert of the layer
+stays resident for good (`bind_experts`), nothing needs to run between them, and `decode` does
+the whole layer in one call (`st_layer_decode`, the same bits). Weight pointers are fixed here
+once, and the per-call buffers (router ids and weights, the experts' input row, work memory)
+are allocated once per layer.
 """
 from __future__ import annotations
 
@@ -55,6 +58,44 @@ class NativeLayer:
         self._gate_up_ptrs = (ctypes.c_void_p * cfg.moe_num_active_primary_experts)()
         self._down_ptrs = (ctypes.c_void_p * cfg.moe_num_active_primary_experts)()
         self._ffn = cfg.moe_ffn_hidden_size
+        self._all_gate_up = self._all_down = None  # every expert's matrices, once bound
+        self._bound: list = []
+
+    @property
+    def has_experts(self) -> bool:
+        """Whether `decode` can run (every expert bound)."""
+        return self._all_gate_up is not None
+
+    def bind_experts(self, experts: list) -> bool:
+        """Keep pointers to all the layer's experts (resident for good, in expert order) for
+        `decode`; False, and nothing bound, unless every one is a `DenseReGLUExpert` of this
+        layer's shape."""
+        if len(experts) != self._layer.n_experts or not all(
+                type(e) is DenseReGLUExpert and e.ffn_features == self._ffn for e in experts):
+            return False
+        self._all_gate_up = (ctypes.c_void_p * len(experts))(*(e.gate_up.blocks.data_ptr() for e in experts))
+        self._all_down = (ctypes.c_void_p * len(experts))(*(e.down.blocks.data_ptr() for e in experts))
+        self._bound = list(experts)  # the pointers above stay valid while these live
+        return True
+
+    def unbind_experts(self) -> None:
+        """Back to one call each for route, attention and experts (benchmarks/decode_profile.py --split)."""
+        self._all_gate_up = self._all_down = None
+        self._bound = []
+
+    def decode(self, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int, n_keys: int,
+               rope: tuple[torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None) -> list[int]:
+        """The whole layer for one token in one native call: `route`, `attend`, then `moe` over
+        the chosen experts (bound by `bind_experts`); h [1, D] updated in place. Returns the
+        chosen expert ids, best first."""
+        cos, sin = (None, None) if rope is None else (rope[0].data_ptr(), rope[1].data_ptr())
+        if self._work.numel() < (need := self._work_base + self._heads * n_keys):
+            self._work = torch.empty(max(need, 2 * self._work.numel()))
+        self._lib.st_layer_decode(self._ref, self._all_gate_up, self._all_down, self._ffn,
+                                  None if bias is None else bias.data_ptr(), h.data_ptr(), self.y.data_ptr(),
+                                  k_cache.data_ptr(), v_cache.data_ptr(), slot, n_keys, cos, sin,
+                                  self._work.data_ptr(), self._moe_work.data_ptr(), self._ids, self._weights)
+        return self._ids[:]
 
     def route(self, h: torch.Tensor, bias: torch.Tensor | None) -> tuple[list[int], list[float]]:
         """Top-k expert ids (best first) and their weights for the residual h [1, D]."""
