@@ -3,7 +3,8 @@
 Rule: each ISA is a fixed set of compiler flags (never `-march=native`, so a build is exactly
 the path it is named for) and the CPU features it needs (from /proc/cpuinfo). The best ISA the
 CPU has runs, unless `ST_KERNEL_ISA` names another it has (tests run every path the CPU
-supports that way). All paths compute the same products (see x4.c, q4_0.c).
+supports that way). All paths compute the same products (see x4.c, q4_0.c). The ARM paths are
+also built with a cross compiler and run under qemu-user on x86 hosts (tests/test_kernel_arm.py).
 """
 from __future__ import annotations
 
@@ -33,8 +34,15 @@ X86_ISAS = (
     Isa("avx2", _X86_BASE + _AVX2, frozenset({"avx2", "fma", "f16c", "bmi2"})),
     Isa("portable", _X86_BASE, frozenset()),
 )
-# other CPUs: the portable C path, tuned for the host (ARM NEON kernels are planned, not built)
-OTHER_ISAS = (Isa("portable", ("-mcpu=native",) if platform.machine() in ("aarch64", "arm64") else (), frozenset()),)
+# 64-bit ARM (Raspberry Pi 5, RK3588, Apple silicon under Linux): NEON with the dotprod
+# extension's SDOT (ARMv8.2+), plain NEON (ARMv8.0: widening multiplies), and portable C
+ARM_ISAS = (
+    Isa("neon-dotprod", ("-march=armv8.2-a+dotprod",), frozenset({"asimd", "asimddp"})),
+    Isa("neon", ("-march=armv8-a",), frozenset({"asimd"})),
+    Isa("portable", ("-march=armv8-a", "-DST_PORTABLE"), frozenset()),
+)
+# other CPUs: the portable C path
+OTHER_ISAS = (Isa("portable", (), frozenset()),)
 
 
 class IsaError(ModelError):
@@ -54,7 +62,10 @@ def cpu_features() -> frozenset[str]:
 
 
 def known_isas() -> tuple[Isa, ...]:
-    return X86_ISAS if platform.machine() in ("x86_64", "AMD64", "i686") else OTHER_ISAS
+    machine = platform.machine()
+    if machine in ("x86_64", "AMD64", "i686"):
+        return X86_ISAS
+    return ARM_ISAS if machine in ("aarch64", "arm64") else OTHER_ISAS
 
 
 def available_isas() -> list[str]:

@@ -33,6 +33,11 @@
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
+/* ARM: NEON unless the build asks for the portable path (ST_PORTABLE, isa.py's "portable") */
+#if defined(__ARM_NEON) && defined(__aarch64__) && !defined(ST_PORTABLE)
+#define X4_NEON 1
+#include <arm_neon.h>
+#endif
 
 #include "q4_0.h"
 
@@ -272,6 +277,68 @@ static ALWAYS_INLINE void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, co
         }
     }
 }
+#elif defined(X4_NEON)
+/* ---- ARM NEON: one 16-byte register = one row of a block ---------------------------------- */
+/* acc + the 4-byte dot products of a and b (SDOT with the dotprod extension, else widening
+   multiplies and pairwise adds: the same exact integers) */
+static inline int32x4_t dot16(int32x4_t acc, int8x16_t a, int8x16_t b) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return vdotq_s32(acc, a, b);
+#else
+    const int16x8_t lo = vmull_s8(vget_low_s8(a), vget_low_s8(b)), hi = vmull_s8(vget_high_s8(a), vget_high_s8(b));
+    return vpadalq_s16(vpadalq_s16(acc, lo), hi);
+#endif
+}
+
+/* Groups [g0, g0 + G) against T activation rows; y[t * ldy + row]. The nibbles (0..15) are
+   signed bytes as they are, so each row's block sums to its exact integer dot product plus
+   8 * sum(x) too much: corr (-2 * sum(x)) is added once per 32-bit lane, four lanes a row. */
+static ALWAYS_INLINE void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, const block_q8 *x, const int32_t *corr,
+                                    int64_t n, float *y, int64_t ldy, const int G, const int T) {
+    const int64_t gb = x4_group_bytes(nb);
+    const uint8x16_t low4 = vdupq_n_u8(0x0F);
+    float32x4_t acc[2][GEMM_T];
+    for (int g = 0; g < G; g++)
+        for (int t = 0; t < T; t++) acc[g][t] = vdupq_n_f32(0.0f);
+    for (int64_t c0 = 0; c0 < nb; c0 += X4_CHUNK) {
+        const int64_t len = x4_chunk_len(nb, c0);
+        for (int g = 0; g < G; g++) x4_prefetch(w + (g0 + g) * gb + c0 * X4_BLOCK);
+        for (int64_t j = 0; j < len; j++) {
+            const int64_t b = c0 + j;
+            int8x16_t lo[2][X4_ROWS], hi[2][X4_ROWS];
+            float32x4_t d[2];
+            for (int g = 0; g < G; g++) {
+                const uint8_t *chunk = w + (g0 + g) * gb + c0 * X4_BLOCK;
+                for (int r = 0; r < X4_ROWS; r++) {
+                    const uint8x16_t q = vld1q_u8(chunk + len * X4_SC + j * X4_QS + 16 * r);
+                    lo[g][r] = vreinterpretq_s8_u8(vandq_u8(q, low4));
+                    hi[g][r] = vreinterpretq_s8_u8(vshrq_n_u8(q, 4));
+                }
+                d[g] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)(chunk + j * X4_SC))));
+            }
+            for (int t = 0; t < T; t++) {
+                const block_q8 *xb = x + t * nb + b;
+                const int8x16_t xl = vld1q_s8(xb->qs), xh = vld1q_s8(xb->qs + 16);
+                const int32x4_t c = vdupq_n_s32(corr[t * nb + b]);
+                for (int g = 0; g < G; g++) {
+                    int32x4_t s[X4_ROWS];
+                    for (int r = 0; r < X4_ROWS; r++) s[r] = dot16(dot16(c, lo[g][r], xl), hi[g][r], xh);
+                    /* lane r = row r's whole dot product */
+                    const int32x4_t rows = vpaddq_s32(vpaddq_s32(s[0], s[1]), vpaddq_s32(s[2], s[3]));
+                    acc[g][t] = vfmaq_f32(acc[g][t], vcvtq_f32_s32(rows), vmulq_n_f32(d[g], xb->d));
+                }
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const int64_t r0 = (g0 + g) * X4_ROWS;
+        for (int t = 0; t < T; t++) {
+            float out[X4_ROWS];
+            vst1q_f32(out, acc[g][t]);
+            for (int r = 0; r < X4_ROWS && r0 + r < n; r++) y[t * ldy + r0 + r] = out[r];
+        }
+    }
+}
 #else
 /* ---- portable C ------------------------------------------------------------------------- */
 static void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, const block_q8 *x, const int32_t *corr,
@@ -357,6 +424,10 @@ const char *st_isa(void) {
     return "avx-vnni";
 #elif defined(__AVX2__)
     return "avx2";
+#elif defined(X4_NEON) && defined(__ARM_FEATURE_DOTPROD)
+    return "neon-dotprod";
+#elif defined(X4_NEON)
+    return "neon";
 #else
     return "portable";
 #endif
