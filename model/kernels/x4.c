@@ -366,14 +366,25 @@ static void x4_kernel(const uint8_t *w, int64_t nb, int64_t g0, const block_q8 *
 /* Groups [lo, hi) of w against the m rows of x (Q8_0 + corrections), y [m, n]. */
 static void x4_groups(const uint8_t *w, int64_t n, int64_t nb, const block_q8 *xq, const int32_t *corr, int64_t m,
                       float *y, int64_t lo, int64_t hi) {
+/* rows [t, t + T_) against groups [lo, hi), two groups at a time: one pass over the weights */
+#define X4_PASS(T_)                                                                                     \
+    do {                                                                                                \
+        int64_t g = lo;                                                                                 \
+        for (; g + 2 <= hi; g += 2) x4_kernel(w, nb, g, xq + t * nb, corr + t * nb, n, y + t * n, n, 2, T_); \
+        if (g < hi) x4_kernel(w, nb, g, xq + t * nb, corr + t * nb, n, y + t * n, n, 1, T_);           \
+    } while (0)
     int64_t t = 0;
-    for (; t + GEMM_T <= m; t += GEMM_T) {
-        int64_t g = lo;
-        for (; g + 2 <= hi; g += 2) x4_kernel(w, nb, g, xq + t * nb, corr + t * nb, n, y + t * n, n, 2, GEMM_T);
-        if (g < hi) x4_kernel(w, nb, g, xq + t * nb, corr + t * nb, n, y + t * n, n, 1, GEMM_T);
-    }
-    for (; t < m; t++)   /* one group at a time: the weights as one sequential stream */
+    for (; t + GEMM_T <= m; t += GEMM_T) X4_PASS(GEMM_T);
+    /* the last 2 or 3 rows in one more pass, not a pass each; a last single row (decode) walks
+       one group at a time, the weights as one sequential stream */
+    if (m - t == 3) {
+        X4_PASS(3);
+    } else if (m - t == 2) {
+        X4_PASS(2);
+    } else if (m - t == 1) {
         for (int64_t g = lo; g < hi; g++) x4_kernel(w, nb, g, xq + t * nb, corr + t * nb, n, y + t * n, n, 1, 1);
+    }
+#undef X4_PASS
 }
 
 /* Groups [lo, hi) of y = w . x for one activation row already in Q8_0 (+ corrections). */
