@@ -5,7 +5,9 @@
 
 On a shared host (a VM whose neighbours come and go) one run of each can be off by 1.5x either
 way: `--rounds N` runs the engine and both llama.cpp settings N times, interleaved round by
-round, and reports each one's median run, with every round's figures beside it.
+round, and reports each one's median run by decode speed, with every round's figures beside it;
+prefill ratios compare each side's median prefill over the rounds (a run with the median decode
+can hold an outlying prefill).
 
 Scenarios (each engine run is a separate `stctl model bench` process, so RSS figures are its own;
 every scenario runs the default package layout, dense ReGLU, and in-memory also the sparse one):
@@ -251,6 +253,12 @@ def interleaved(runs: dict, rounds: int) -> tuple[dict, dict]:
     return median, spread
 
 
+def median_prefill(spread: dict, name: str) -> dict | None:
+    """{"prefill_tokens_per_s": the median over the rounds of `name`}, or None without rounds."""
+    runs = sorted(spread[name]["prefill_tokens_per_s"])
+    return {"prefill_tokens_per_s": runs[(len(runs) - 1) // 2]} if runs else None
+
+
 def ratio(ours: dict, peer: dict | None, key: str = "decode_tokens_per_s") -> float | None:
     if not peer or key not in peer or not peer[key] or key not in ours:
         return None
@@ -304,6 +312,7 @@ def main() -> None:
             "llama_cpp_flash_attn": lambda: peer_run(gguf, args, flash_attn=True) if gguf else None,
         }, max(1, args.rounds))
         dense, peer, peer_fa = median["engine_dense"], median["llama_cpp"], median["llama_cpp_flash_attn"]
+        prefill = {name: median_prefill(spread, name) for name in spread}
         log("in-memory: engine (sparse ReGLU)")
         ours = engine_run(sparse_pkg, args)
         log("in-memory: memory bandwidth")
@@ -313,8 +322,10 @@ def main() -> None:
         report["in_memory"] = {
             "engine_dense": dense, "engine_sparse": ours, "llama_cpp": peer, "llama_cpp_flash_attn": peer_fa,
             "decode_ratio": ratio(dense, peer), "decode_ratio_flash_attn": ratio(dense, peer_fa),
-            "prefill_ratio": ratio(dense, peer, "prefill_tokens_per_s"),
-            "prefill_ratio_flash_attn": ratio(dense, peer_fa, "prefill_tokens_per_s"),
+            "prefill_ratio": ratio(prefill["engine_dense"], prefill["llama_cpp"], "prefill_tokens_per_s"),
+            "prefill_ratio_flash_attn": ratio(prefill["engine_dense"], prefill["llama_cpp_flash_attn"],
+                                              "prefill_tokens_per_s"),
+            "median_prefill_tokens_per_s": {name: p and p["prefill_tokens_per_s"] for name, p in prefill.items()},
             "peak_rss_ratio": ratio(dense, peer, "peak_rss_bytes"),
             "decode_ratio_sparse": ratio(ours, peer),
             "memory_bandwidth": bandwidth, "weight_bytes_per_token": per_token,
