@@ -86,6 +86,10 @@ class FastDecode(Protocol):
                rope: tuple[torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None) -> list[int]:
         """route + attend + moe of the bound experts in one native call; the chosen ids."""
 
+    def moe_batch(self, y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The bound experts of each token (ids, weights [T, K]) of y [T, D], weighted and summed
+        [T, D], in one call (the same bits as `Block.moe`)."""
+
 
 class ExpertSource(Protocol):
     """Where a layer gets its experts: `prefetch` is told the router's choice before attention and
@@ -311,6 +315,8 @@ class Block:
         id_list = experts.prefetch(self.index, id_list)  # ... so the expert reads overlap it
         h = h + self.attention(rms_norm(h, self.w.input_norm, self.cfg.rms_norm_eps), pos0, cache, rope)
         y = rms_norm(h, self.w.post_norm, self.cfg.rms_norm_eps)
+        if self.fast is not None and self.fast.has_experts:  # every expert resident: one native call
+            return h.add_(self.fast.moe_batch(y, ids, weights))
         return h.add_(self.moe(y, ids, weights, experts, id_list))
 
 

@@ -8,6 +8,8 @@ additions within a block (4 partial sums), so by <= 1e-5 of the output's scale.
 """
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -79,6 +81,49 @@ def test_fused_experts_equal_separate_products(isa):
         g, u = gu(y).chunk(2, dim=-1)
         expected += w * dn(g.relu() * u)
     assert float((acc - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+
+
+def _moe_batch(experts: list, ids: torch.Tensor, weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """st_moe_batch (moe.c) over `experts` (DenseReGLUExpert) for y [T, D]: the added outputs."""
+    lib = _native()
+    t, d = y.shape
+    f, k = experts[0].ffn_features, ids.shape[1]
+    gate_up = (ctypes.c_void_p * len(experts))(*(e.gate_up.blocks.data_ptr() for e in experts))
+    down = (ctypes.c_void_p * len(experts))(*(e.down.blocks.data_ptr() for e in experts))
+    work = torch.empty(lib.st_moe_batch_work_bytes(t, d, f, len(experts), k), dtype=torch.uint8)
+    out = torch.zeros(t, d)
+    ids32, w32 = ids.to(torch.int32).contiguous(), weights.to(torch.float32).contiguous()
+    lib.st_moe_batch(gate_up, down, len(experts), k, d, f, t, ids32.data_ptr(), w32.data_ptr(), y.data_ptr(),
+                     out.data_ptr(), work.data_ptr())
+    return out
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 19])
+def test_batch_experts_equal_separate_products(isa, tokens):
+    """st_moe_batch (prefill: every token's experts, each expert over its tokens at once) = the
+    sum over each token's experts of weight * down(relu(gate) * up), as Q4Matrix products; and
+    the same bits on one thread as on two."""
+    gen = torch.Generator().manual_seed(tokens)
+    d, f, n_experts, k = 128, 64, 6, 2
+    experts = [DenseReGLUExpert(torch.from_numpy(_weights(2 * f, d, 30 + e)),
+                                torch.from_numpy(_weights(d, f, 40 + e))) for e in range(n_experts)]
+    y = torch.randn(tokens, d, generator=gen)
+    ids = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=gen)
+    expected = torch.zeros(tokens, d)
+    for t in range(tokens):
+        for e, w in zip(ids[t].tolist(), weights[t].tolist()):
+            expected[t] += w * experts[e](y[t:t + 1])[0][0]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = _moe_batch(experts, ids, weights, y)
+        torch.set_num_threads(1)
+        one = _moe_batch(experts, ids, weights, y)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    assert float((two - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
 
 
 @pytest.mark.parametrize("out_f", [4, 7, 64])

@@ -5,7 +5,8 @@ only in speed and in rounding (the C kernel rounds activations to int8 per 32 va
 int4 kernel rounds them to bf16 and the scales from fp16 to bf16). Backends, fastest first:
 
 - `c`: `x4.c` (dense products on the interleaved layout), `q4_0.c` (GGML-order products, the
-  sparse kernels), `layer.c` (the single-token decoder layer) and `pool.c` (their threads),
+  sparse kernels), `layer.c` (the single-token decoder layer), `moe.c` (a layer's experts over
+  a batch of tokens) and `pool.c` (their threads),
   compiled on first use for the best instruction set the CPU has (`isa.py`: AVX-512 VNNI,
   AVX-VNNI, AVX2 or portable C; `ST_KERNEL_ISA` picks another) into a per-host cache
   (`$ST_KERNEL_CACHE`, default `~/.cache/smallthinker-fleet/kernels`), keyed by the sources,
@@ -43,7 +44,7 @@ from model.quant import QK4_0, Q4_0_BYTES, dequantize_q4_0, quantize_q4_0, split
 
 BACKENDS = ("c", "torch-int4", "reference")
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "q4_0.c", _HERE / "x4.c", _HERE / "layer.c", _HERE / "pool.c")
+_SOURCES = (_HERE / "q4_0.c", _HERE / "x4.c", _HERE / "layer.c", _HERE / "moe.c", _HERE / "pool.c")
 _HEADER = _HERE / "q4_0.h"
 _Q8_BLOCK_BYTES = 4 + QK4_0
 _ABI = 5
@@ -134,6 +135,10 @@ def _build(isa_name: str, cflags: str) -> ctypes.CDLL:
     lib.st_attention_decode.restype = None
     lib.st_layer_decode.argtypes = [vp, vp, vp, i64, vp, vp, vp, vp, vp, i64, i64, vp, vp, vp, vp, vp, vp]
     lib.st_layer_decode.restype = None
+    lib.st_moe_batch.argtypes = [vp, vp, i64, i64, i64, i64, i64, vp, vp, vp, vp, vp]
+    lib.st_moe_batch.restype = None
+    lib.st_moe_batch_work_bytes.argtypes = [i64, i64, i64, i64, i64]
+    lib.st_moe_batch_work_bytes.restype = i64
     lib.st_has_avx2.restype = ctypes.c_int
     return lib
 

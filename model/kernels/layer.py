@@ -59,6 +59,7 @@ class NativeLayer:
         self._down_ptrs = (ctypes.c_void_p * cfg.moe_num_active_primary_experts)()
         self._ffn = cfg.moe_ffn_hidden_size
         self._all_gate_up = self._all_down = None  # every expert's matrices, once bound
+        self._batch_work = torch.empty(0, dtype=torch.uint8)  # moe_batch's, grown as prompts need
         self._bound: list = []
 
     @property
@@ -77,6 +78,24 @@ class NativeLayer:
         self._all_down = (ctypes.c_void_p * len(experts))(*(e.down.blocks.data_ptr() for e in experts))
         self._bound = list(experts)  # the pointers above stay valid while these live
         return True
+
+    def moe_batch(self, y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each token's experts (ids, weights [T, K]) of y [T, D], weighted and summed: [T, D], in
+        one native call (`st_moe_batch`, moe.c; the same bits as `Block.moe`), every expert bound
+        by `bind_experts`."""
+        t, d = y.shape
+        k = ids.shape[1]
+        y = y.contiguous()
+        ids32 = ids.to(torch.int32).contiguous()
+        weights32 = weights.to(torch.float32).contiguous()
+        need = self._lib.st_moe_batch_work_bytes(t, d, self._ffn, self._layer.n_experts, k)
+        if self._batch_work.numel() < need:  # torch's allocations are 64-byte aligned
+            self._batch_work = torch.empty(need, dtype=torch.uint8)
+        out = torch.zeros(t, d)
+        self._lib.st_moe_batch(self._all_gate_up, self._all_down, self._layer.n_experts, k, d, self._ffn, t,
+                               ids32.data_ptr(), weights32.data_ptr(), y.data_ptr(), out.data_ptr(),
+                               self._batch_work.data_ptr())
+        return out
 
     def unbind_experts(self) -> None:
         """Back to one call each for route, attention and experts (benchmarks/decode_profile.py --split)."""

@@ -33,6 +33,8 @@ INTERNAL void st_quantize_row(const float *v, int64_t nb, block_q8 *out, uint8_t
 INTERNAL void st_x4_quantize_row(const float *v, int64_t nb, block_q8 *xq, int32_t *corr);
 INTERNAL void st_x4_gemv_groups(const uint8_t *w, int64_t n, int64_t nb, const block_q8 *xq, const int32_t *corr,
                                 float *y, int64_t lo, int64_t hi);
+INTERNAL void st_x4_matmul_groups(const uint8_t *w, int64_t n, int64_t nb, const block_q8 *xq, const int32_t *corr,
+                                  int64_t m, float *y, int64_t lo, int64_t hi);
 INTERNAL void st_x4_gemv_share(const uint8_t *w, int64_t n, int64_t nb, const block_q8 *xq, const int32_t *corr,
                                float *y, int ith, int nth);
 

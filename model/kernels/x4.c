@@ -387,6 +387,12 @@ static void x4_groups(const uint8_t *w, int64_t n, int64_t nb, const block_q8 *x
 #undef X4_PASS
 }
 
+/* Groups [lo, hi) of y [m, n] = x . w^T for m activation rows already in Q8_0 (+ corrections). */
+void st_x4_matmul_groups(const uint8_t *w, int64_t n, int64_t nb, const block_q8 *xq, const int32_t *corr, int64_t m,
+                         float *y, int64_t lo, int64_t hi) {
+    x4_groups(w, n, nb, xq, corr, m, y, lo, hi);
+}
+
 /* Groups [lo, hi) of y = w . x for one activation row already in Q8_0 (+ corrections). */
 void st_x4_gemv_groups(const uint8_t *w, int64_t n, int64_t nb, const block_q8 *xq, const int32_t *corr, float *y,
                        int64_t lo, int64_t hi) {
