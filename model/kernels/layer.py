@@ -15,7 +15,9 @@ import ctypes
 
 import torch
 
-from model.kernels import DenseReGLUExpert, Q4Matrix, _native
+from model.kernels import DenseReGLUExpert, Q4Matrix, _native, _Scratch
+
+_batch_work = _Scratch()  # st_moe_batch's work memory: one buffer per thread, shared by every layer
 
 
 class _Layer(ctypes.Structure):
@@ -59,7 +61,6 @@ class NativeLayer:
         self._down_ptrs = (ctypes.c_void_p * cfg.moe_num_active_primary_experts)()
         self._ffn = cfg.moe_ffn_hidden_size
         self._all_gate_up = self._all_down = None  # every expert's matrices, once bound
-        self._batch_work = torch.empty(0, dtype=torch.uint8)  # moe_batch's, grown as prompts need
         self._bound: list = []
 
     @property
@@ -88,13 +89,10 @@ class NativeLayer:
         y = y.contiguous()
         ids32 = ids.to(torch.int32).contiguous()
         weights32 = weights.to(torch.float32).contiguous()
-        need = self._lib.st_moe_batch_work_bytes(t, d, self._ffn, self._layer.n_experts, k)
-        if self._batch_work.numel() < need:  # torch's allocations are 64-byte aligned
-            self._batch_work = torch.empty(need, dtype=torch.uint8)
+        work = _batch_work.get(self._lib.st_moe_batch_work_bytes(t, d, self._ffn, self._layer.n_experts, k))
         out = torch.zeros(t, d)
         self._lib.st_moe_batch(self._all_gate_up, self._all_down, self._layer.n_experts, k, d, self._ffn, t,
-                               ids32.data_ptr(), weights32.data_ptr(), y.data_ptr(), out.data_ptr(),
-                               self._batch_work.data_ptr())
+                               ids32.data_ptr(), weights32.data_ptr(), y.data_ptr(), out.data_ptr(), work.data_ptr())
         return out
 
     def unbind_experts(self) -> None:
