@@ -270,6 +270,7 @@ class CompletionBody(BaseModel):
     stream: bool = False
     model: str | None = None
     n: int = Field(1, ge=1, le=1)
+    ignore_eos: bool = False  # vLLM's extension: max_tokens tokens, past the end-of-text token
 
     @field_validator("prompt", "stop", "model")
     @classmethod
@@ -430,7 +431,7 @@ def create_app(config: DeviceConfig, on_fatal: Callable[[], None] | None = None)
         if len(stop) > limits.max_stop_sequences:
             raise _Error(400, f"at most {limits.max_stop_sequences} stop sequences", "invalid_request")
         completion = serving.admit(CompletionRequest(body.prompt, body.max_tokens, body.temperature, body.top_p,
-                                                     body.seed, stop, key))
+                                                     body.seed, stop, key, body.ignore_eos))
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(kind: str, payload) -> None:

@@ -13,7 +13,9 @@ Rules:
   others; every wait is bounded by `token_timeout_s`;
 - a cancelled completion (its client went away) leaves the queue at once, or stops after the
   token being computed; its slot frees then;
-- `max_tokens` is capped by the configuration, the prompt by `max_prompt_tokens`;
+- `max_tokens` is capped by the configuration, the prompt by `max_prompt_tokens`; a completion
+  ends at the model's end-of-text token unless it asks `ignore_eos` (vLLM's extension: generate
+  `max_tokens` whatever the model says, for load tests and benchmarks of a fixed length);
 - every admitted completion writes one `requests` row (key, outcome: `completed`, `cancelled` or
   `failed`, time queued); a completed one also writes one `generations` row;
 - at most one forward pass runs in the process at a time (`COMPUTE_LOCK`, taken per token):
@@ -103,6 +105,7 @@ class CompletionRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     key: str = ""  # the application key's name ("" where completions need no key)
+    ignore_eos: bool = False  # go on past the end-of-text token (it decodes to no text)
 
 
 class _StopText:
@@ -153,7 +156,7 @@ class Completion:
         if len(ids) > limits.max_prompt_tokens:
             raise BadRequestError(f"the prompt has {len(ids)} tokens; at most {limits.max_prompt_tokens}")
         self.max_tokens = min(request.max_tokens, limits.max_tokens)
-        eos = engine.tokenizer.eos_id
+        eos = None if request.ignore_eos else engine.tokenizer.eos_id
         try:  # validates ids and context now; the generator body runs only when iterated
             self.tokens = engine.generate(ids, self.max_tokens, temperature=request.temperature, seed=request.seed,
                                           top_p=request.top_p, stop_ids=() if eos is None else (eos,))

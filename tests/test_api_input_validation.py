@@ -62,6 +62,7 @@ COMPLETION_CASES = [
     pytest.param(b'{"prompt": "x", "max_tokens": true}', "max_tokens", "integer", id="max_tokens-true"),
     pytest.param(b'{"prompt": "x", "stream": "yes"}', "stream", "boolean", id="stream-yes"),
     pytest.param(b'{"prompt": "x", "stream": 1}', "stream", "boolean", id="stream-1"),
+    pytest.param(b'{"prompt": "x", "ignore_eos": "yes"}', "ignore_eos", "boolean", id="ignore_eos-yes"),
     pytest.param(b'{"prompt": "x", "temperature": true}', "temperature", "number", id="temperature-true"),
     pytest.param(b'{"prompt": "x", "seed": "7"}', "seed", "integer", id="seed-string"),
     *[pytest.param(f'{{"prompt": "x", "{field}": {value}}}'.encode(), field, "finite", id=f"{field}-{value}")

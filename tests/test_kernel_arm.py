@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
-from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
+from gguf.quants import dequantize as gguf_dequantize
 
 from model.kernels.isa import ARM_ISAS
+from test_kernel_isas import _weights
 from test_quant import _error_bound
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,11 +57,6 @@ def _run(exe: Path, blocks: np.ndarray, x: np.ndarray, n: int) -> tuple[str, np.
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     name, _, rest = proc.stdout.partition(b"\n")
     return name.decode(), np.frombuffer(rest, dtype=np.float32).reshape(m, n).astype(np.float64)
-
-
-def _weights(out_f: int, in_f: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return gguf_quantize((rng.standard_t(4, size=(out_f, in_f)) / np.sqrt(in_f)).astype(np.float32), Q4_0)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 6, 17])  # every pass: 4 rows, the last 1, 2 or 3
