@@ -28,8 +28,9 @@ def test_training_forward_pass_agrees_with_the_independent_reference(softmax):
     model.load_hf_state_dict(weights)
     ids = np.random.default_rng(5).integers(0, c["vocab_size"], 12).tolist()
     ref = reference_logits(c, {k: v.double().numpy() for k, v in weights.items()}, ids)
-    logits = model(torch.tensor([ids, ids]))[0].detach()  # a batch of two equal rows
-    assert relative_error(logits[0].numpy(), ref) < 1e-5 and torch.equal(logits[0], logits[1])
+    logits = model(torch.tensor([ids, ids]))[0].detach()  # a batch of two equal rows: neither sees the other
+    # (each row on its own, not bit for bit: BLAS may round the rows of one matmul differently)
+    assert all(relative_error(row.numpy(), ref) < 1e-5 for row in logits)
     assert model.hf_state_dict().keys() == weights.keys()
 
 
