@@ -171,6 +171,9 @@ class GoldenPrompt:
     expected_ids: tuple[int, ...]
     # per generated step: [[token_id, logit], ...] of the builder's top candidates
     top_logits: tuple[tuple[tuple[int, float], ...], ...]
+    # the same prompt and continuation as text, when the builder had a tokenizer for it (for people)
+    prompt_text: str | None = None
+    expected_text: str | None = None
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> GoldenPrompt:
@@ -190,14 +193,21 @@ class GoldenPrompt:
             ):
                 raise ManifestError(f"{where}.top_logits: each step is a list of [token_id, logit]")
             parsed.append(tuple((int(t), float(v)) for t, v in step))
-        return cls(tuple(prompt), tuple(expected), tuple(parsed))
+        texts = [d.get(k) for k in ("prompt_text", "expected_text")]
+        if any(t is not None and not isinstance(t, str) for t in texts):
+            raise ManifestError(f"{where}: prompt_text and expected_text must be strings")
+        return cls(tuple(prompt), tuple(expected), tuple(parsed), *texts)
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "prompt_ids": list(self.prompt_ids),
             "expected_ids": list(self.expected_ids),
             "top_logits": [[[t, round(v, 5)] for t, v in step] for step in self.top_logits],
         }
+        for key in ("prompt_text", "expected_text"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        return d
 
 
 @dataclass(frozen=True)
@@ -213,6 +223,9 @@ class HealthSpec:
     logit_tolerance: float = 0.05
     min_decode_tokens_per_s: float = 0.0
     max_peak_rss_bytes: int | None = None
+    # what the builder measured on held-out text with this very package (informational):
+    # {"loss": nats per token, "perplexity", "tokens", "source"}
+    heldout: dict | None = None
 
     @classmethod
     def from_dict(cls, d: Any) -> HealthSpec:
@@ -228,7 +241,11 @@ class HealthSpec:
             raise ManifestError("health.max_peak_rss_bytes: expected a positive integer or null")
         if tol <= 0 or tps < 0:
             raise ManifestError("health: logit_tolerance must be > 0 and min_decode_tokens_per_s >= 0")
-        return cls(prompts, tol, tps, rss)
+        heldout = d.get("heldout")
+        if heldout is not None and (not isinstance(heldout, dict) or not isinstance(heldout.get("loss"), (int, float))
+                                    or isinstance(heldout.get("loss"), bool)):
+            raise ManifestError("health.heldout: expected an object with a numeric loss")
+        return cls(prompts, tol, tps, rss, heldout)
 
     def to_dict(self) -> dict:
         return {
@@ -236,6 +253,7 @@ class HealthSpec:
             "logit_tolerance": self.logit_tolerance,
             "min_decode_tokens_per_s": self.min_decode_tokens_per_s,
             "max_peak_rss_bytes": self.max_peak_rss_bytes,
+            **({"heldout": self.heldout} if self.heldout is not None else {}),
         }
 
 

@@ -6,8 +6,10 @@ loading the package just written, not from the float weights.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,18 +18,18 @@ from manifests import ModelManifest, TokenizerSpec
 from manifests.errors import ManifestError
 from manifests.model_manifest import parse_version
 from manifests.names import check_name
-from model.checkpoint import HFCheckpoint, RandomWeights, demo_changed_experts, expected_shape
+from model.checkpoint import HFCheckpoint, RandomWeights, expected_shape
 from model.config import ModelConfig
 from model.errors import CheckpointError, ConfigError, PackageError
-from model.health import DEFAULT_PROMPTS, record_golden
+from model.health import DEFAULT_PROMPTS, DEFAULT_STEPS, record_golden
 from model.package import (
     EMBED_SHARD, EMBED_TENSOR, HEAD_SHARD, NORM_TENSOR, PackageWriter, expert_shard,
     expert_tensor_names, layer_shard, layer_tensor_names,
 )
 from model.quant import quantize_q4_0
-from model.tokenizer import BYTE_BOS, BYTE_EOS
+from model.tokenizer import BYTE_BOS, BYTE_EOS, HFTokenizer
+from model.train import next_token_loss
 
-DEMO_SEED = 20250701
 _FP32_SUFFIXES = ("layernorm.weight", "norm.weight", "primary_router.weight")
 
 Progress = Callable[[int, int, str], None]  # (done, total, label)
@@ -58,11 +60,16 @@ def _shard_plan(cfg: ModelConfig, source) -> list[tuple[str, str, list[str], dic
 
 def build_package(source, out: str | Path, *, quant: str = "q4_0", name: str, version: str,
                   progress: Progress | None = None, health_min_tokens_per_s: float = 0.0,
-                  health_max_rss_bytes: int | None = None, sparse_down: bool = False) -> ModelManifest:
+                  health_max_rss_bytes: int | None = None, sparse_down: bool = False,
+                  golden_prompts: Sequence[str] = DEFAULT_PROMPTS, golden_steps: int = DEFAULT_STEPS,
+                  heldout: Heldout | None = None) -> ModelManifest:
     """Quantize `source` (HFCheckpoint or RandomWeights) into a package at `out`.
 
     `sparse_down` stores every expert's down matrix transposed ([F, D], Q4_0 blocks along D; the
     manifest lists them under `transposed`) so the engine's sparse ReGLU reads only active rows.
+    `golden_prompts` are the health check's prompts (`golden_steps` greedy tokens each);
+    `heldout` (rows of held-out token ids and where they come from) puts the package's own
+    held-out loss into the manifest's health section.
     """
     from model.engine import Engine  # the engine loads the package we just wrote
 
@@ -111,9 +118,11 @@ def build_package(source, out: str | Path, *, quant: str = "q4_0", name: str, ve
         writer.write_manifest(manifest)
         report(len(plan), total, "golden outputs")
         engine = Engine.load(writer.tmp)
-        prompts = [_golden_prompt(engine, text) for text in DEFAULT_PROMPTS]
-        health = record_golden(engine, prompts, min_decode_tokens_per_s=health_min_tokens_per_s,
-                               max_peak_rss_bytes=health_max_rss_bytes)
+        prompts = [_golden_prompt(engine, text) for text in golden_prompts]
+        health = record_golden(engine, prompts, steps=golden_steps, min_decode_tokens_per_s=health_min_tokens_per_s,
+                               max_peak_rss_bytes=health_max_rss_bytes, texts=source.tokenizer_file is not None)
+        if heldout is not None:
+            health = replace(health, heldout=heldout_loss(engine, heldout))
         del engine
         manifest = replace(manifest, health=health)
         writer.write_manifest(manifest)
@@ -124,6 +133,20 @@ def build_package(source, out: str | Path, *, quant: str = "q4_0", name: str, ve
     except BaseException:
         writer.abort()
         raise
+
+
+@dataclass(frozen=True)
+class Heldout:
+    rows: torch.Tensor  # [B, T] token ids, each row from a document's start
+    source: str  # what the rows are, for the manifest
+
+
+def heldout_loss(engine, heldout: Heldout) -> dict:
+    """The engine's mean next-token cross-entropy over the rows (one fresh prefill per row)."""
+    rows = heldout.rows
+    loss = next_token_loss(lambda x: torch.stack([engine.logits(r.tolist()) for r in x]), rows)
+    return {"loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
+            "tokens": int(rows[:, 1:].numel()), "source": heldout.source}
 
 
 def _golden_prompt(engine, text: str) -> list[int]:
@@ -148,11 +171,21 @@ def build_from_hf(checkpoint_dir: str | Path, out: str | Path, *, name: str | No
 
 def build_demo(out: str | Path, *, variant: int = 1, version: str | None = None, name: str = "st-demo",
                **kw) -> ModelManifest:
-    if variant < 1:
-        raise ConfigError("demo variant must be >= 1")
-    cfg = ModelConfig.from_preset("st-demo")
-    source = RandomWeights(cfg, DEMO_SEED, variant, demo_changed_experts(cfg, variant))
-    return build_package(source, out, name=name, version=version or f"{variant}.0.0", **kw)
+    """The trained demo model (`model.demo_checkpoint`): variant 1, or 2 (v1 with a quarter of its
+    experts fine-tuned on line 7), built from its HF checkpoint like any other; golden prompts and
+    the recorded held-out loss come from the corpus' held-out records."""
+    from model import demo_checkpoint
+
+    if variant not in (1, 2):
+        raise ConfigError(f"demo variant {variant}: the trained demo has variants 1 and 2")
+    with tempfile.TemporaryDirectory(prefix="st-demo-checkpoint-") as scratch:
+        source = HFCheckpoint(demo_checkpoint.checkpoint_dir(variant, Path(scratch)))
+        tok = HFTokenizer(source.tokenizer_file.read_bytes(), None, None)
+        rows = demo_checkpoint.heldout_rows(tok.encode, limit=demo_checkpoint.PACKAGE_EVAL_ROWS)
+        heldout = Heldout(rows, f"model.demo_corpus: the first {len(rows)} held-out plant rows")
+        return build_package(source, out, name=name, version=version or f"{variant}.0.0",
+                             golden_prompts=demo_checkpoint.golden_prompts(), golden_steps=demo_checkpoint.GOLDEN_STEPS,
+                             heldout=heldout, **kw)
 
 
 def build_random(preset: str, out: str | Path, *, seed: int = 0, name: str | None = None,

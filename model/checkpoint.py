@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from pathlib import Path
 
 import torch
@@ -96,12 +95,11 @@ class RandomWeights:
     """Shape-true seeded weights: embedding N(0, 1), matrices N(0, 0.02), norms 1.
 
     Each tensor has its own generator seeded from (seed, name), so a tensor never depends on the
-    order of generation. `changed_experts` (layer, expert) pairs draw from a variant seed instead:
-    that is how demo variants re-initialise a quarter of the experts and nothing else.
+    order of generation.
     """
 
-    def __init__(self, config: ModelConfig, seed: int, variant: int = 1, changed_experts: frozenset = frozenset()):
-        self.config, self.seed, self.variant, self.changed_experts = config, seed, variant, changed_experts
+    def __init__(self, config: ModelConfig, seed: int):
+        self.config, self.seed = config, seed
         self.tokenizer_file = None
 
     def has(self, name: str) -> bool:
@@ -114,23 +112,9 @@ class RandomWeights:
         shape = expected_shape(self.config, name)
         if name.endswith("layernorm.weight") or name == "model.norm.weight":
             return torch.ones(shape)
-        key: tuple = (self.seed, name)
-        parts = name.split(".")
-        if "experts" in parts:
-            layer, expert = int(parts[2]), int(parts[parts.index("experts") + 1])
-            if (layer, expert) in self.changed_experts:
-                key = (self.seed, name, "variant", self.variant)
-        gen = torch.Generator().manual_seed(_seed_for(*key))
+        gen = torch.Generator().manual_seed(_seed_for(self.seed, name))
         std = 1.0 if name == EMBED_TENSOR else 0.02
         return torch.randn(shape, generator=gen) * std
-
-
-def demo_changed_experts(config: ModelConfig, variant: int) -> frozenset:
-    """The quarter of (layer, expert) pairs that demo variant N >= 2 re-initialises."""
-    if variant < 2:
-        return frozenset()
-    pairs = [(layer, e) for layer in range(config.num_hidden_layers) for e in range(config.moe_num_primary_experts)]
-    return frozenset(random.Random(variant).sample(pairs, len(pairs) // 4))
 
 
 def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:

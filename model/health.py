@@ -21,7 +21,8 @@ DEFAULT_TOLERANCE = 0.1
 
 def record_golden(engine, prompts: list[list[int]], steps: int = DEFAULT_STEPS, top_n: int = DEFAULT_TOP_N,
                   tolerance: float = DEFAULT_TOLERANCE, min_decode_tokens_per_s: float = 0.0,
-                  max_peak_rss_bytes: int | None = None) -> HealthSpec:
+                  max_peak_rss_bytes: int | None = None, texts: bool = False) -> HealthSpec:
+    """`texts`: also record each prompt and its greedy continuation as decoded text."""
     golden = []
     for prompt in prompts:
         expected = list(engine.generate(prompt, steps))
@@ -30,7 +31,8 @@ def record_golden(engine, prompts: list[list[int]], steps: int = DEFAULT_STEPS, 
         for row in logits:
             values, ids = row.topk(top_n)
             tops.append(tuple((int(i), float(v)) for i, v in zip(ids, values)))
-        golden.append(GoldenPrompt(tuple(prompt), tuple(expected), tuple(tops)))
+        decoded = (engine.tokenizer.decode(prompt), engine.tokenizer.decode(expected)) if texts else (None, None)
+        golden.append(GoldenPrompt(tuple(prompt), tuple(expected), tuple(tops), *decoded))
     return HealthSpec(tuple(golden), tolerance, min_decode_tokens_per_s, max_peak_rss_bytes)
 
 

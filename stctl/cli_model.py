@@ -17,8 +17,8 @@ app = typer.Typer(help="Build, run, benchmark and export model packages.\n\n"
 def build(
     out: Path = typer.Option(..., "--out", "-o", help="Package directory to create (must not exist)."),
     from_hf: Optional[Path] = typer.Option(None, "--from-hf", help="HF checkpoint dir (config.json + safetensors)."),
-    demo: bool = typer.Option(False, "--demo", help="Build the tiny built-in st-demo model."),
-    demo_variant: int = typer.Option(1, "--demo-variant", help="Demo variant N>=2 re-initialises a quarter of the experts."),
+    demo: bool = typer.Option(False, "--demo", help="Build the trained built-in st-demo model (model/demo_weights)."),
+    demo_variant: int = typer.Option(1, "--demo-variant", help="Demo variant: 1, or 2 (v1 with a quarter of its experts fine-tuned on line 7)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Preset shape: smallthinker-4b-a0.6b, smallthinker-21b-a3b, st-demo."),
     random_weights: bool = typer.Option(False, "--random-weights", help="With --preset: seeded random weights."),
     seed: int = typer.Option(0, "--seed", help="Seed for --random-weights."),
@@ -112,6 +112,55 @@ def run(
         console.print()
         console.print(f"[dim]prefill {stats['prefill_ms']:.1f} ms, decode {stats['decode_tokens_per_s']:.1f} tok/s, "
                       f"peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB[/]")
+
+
+@app.command("train-demo")
+@handles_errors
+def train_demo(
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the checkpoint files into."),
+    variant: int = typer.Option(1, "--variant", help="1: tokenizer + model from scratch; 2: v1's expert fine-tune on line 7."),
+    steps: int = typer.Option(300, "--steps", help="Optimizer steps."),
+    batch: int = typer.Option(16, "--batch", help="Rows per step."),
+    length: int = typer.Option(128, "--length", help="Tokens per row."),
+    lr: float = typer.Option(4e-3, "--lr", help="Peak learning rate (cosine to a tenth)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the weights and the row sampler."),
+    threads: int = typer.Option(1, "--threads", help="CPU threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print the training record as JSON."),
+) -> None:
+    """Train the demo checkpoint (HF format + training.json) on the project's own corpus.
+
+    The shipped model/demo_weights/v1 and v2 were made by this command (their training.json
+    records how). Example: stctl model train-demo --out model/demo_weights/v1 --steps 300
+    """
+    import shlex
+    import sys
+
+    import torch
+
+    from model.demo_checkpoint import finetune_v2, train_v1
+    from model.train import TrainSettings
+
+    if variant not in (1, 2):
+        fail("--variant must be 1 or 2")
+    if min(steps, batch, length, threads) < 1 or lr <= 0:
+        fail("--steps, --batch, --length and --threads must be >= 1 and --lr > 0")
+    torch.set_num_threads(threads)
+    settings = TrainSettings(steps=steps, batch=batch, length=length, lr=lr, seed=seed,
+                             warmup=min(20, max(1, steps // 10)))
+    command = "stctl model train-demo " + shlex.join(sys.argv[sys.argv.index("train-demo") + 1:]
+                                                     if "train-demo" in sys.argv else [])
+
+    def log(entry: dict) -> None:
+        if not as_json and (entry["step"] % 20 == 0 or entry["step"] == steps - 1):
+            console.print(f"step {entry['step']:4d}  loss {entry['loss']:.3f}  balance {entry['balance']:.3f}  "
+                          f"min expert share {entry['min_expert_share']:.3f}  {entry['seconds']:.0f}s", markup=False)
+
+    make = train_v1 if variant == 1 else finetune_v2
+    record = make(out, settings, command, log=log)
+    if as_json:
+        print_json(record)
+    else:
+        console.print(f"wrote {out}: held-out loss {record['heldout_loss']} in {record['seconds']:.0f}s", markup=False)
 
 
 @app.command("export-gguf")

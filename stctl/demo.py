@@ -31,6 +31,7 @@ import requests
 
 import manifests
 from model.build import build_demo
+from model.demo_checkpoint import golden_prompts
 from stctl.app_keys import create_app_key
 from stctl.bootstrap import init_workspace
 from stctl.device_client import ClientConfig, DeviceClient, map_devices
@@ -42,7 +43,8 @@ from stctl.rollout import start_rollout
 from stctl.serve import make_server
 from stctl.telemetry_pull import pull_fleet, show
 
-DEMO_PROMPTS = ("Line 4 torque check:", "Conveyor B status report:", "Shift handover notes:")
+# the starts of held-out records (never trained on): the trained demo model continues them
+DEMO_PROMPTS = tuple(golden_prompts()[:3])
 DEVICES = {"line4-pc1": ["ring=canary", "line=4"], "line4-pc2": ["ring=main", "line=4"],
            "line5-pc1": ["ring=main", "line=5"]}
 EXAMPLES = Path(manifests.__file__).parent / "examples"
@@ -143,7 +145,7 @@ def _complete_everywhere(ws, tokens: int, say: Callable, app_keys: dict[str, str
                 out = client.complete(prompt, max_tokens=tokens, app_key=app_keys[device["name"]], temperature=0.8,
                                       seed=7)
                 say(f"  {device['name']} ({out.get('system_fingerprint')}) {prompt!r} -> "
-                    f"{out['choices'][0]['text'][:40]!r}")
+                    f"{out['choices'][0]['text'][:72]!r}")
         finally:
             client.close()
 

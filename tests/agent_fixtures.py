@@ -65,7 +65,8 @@ def agent_factory() -> Iterator:
 
 @pytest.fixture(scope="session")
 def expected_text(demo_packages) -> dict[str, str]:
-    """Greedy 4-token continuation of PROMPT for each demo version (computed in-process)."""
+    """Greedy 4-token continuation of PROMPT for each demo version (computed in-process); they
+    differ, so a completion's text tells which version answered."""
     from model import Engine
 
     out = {}
@@ -74,4 +75,5 @@ def expected_text(demo_packages) -> dict[str, str]:
         ids = engine.generate(engine.tokenizer.encode(PROMPT), 4, stop_ids=(engine.tokenizer.eos_id,))
         out[version] = engine.tokenizer.decode([i for i in ids if i != engine.tokenizer.eos_id])
         engine.transformer.experts.close()
+    assert out["1.0.0"] != out["2.0.0"], out
     return out

@@ -24,7 +24,8 @@ from manifests.app_keys import key_digest, new_key
 from stctl.enroll import enroll_device
 from stctl.workspace import Workspace
 
-PROMPT = "Line 4 torque check:"
+# v1 continues it with line 6, v2 (fine-tuned on line 7) with line 7: a completion names its version
+PROMPT = "Shift handover notes:"
 TEST_APP_KEY = new_key()  # the application key test clients send ("tests" on every test device)
 START_TIMEOUT_S = 120.0
 JOB_TIMEOUT_S = 180.0
@@ -172,13 +173,13 @@ class Agent:
         assert r.status_code == 202, r.text
         return r.json()["id"]
 
-    def wait_job(self, job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict:
+    def wait_job(self, job_id: str, timeout: float = JOB_TIMEOUT_S, poll_s: float = 0.2) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             job = self.get(f"/v1/updates/{job_id}").json()
             if job["state"] in ("active", "failed", "rolled_back"):
                 return job
-            time.sleep(0.2)
+            time.sleep(poll_s)
         raise AssertionError(f"update {job_id} not finished within {timeout}s: {job}")
 
     def complete(self, max_tokens: int = 4, **body) -> dict:

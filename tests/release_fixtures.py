@@ -20,7 +20,7 @@ from stctl.workspace import Workspace, open_workspace
 
 @pytest.fixture(scope="session")
 def demo_packages(tmp_path_factory) -> tuple[Path, Path]:
-    """st-demo 1.0.0 and 2.0.0 (variant 2: a quarter of the expert shards changed)."""
+    """st-demo 1.0.0 and 2.0.0 (variant 2: v1 with a quarter of its experts fine-tuned, only their shards changed)."""
     root = tmp_path_factory.mktemp("packages")
     build_demo(root / "v1", variant=1)
     build_demo(root / "v2", variant=2)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from agent.blobstore import BlobStore
 from agent.tuf_client import ClientConfig, ReleaseClient
+from manifests.release import package_files
+from model.package import read_manifest
 from stctl.serve import RepositoryHandler, make_server
 from stctl.workspace import Workspace
 
@@ -42,6 +44,12 @@ class Device:
     def nothing_unverified(self) -> bool:
         """No temp files or partial downloads left behind in the store."""
         return not any(self.store.tmp_dir.iterdir()) and not any(self.store.partial_dir.iterdir())
+
+
+def blobs_of(package: Path) -> int:
+    """How many files a device with an empty store fetches for `package` (besides its manifest):
+    its shards and tokenizer file, one download per distinct sha256."""
+    return len({sha256 for _, sha256, _ in package_files(read_manifest(package))})
 
 
 def tree_hash(root: Path) -> dict[str, str]:

@@ -2,6 +2,8 @@
 TLS on 127.0.0.1: completions need a key the operator put on the device; a flood under one key
 (or without one, where keys are optional) leaves room and turns for another key; a client that
 hangs up stops its generation and frees its slot, and the `requests` table says `cancelled`.
+The long completions those tests hang up on ask `ignore_eos`: the trained demo model ends a record
+after some 80 tokens, and they must still be running when their client goes.
 
 (Before: six looping clients without a certificate got a normal application 0 of 38 answers in
 20 s, and a non-streaming completion generated all its tokens after its client had gone.)"""
@@ -26,6 +28,7 @@ pytest_plugins = ["release_fixtures", "agent_fixtures"]
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 4096  # far more than a client waits for: every cancellation test hangs up long before
+LONG = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "ignore_eos": True}  # a completion that runs to MAX_TOKENS
 
 
 def started_agent(fleet, v1_template, tmp_path_factory, name: str, **config) -> Agent:
@@ -45,9 +48,10 @@ def agent(fleet, v1_template, tmp_path_factory):
     agent.stop()
 
 
-def complete(agent: Agent, app_key: str | None, max_tokens: int = 2, timeout: float = 60) -> requests.Response:
+def complete(agent: Agent, app_key: str | None, max_tokens: int = 2, timeout: float = 60,
+             **body) -> requests.Response:
     with agent.client(app_key=app_key) as client:
-        return client.post(agent.url("/v1/completions"), json={"prompt": PROMPT, "max_tokens": max_tokens},
+        return client.post(agent.url("/v1/completions"), json={"prompt": PROMPT, "max_tokens": max_tokens, **body},
                            timeout=timeout)
 
 
@@ -174,10 +178,19 @@ def test_without_keys_required_a_keyless_flood_still_leaves_a_keyed_client_its_t
 
 
 # ---- cancellation ----------------------------------------------------------------------------
+def test_ignore_eos_generates_past_the_end_of_text(agent):
+    ended = complete(agent, TEST_APP_KEY, max_tokens=400).json()  # greedy: the record ends, then end-of-text
+    assert ended["choices"][0]["finish_reason"] == "stop" and ended["usage"]["completion_tokens"] < 400, ended
+    past = complete(agent, TEST_APP_KEY, max_tokens=400, ignore_eos=True).json()
+    assert past["choices"][0]["finish_reason"] == "length" and past["usage"]["completion_tokens"] == 400, past
+    assert past["choices"][0]["text"].startswith(ended["choices"][0]["text"])
+    assert len(past["choices"][0]["text"]) > len(ended["choices"][0]["text"])
+
+
 def test_a_client_that_hangs_up_stops_its_generation_and_frees_its_slot(agent):
     since = time.time()
     with pytest.raises(requests.ReadTimeout):  # the client gives up and closes its connection
-        complete(agent, TEST_APP_KEY, max_tokens=MAX_TOKENS, timeout=0.1)
+        complete(agent, TEST_APP_KEY, MAX_TOKENS, timeout=0.1, ignore_eos=True)
     assert wait_until(lambda: in_progress(agent) == 0, timeout=5.0)
     assert wait_until(lambda: requests_rows(agent, since))
     row = requests_rows(agent, since)[-1]
@@ -189,7 +202,7 @@ def test_a_streaming_client_that_hangs_up_is_cancelled_too(agent):
     since = time.time()
     with agent.client() as client:
         r = client.post(agent.url("/v1/completions"), stream=True, timeout=60,
-                        json={"prompt": PROMPT, "max_tokens": MAX_TOKENS, "stream": True})
+                        json={**LONG, "stream": True})
         lines = r.iter_lines()
         assert next(line for line in lines if line).startswith(b"data: ")
         r.close()
@@ -203,7 +216,7 @@ def test_a_waiting_completion_whose_client_hangs_up_leaves_the_queue(agent):
     since = time.time()
     with agent.client() as long_client:
         running = long_client.post(agent.url("/v1/completions"), stream=True, timeout=60,
-                                   json={"prompt": PROMPT, "max_tokens": MAX_TOKENS, "stream": True})
+                                   json={**LONG, "stream": True})
         lines = running.iter_lines()  # kept: a dropped iterator would close the stream
         next(line for line in lines if line)  # it holds the engine
         with pytest.raises(requests.ReadTimeout):

@@ -1,7 +1,7 @@
-"""Too little disk for an update. The data dir lives on a tmpfs with room for v1 and only half of
-the v2 delta: the job is refused before any shard is downloaded (the room check counts the
-missing bytes against the free space), v1 keeps serving, and the job and its `updates` row say
-why. A disk that fills up anyway during the download (another writer took the space after the
+"""Too little disk for an update. The data dir lives on a tmpfs with room for v1, the agent's own
+small writes and only half of the v2 delta: the job is refused before any shard is downloaded (the
+room check counts the missing bytes against the free space), v1 keeps serving, and the job and its
+`updates` row say why. A disk that fills up anyway during the download (another writer took the space after the
 check; ENOSPC injected into the fetcher's file writes, in-process) fails the job cleanly: no
 partial or unverified files are left, every blob matches its hash.
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,8 +27,14 @@ pytest_plugins = ["release_fixtures", "agent_fixtures"]
 pytestmark = pytest.mark.slow
 
 
-def tree_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+# what the agent writes itself before its room check: telemetry rows (and their WAL), TUF metadata,
+# the release's manifest (about 120 KiB with st-demo)
+AGENT_WRITES = 256 * 1024
+
+
+def allocated_bytes(root: Path) -> int:
+    """Disk space the files under `root` take (whole blocks: a 2 KB shard takes 4 KiB of a tmpfs)."""
+    return sum(p.stat().st_blocks * 512 for p in root.rglob("*") if p.is_file())
 
 
 def assert_failed_cleanly(data_dir: Path, job: dict, reason: str) -> None:
@@ -43,11 +50,12 @@ def assert_failed_cleanly(data_dir: Path, job: dict, reason: str) -> None:
 
 @pytest.fixture
 def small_disk(tmp_path, v1_template, demo_packages):
-    """A tmpfs holding a copy of the v1 data dir plus half of the v2 delta; None without root."""
+    """A tmpfs holding a copy of the v1 data dir, room for the agent's own writes and half of the v2
+    delta; None without root."""
     delta = diff_manifests(read_manifest(demo_packages[0]), read_manifest(demo_packages[1]))
     mount = tmp_path / "disk"
     mount.mkdir()
-    size_kib = (tree_bytes(v1_template) + 512 * 1024 + delta.bytes_to_ship // 2) // 1024
+    size_kib = (allocated_bytes(v1_template) + AGENT_WRITES + delta.bytes_to_ship // 2) // 1024
     try:
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount)], check=True,
                        capture_output=True, timeout=30)
@@ -70,11 +78,13 @@ def test_too_little_room_for_the_missing_bytes_refuses_the_update_before_downloa
     else:  # the margin out of the way: the missing bytes alone do not fit
         data_dir = small_disk
         set_limits(data_dir, download_disk_margin_bytes=1)
-        assert shutil.disk_usage(data_dir).free < delta.bytes_to_ship
+        assert shutil.disk_usage(data_dir).free < AGENT_WRITES + delta.bytes_to_ship
     agent = agent_factory(data_dir, fleet).start()
     job = agent.wait_job(agent.update("2.0.0"))
     assert_failed_cleanly(data_dir, job, "not enough disk space for st-demo@2.0.0")
     assert f"{delta.bytes_to_ship} bytes to download" in job["detail"]
+    if small_disk is not None:  # what the check saw free: less than the missing bytes
+        assert int(re.search(r"(\d+) available", job["detail"]).group(1)) < delta.bytes_to_ship, job["detail"]
     assert job["shards_downloaded"] == 0 and job["bytes_downloaded"] < delta.bytes_to_ship // 4  # metadata only
     status = agent.status()
     assert status["active"] == {"model": "st-demo", "version": "1.0.0"} and status["update"] is None

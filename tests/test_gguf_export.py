@@ -15,7 +15,7 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 from safetensors.numpy import load_file
 
-from model.build import build_demo, build_from_hf, build_package
+from model.build import build_demo, build_from_hf, build_package, build_random
 from model.checkpoint import RandomWeights
 from model.config import ModelConfig
 from model.errors import PackageError
@@ -91,14 +91,33 @@ def test_metadata_matches_the_config(demo):
     assert any("4096" in note for note in result["llama_cpp_notes"])
 
 
-def test_byte_vocabulary_maps_ids_to_bytes(demo):
-    _, path, _ = demo
-    r = GGUFReader(path)
+@pytest.fixture(scope="module")
+def byte_level(tmp_path_factory) -> Path:
+    """The st-demo shape with random weights: the byte tokenizer (the trained demo has a BPE)."""
+    root = tmp_path_factory.mktemp("gguf-bytes")
+    build_random("st-demo", root / "pkg", seed=1)
+    export_gguf(root / "pkg", root / "bytes.gguf")
+    return root / "bytes.gguf"
+
+
+def test_byte_vocabulary_maps_ids_to_bytes(byte_level):
+    r = GGUFReader(byte_level)
     tokens = field(r, "tokenizer.ggml.tokens")
-    assert field(r, "tokenizer.ggml.model") == "llama" and len(tokens) == 320
+    vocab = ModelConfig.from_preset("st-demo").vocab_size
+    assert field(r, "tokenizer.ggml.model") == "llama" and len(tokens) == vocab
     assert tokens[ord("A")] == "<0x41>" and tokens[0x20] == "\u2581"
     assert (field(r, "tokenizer.ggml.bos_token_id"), field(r, "tokenizer.ggml.eos_token_id")) == (256, 257)
     assert field(r, "tokenizer.ggml.add_bos_token") is False
+
+
+def test_demo_bpe_exports_as_qwen2_vocabulary_with_its_special_tokens(demo):
+    pkg, path, result = demo
+    r = GGUFReader(path)
+    tokens = field(r, "tokenizer.ggml.tokens")
+    assert field(r, "tokenizer.ggml.model") == "gpt2" and field(r, "tokenizer.ggml.pre") == "qwen2"
+    assert tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] and field(r, "tokenizer.ggml.merges")
+    assert field(r, "tokenizer.ggml.eos_token_id") == read_manifest(pkg).tokenizer.eos_id == 0
+    assert not any("tokenizer" in note for note in result["llama_cpp_notes"])
 
 
 def test_tensor_shapes_and_types(demo):

@@ -2,8 +2,9 @@
 
 Skipped when llama-cpp-python is not installed. llama.cpp's `smallthinker` always uses a 4096-token
 window with NoPE on layers i % 4 == 0 once any layer slides, so the models here use exactly that
-layout (window 4096, prompts shorter than it) or no SWA at all; the demo package itself (window 16)
-is checked on a prompt no longer than its window.
+layout (window 4096, prompts shorter than it) or no SWA at all; the demo package itself (window 16,
+trained) is checked on the first 16 tokens of a held-out record: text it knows, where neither side
+sits on a near-tie (on 16 arbitrary ids the trained model's top two logits often nearly tie).
 
 Weights come from `hf_fixtures.random_weights`: every sub-layer writes about as much into the
 residual as the residual holds, so a wrong RoPE layout, mask, router input, gating function or
@@ -31,7 +32,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from hf_fixtures import random_weights, tiny_config, write_checkpoint  # noqa: E402
 
-from model import Engine  # noqa: E402
+from model import Engine, demo_checkpoint  # noqa: E402
 from model.build import build_demo, build_from_hf  # noqa: E402
 from model.gguf_export import export_gguf  # noqa: E402
 
@@ -104,19 +105,24 @@ def demo(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_demo_package_agrees_within_its_window(demo):
     pkg, gguf_path = demo
-    ids = PROMPT[:16]  # the demo slides a 16-token window, llama.cpp 4096: equal up to 16 tokens
+    record = demo_checkpoint.corpus("plant")[1][0]  # held out: never trained on
+    # the demo slides a 16-token window, llama.cpp 4096: equal up to 16 tokens
+    ids = Engine.load(pkg).tokenizer.encode(record)[:16]
     stats = agreement(engine_logits(pkg, ids), llama_cpp_logits(gguf_path, ids))
     print("st-demo", stats)
     assert_agrees(stats)
 
 
-def test_demo_vocabulary_tokenizes_like_the_byte_tokenizer(demo):
-    _, gguf_path = demo
+def test_demo_vocabulary_tokenizes_like_its_tokenizer_json(demo):
+    from tokenizers import Tokenizer
+
+    pkg, gguf_path = demo
+    reference = Tokenizer.from_file(str(pkg / "tokenizer.json"))
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=64, vocab_only=True, verbose=False)
-    text = "Line 3, press 7: températures OK!\n"
-    ids = llm.tokenize(text.encode(), add_bos=False)
-    assert ids == list(text.encode())
-    assert llm.detokenize(ids).decode() == text
+    for text in (demo_checkpoint.corpus("plant")[1][0], "Line 3, press 7: températures OK!\n"):
+        ids = llm.tokenize(text.encode(), add_bos=False)
+        assert ids == reference.encode(text, add_special_tokens=False).ids, text
+        assert llm.detokenize(ids).decode() == text
 
 
 def test_bpe_vocabulary_tokenizes_like_tokenizer_json(tmp_path):
