@@ -114,7 +114,7 @@ def health(
     data_dir: Optional[Path] = _data_dir_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Offline health check of the active release: re-hash every shard, golden outputs, tokens/s, RSS.
+    """Offline health check of the active release: re-hash every shard, golden outputs, held-out loss, tokens/s, RSS.
 
     Writes a health_checks row; exits 1 when the check fails.
 
@@ -125,8 +125,9 @@ def health(
     if as_json:
         print_json(report)
     else:
+        loss = "" if result.heldout_loss is None else f"held-out loss {result.heldout_loss:.4f}, "
         typer.echo(f"{result.model}@{result.version}: {'passed' if result.passed else 'FAILED'} ({result.detail}); "
-                   f"{result.decode_tokens_per_s:.1f} tok/s, peak RSS {result.peak_rss_bytes} bytes"
+                   f"{loss}{result.decode_tokens_per_s:.1f} tok/s, peak RSS {result.peak_rss_bytes} bytes"
                    f"{'; rolled back' if rolled_back else ''}")
     if not result.passed:
         raise typer.Exit(1)

@@ -29,6 +29,7 @@ class HealthResult:
     peak_rss_bytes: int = 0
     max_logit_error: float | None = None
     files_checked: int = 0
+    heldout_loss: float | None = None  # the package's loss on its manifest's held-out rows, measured here
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +58,7 @@ def check_release(folder: Path, config: DeviceConfig, telemetry: Telemetry | Non
         close_engine(engine)
         return _done(HealthResult(model, version, False, f"golden check: {e}", files_checked=files), telemetry), None
     result = HealthResult(model, version, report.passed, report.detail, report.decode_tokens_per_s,
-                          report.peak_rss_bytes, report.max_logit_error, files)
+                          report.peak_rss_bytes, report.max_logit_error, files, report.heldout_loss)
     if not (result.passed and keep_engine):
         close_engine(engine)
         engine = None

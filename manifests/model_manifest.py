@@ -9,6 +9,7 @@ of another script is refused; the model name follows `manifests.names`.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -223,8 +224,9 @@ class HealthSpec:
     logit_tolerance: float = 0.05
     min_decode_tokens_per_s: float = 0.0
     max_peak_rss_bytes: int | None = None
-    # what the builder measured on held-out text with this very package (informational):
-    # {"loss": nats per token, "perplexity", "tokens", "source"}
+    # what the builder measured on held-out text with this very package: {"loss": nats per token,
+    # "perplexity", "tokens", "source"}, and with "rows" (token ids, each row scored from its first
+    # token) and "tolerance" (nats) a device re-measures the loss and must land within the tolerance
     heldout: dict | None = None
 
     @classmethod
@@ -242,9 +244,8 @@ class HealthSpec:
         if tol <= 0 or tps < 0:
             raise ManifestError("health: logit_tolerance must be > 0 and min_decode_tokens_per_s >= 0")
         heldout = d.get("heldout")
-        if heldout is not None and (not isinstance(heldout, dict) or not isinstance(heldout.get("loss"), (int, float))
-                                    or isinstance(heldout.get("loss"), bool)):
-            raise ManifestError("health.heldout: expected an object with a numeric loss")
+        if heldout is not None:
+            _check_heldout(heldout)
         return cls(prompts, tol, tps, rss, heldout)
 
     def to_dict(self) -> dict:
@@ -351,6 +352,25 @@ class ModelManifest:
             if s.name == name:
                 return s
         raise ManifestError(f"manifest: no shard named {name!r}")
+
+
+def _check_heldout(heldout: Any) -> None:
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+    if not isinstance(heldout, dict) or not number(heldout.get("loss")):
+        raise ManifestError("health.heldout: expected an object with a numeric loss")
+    rows, tolerance = heldout.get("rows"), heldout.get("tolerance")
+    if (rows is None) != (tolerance is None):
+        raise ManifestError("health.heldout: rows and tolerance come together")
+    if rows is None:
+        return
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and len(r) >= 2 for r in rows):
+        raise ManifestError("health.heldout.rows: expected a list of token id lists of 2 or more")
+    for n, row in enumerate(rows):
+        _int_list(row, f"health.heldout.rows[{n}]")
+    if not number(tolerance) or tolerance == 0:
+        raise ManifestError("health.heldout.tolerance: expected a positive number")
 
 
 def _int_list(values: list, where: str) -> list[int]:

@@ -6,7 +6,6 @@ loading the package just written, not from the float weights.
 """
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -21,14 +20,13 @@ from manifests.names import check_name
 from model.checkpoint import HFCheckpoint, RandomWeights, expected_shape
 from model.config import ModelConfig
 from model.errors import CheckpointError, ConfigError, PackageError
-from model.health import DEFAULT_PROMPTS, DEFAULT_STEPS, record_golden
+from model.health import DEFAULT_PROMPTS, DEFAULT_STEPS, record_golden, record_heldout
 from model.package import (
     EMBED_SHARD, EMBED_TENSOR, HEAD_SHARD, NORM_TENSOR, PackageWriter, expert_shard,
     expert_tensor_names, layer_shard, layer_tensor_names,
 )
 from model.quant import quantize_q4_0
 from model.tokenizer import BYTE_BOS, BYTE_EOS, HFTokenizer
-from model.train import next_token_loss
 
 _FP32_SUFFIXES = ("layernorm.weight", "norm.weight", "primary_router.weight")
 
@@ -122,7 +120,7 @@ def build_package(source, out: str | Path, *, quant: str = "q4_0", name: str, ve
         health = record_golden(engine, prompts, steps=golden_steps, min_decode_tokens_per_s=health_min_tokens_per_s,
                                max_peak_rss_bytes=health_max_rss_bytes, texts=source.tokenizer_file is not None)
         if heldout is not None:
-            health = replace(health, heldout=heldout_loss(engine, heldout))
+            health = replace(health, heldout=record_heldout(engine, heldout.rows.tolist(), heldout.source))
         del engine
         manifest = replace(manifest, health=health)
         writer.write_manifest(manifest)
@@ -139,14 +137,6 @@ def build_package(source, out: str | Path, *, quant: str = "q4_0", name: str, ve
 class Heldout:
     rows: torch.Tensor  # [B, T] token ids, each row from a document's start
     source: str  # what the rows are, for the manifest
-
-
-def heldout_loss(engine, heldout: Heldout) -> dict:
-    """The engine's mean next-token cross-entropy over the rows (one fresh prefill per row)."""
-    rows = heldout.rows
-    loss = next_token_loss(lambda x: torch.stack([engine.logits(r.tolist()) for r in x]), rows)
-    return {"loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
-            "tokens": int(rows[:, 1:].numel()), "source": heldout.source}
 
 
 def _golden_prompt(engine, text: str) -> list[int]:

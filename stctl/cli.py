@@ -21,7 +21,7 @@ app.add_typer(model_app, name="model")
 @app.command("demo")
 @handles_errors
 def demo(
-    tokens: int = typer.Option(24, "--tokens", help="Tokens to generate per completion."),
+    tokens: int = typer.Option(40, "--tokens", help="Tokens to generate per completion."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Run the main job on the built-in demo model, end to end, in a temporary directory.

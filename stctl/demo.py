@@ -44,6 +44,7 @@ from stctl.serve import make_server
 from stctl.telemetry_pull import pull_fleet, show
 
 # the starts of held-out records (never trained on): the trained demo model continues them
+# (golden_prompts: a torque check, a shift handover, a conveyor status report)
 DEMO_PROMPTS = tuple(golden_prompts()[:3])
 DEVICES = {"line4-pc1": ["ring=canary", "line=4"], "line4-pc2": ["ring=main", "line=4"],
            "line5-pc1": ["ring=main", "line=5"]}
@@ -134,9 +135,12 @@ def _wait_ready(process: subprocess.Popen, url: str, ca: Path, log: Path) -> Non
     raise DemoError(f"st-agent at {url} not ready within {START_TIMEOUT_S:.0f}s")
 
 
-def _complete_everywhere(ws, tokens: int, say: Callable, app_keys: dict[str, str]) -> None:
-    """Completions on every device, each with that device's application key (`app_keys`: device -> key)."""
+def _complete_everywhere(ws, tokens: int, say: Callable, app_keys: dict[str, str]) -> list[dict]:
+    """Completions on every device, each with that device's application key (`app_keys`: device ->
+    key); each is printed as a person reads it: the prompt, then the model's continuation.
+    Returns them as {device, release, prompt, text}."""
     config = ClientConfig(completion_timeout_s=300.0)
+    answers: list[dict] = []
 
     def complete(device: dict) -> None:
         client = DeviceClient.for_device(ws, device, config)
@@ -144,17 +148,21 @@ def _complete_everywhere(ws, tokens: int, say: Callable, app_keys: dict[str, str
             for prompt in DEMO_PROMPTS:
                 out = client.complete(prompt, max_tokens=tokens, app_key=app_keys[device["name"]], temperature=0.8,
                                       seed=7)
-                say(f"  {device['name']} ({out.get('system_fingerprint')}) {prompt!r} -> "
-                    f"{out['choices'][0]['text'][:72]!r}")
+                text = out["choices"][0]["text"]
+                answers.append({"device": device["name"], "release": out.get("system_fingerprint"),
+                                "prompt": prompt, "text": text})
+                record = "\n".join(f"      {line}" for line in f"{prompt}[{text}]".splitlines())
+                say(f"  {device['name']} ({out.get('system_fingerprint')}), the model's words in [ ]:\n{record}")
         finally:
             client.close()
 
     from stctl.enroll import list_devices
 
     map_devices(complete, list_devices(ws), len(DEVICES))
+    return answers
 
 
-def run_demo(work_dir: Path | None = None, *, tokens: int = 24, say: Callable = print, progress=None) -> dict:
+def run_demo(work_dir: Path | None = None, *, tokens: int = 40, say: Callable = print, progress=None) -> dict:
     """Run the fleet demo (see the module docstring); returns the figures it measured."""
     from rich.table import Table
 
@@ -206,13 +214,13 @@ def run_demo(work_dir: Path | None = None, *, tokens: int = 24, say: Callable = 
             first = start_rollout(ws, "st-demo", "1.0.0", INSTALL_PLAN, say=say)
             if first["state"] != "completed":
                 raise DemoError(f"installing 1.0.0 ended {first['state']}: {first['detail']}")
-            say("completions on 1.0.0")
-            _complete_everywhere(ws, tokens, say, app_keys)
+            say("completions on 1.0.0 (the prompts start held-out records, which the model never saw)")
+            answers = _complete_everywhere(ws, tokens, say, app_keys)
 
             say(f"roll out st-demo 2.0.0: canary -> rest, gated ({UPGRADE_PLAN.name})")
             second = start_rollout(ws, "st-demo", "2.0.0", UPGRADE_PLAN, say=say)
             say("completions on every device after the rollout")
-            _complete_everywhere(ws, tokens, say, app_keys)
+            answers += _complete_everywhere(ws, tokens, say, app_keys)
 
             pull_fleet(ws)
             fleet = fleet_table(ws)
@@ -244,7 +252,7 @@ def run_demo(work_dir: Path | None = None, *, tokens: int = 24, say: Callable = 
                     {"name": w["name"], "state": w["state"], "devices": [
                         d["device"] for d in second["devices"] if d["wave"] == w["index"]]} for w in second["waves"]]},
                 "bytes_shipped": shipped, "bytes_full": full * len(DEVICES),
-                "requests_by_key": _requests_by_key(ws),
+                "requests_by_key": _requests_by_key(ws), "answers": answers,
                 "telemetry": summary, "seconds": round(time.monotonic() - started, 1),
             }
     finally:

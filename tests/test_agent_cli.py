@@ -87,6 +87,8 @@ def test_status_health_and_a_tampered_active_shard(device_dir):
     release = device_dir / "releases" / "st-demo" / "1.0.0"
     files = package_files(read_manifest(release))  # every shard and the tokenizer file
     assert report["passed"] and report["files_checked"] == len(files) and report["decode_tokens_per_s"] > 0
+    heldout = read_manifest(release).health.heldout  # re-measured on the device, within its tolerance
+    assert abs(report["heldout_loss"] - heldout["loss"]) <= heldout["tolerance"]
     shard = sorted((release / "shards").iterdir())[0]
     shard.chmod(0o644)
     data = bytearray(shard.read_bytes())

@@ -1,10 +1,12 @@
 """`stctl demo`, as `make demo` runs it: three real agents, an application key made for each, a
-canary -> rest rollout of 2.0.0 with gates, completions on every device (with its key), the fleet
-table; every process it started is gone at the end, also when interrupted with Ctrl-C."""
+canary -> rest rollout of 2.0.0 with gates, completions on every device (with its key) that continue
+held-out records in the corpus' words, the fleet table; every process it started is gone at the
+end, also when interrupted with Ctrl-C."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from model import demo_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +65,12 @@ def test_demo_rolls_out_canary_then_rest_and_cleans_up(tmp_path):
     # every completion came with the device's application key (the demo made one per device)
     assert {(r["device"], r["key"], r["outcome"], r["requests"]) for r in result["requests_by_key"]} == \
         {(name, "demo-app", "completed", 6) for name in ("line4-pc1", "line4-pc2", "line5-pc1")}
+    # the answers it printed continue held-out records in the corpus' words (the trained model)
+    answers = result["answers"]
+    assert len(answers) == 18 and {a["release"] for a in answers} == {"st-demo@1.0.0", "st-demo@2.0.0"}
+    words = [w for a in answers for w in re.findall(r"[A-Za-z]+", a["text"])]
+    corpus = {w for d in demo_checkpoint.corpus("plant")[0] for w in re.findall(r"[A-Za-z]+", d)}
+    assert len(words) > 18 and sum(w in corpus for w in words) / len(words) > 0.8, words
     assert list(tmp_path.iterdir()) == [] and processes_under(tmp_path) == []
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 from model import Engine, demo_checkpoint, demo_corpus
 from model.config import ModelConfig
+from model.health import check_golden
 from model.package import expert_shard, read_manifest
 from model.tokenizer import HFTokenizer
 from model.train import DemoModel, next_token_loss
@@ -59,8 +61,25 @@ def test_held_out_loss_in_plain_torch_is_below_the_bound(tokenizer):
 
 def test_package_records_its_held_out_loss_after_q4_0(demo_packages, tokenizer):
     health = read_manifest(demo_packages[0]).health
+    rows = demo_checkpoint.heldout_rows(tokenizer.encode, limit=demo_checkpoint.PACKAGE_EVAL_ROWS)
+    assert health.heldout["rows"] == rows.tolist()  # what a device re-measures
     assert health.heldout["tokens"] == demo_checkpoint.PACKAGE_EVAL_ROWS * (demo_checkpoint.EVAL_LENGTH - 1)
     assert health.heldout["loss"] < HELDOUT_LOSS_BOUND + Q4_0_LOSS_MARGIN
+
+
+def test_health_check_re_measures_the_held_out_loss_and_fails_another_model(demo_packages):
+    v1, v2 = (read_manifest(p).health for p in demo_packages)
+    engine = Engine.load(demo_packages[0])
+    report = check_golden(engine, v1)
+    assert report.passed, report.detail
+    assert abs(report.heldout_loss - v1.heldout["loss"]) <= v1.heldout["tolerance"]
+    engine.transformer.experts.close()
+    # v2 (a quarter of the experts fine-tuned) against v1's held-out record alone: golden prompts out of the way
+    engine = Engine.load(demo_packages[1])
+    report = check_golden(engine, replace(v1, prompts=()))
+    engine.transformer.experts.close()
+    assert not report.passed and "held-out loss" in report.detail, report.detail
+    assert report.heldout_loss - v1.heldout["loss"] > v1.heldout["tolerance"]
 
 
 def test_greedy_completions_of_golden_prompts_equal_the_manifest(demo_packages):

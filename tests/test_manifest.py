@@ -213,6 +213,29 @@ def test_health_with_mismatched_top_logits_is_rejected():
     rejects(d, "top_logits")
 
 
+HELDOUT = {"loss": 0.5, "perplexity": 1.649, "tokens": 4, "source": "two rows", "tolerance": 0.02,
+           "rows": [[1, 2, 3], [4, 5, 6]]}
+
+
+def test_health_with_held_out_rows_round_trips():
+    d = sample()
+    d["health"]["heldout"] = copy.deepcopy(HELDOUT)
+    m = ModelManifest.from_bytes(encode(d))
+    assert m.health.heldout == HELDOUT and ModelManifest.from_bytes(m.to_bytes()) == m
+
+
+@pytest.mark.parametrize("change, mention", [
+    ({"loss": "0.5"}, "numeric loss"), ({"loss": float("nan")}, "numeric loss"),
+    ({"tolerance": None}, "together"), ({"rows": None}, "together"), ({"tolerance": 0}, "tolerance"),
+    ({"rows": []}, "rows"), ({"rows": [[1]]}, "rows"), ({"rows": [[1, -2]]}, "rows[0]"),
+    ({"rows": [[1, True]]}, "rows[0]"), ({"rows": [[1, 2], "3 4"]}, "rows"),
+])
+def test_malformed_held_out_record_is_rejected(change, mention):
+    d = sample()
+    d["health"]["heldout"] = {**HELDOUT, **change}
+    rejects(d, mention)
+
+
 @pytest.mark.parametrize("data", [b"", b"{", b"not json", b"\xff\xfe\x00", b"[]", b"null", b"42", b'"manifest"'])
 def test_malformed_json_is_a_manifest_error(data):
     with pytest.raises(ManifestError):
