@@ -132,7 +132,11 @@ class ShardEntry:
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    """`byte` (ids 0-255 are bytes, then specials) or `hf` (a tokenizer.json carried in the package)."""
+    """`byte` (ids 0-255 are bytes, then specials) or `hf` (a tokenizer.json carried in the package).
+
+    An `hf` tokenizer also carries what the checkpoint's other tokenizer files say: its chat
+    template (tokenizer_config.json, Jinja as HF renders it) and every id that ends a turn
+    (generation_config.json's eos_token_id list)."""
 
     kind: str
     file: str | None = None
@@ -140,6 +144,8 @@ class TokenizerSpec:
     size: int | None = None
     bos_id: int | None = None
     eos_id: int | None = None
+    chat_template: str | None = None
+    eos_ids: tuple[int, ...] | None = None
 
     @classmethod
     def from_dict(cls, d: Any) -> TokenizerSpec:
@@ -157,6 +163,8 @@ class TokenizerSpec:
                 size=_require(d, "size", int, "tokenizer"),
                 bos_id=d.get("bos_id"),
                 eos_id=d.get("eos_id"),
+                chat_template=_optional(d, "chat_template", str, "tokenizer"),
+                eos_ids=_eos_ids(d.get("eos_ids")),
             )
         return spec
 
@@ -352,6 +360,21 @@ class ModelManifest:
             if s.name == name:
                 return s
         raise ManifestError(f"manifest: no shard named {name!r}")
+
+
+def _optional(d: dict, key: str, types: type, where: str) -> Any:
+    value = d.get(key)
+    if value is not None and not isinstance(value, types):
+        raise ManifestError(f"{where}.{key}: expected {types.__name__}")
+    return value
+
+
+def _eos_ids(values: Any) -> tuple[int, ...] | None:
+    if values is None:
+        return None
+    if not isinstance(values, list) or not values:
+        raise ManifestError("tokenizer.eos_ids: expected a non-empty list of token ids")
+    return tuple(_int_list(values, "tokenizer.eos_ids"))
 
 
 def _check_heldout(heldout: Any) -> None:

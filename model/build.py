@@ -108,7 +108,8 @@ def build_package(source, out: str | Path, *, quant: str = "q4_0", name: str, ve
             writer.add_shard(shard, kind, tensors, **fields)
         if source.tokenizer_file is not None:
             sha, size = writer.add_file(source.tokenizer_file, "tokenizer.json")
-            tok = TokenizerSpec("hf", "tokenizer.json", sha, size, *_special_ids(source))
+            tok = TokenizerSpec("hf", "tokenizer.json", sha, size, *_special_ids(source),
+                                chat_template=source.chat_template, eos_ids=source.eos_ids)
         else:
             tok = TokenizerSpec("byte", bos_id=BYTE_BOS, eos_id=BYTE_EOS)
         manifest = ModelManifest(name=name, version=version, config=cfg.to_hf_dict(), quant=quant,

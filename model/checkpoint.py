@@ -41,6 +41,9 @@ class HFCheckpoint:
         self._where = self._index()
         tok = self.path / "tokenizer.json"
         self.tokenizer_file = tok if tok.is_file() else None
+        self.chat_template = _chat_template(_optional_json(self.path / "tokenizer_config.json"))
+        generation = _optional_json(self.path / "generation_config.json") or {}
+        self.eos_ids = _id_list(generation.get("eos_token_id", raw.get("eos_token_id")))
 
     def _index(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
@@ -100,7 +103,7 @@ class RandomWeights:
 
     def __init__(self, config: ModelConfig, seed: int):
         self.config, self.seed = config, seed
-        self.tokenizer_file = None
+        self.tokenizer_file = self.chat_template = self.eos_ids = None
 
     def has(self, name: str) -> bool:
         return name != LM_HEAD_TENSOR or not self.config.tie_word_embeddings
@@ -115,6 +118,34 @@ class RandomWeights:
         gen = torch.Generator().manual_seed(_seed_for(self.seed, name))
         std = 1.0 if name == EMBED_TENSOR else 0.02
         return torch.randn(shape, generator=gen) * std
+
+
+def _optional_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _chat_template(tokenizer_config: dict | None) -> str | None:
+    """tokenizer_config.json's chat template: a string, or HF's list of named ones (the "default")."""
+    template = (tokenizer_config or {}).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _id_list(value) -> tuple[int, ...] | None:
+    """An HF eos_token_id (an id or a list of ids) as a tuple, or None."""
+    ids = value if isinstance(value, list) else [value]
+    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
+    return tuple(ids) or None
 
 
 def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:

@@ -204,6 +204,8 @@ def _write_vocabulary(w: GGUFWriter, package_dir: Path, manifest: ModelManifest,
         w.add_eos_token_id(spec.eos_id)
     w.add_add_bos_token(False)  # the engine never prepends BOS; keep llama.cpp's ids the same
     w.add_add_eos_token(False)
+    if spec.chat_template is not None:
+        w.add_chat_template(spec.chat_template)
 
 
 SPM_SPACE = "\u2581"  # SentencePiece writes a space as this character before looking tokens up

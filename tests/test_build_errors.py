@@ -86,6 +86,16 @@ def test_config_json_that_is_not_json_is_rejected(tmp_path, base):
     assert_build_fails(ckpt, tmp_path, "config.json")
 
 
+@pytest.mark.parametrize("file", ["tokenizer_config.json", "generation_config.json"])
+def test_tokenizer_side_files_that_are_not_json_objects_are_rejected(tmp_path, base, file):
+    cfg, weights = base
+    ckpt = write_checkpoint(tmp_path / "ckpt", cfg, weights)
+    (ckpt / file).write_text('{"chat_template": ')
+    assert_build_fails(ckpt, tmp_path, file)
+    (ckpt / file).write_text('["not an object"]')
+    assert_build_fails(ckpt, tmp_path, file)
+
+
 def test_missing_config_json_is_rejected(tmp_path, base):
     cfg, weights = base
     ckpt = write_checkpoint(tmp_path / "ckpt", cfg, weights)

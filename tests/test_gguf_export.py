@@ -15,6 +15,7 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 from safetensors.numpy import load_file
 
+from model import demo_checkpoint
 from model.build import build_demo, build_from_hf, build_package, build_random
 from model.checkpoint import RandomWeights
 from model.config import ModelConfig
@@ -118,6 +119,22 @@ def test_demo_bpe_exports_as_qwen2_vocabulary_with_its_special_tokens(demo):
     assert tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] and field(r, "tokenizer.ggml.merges")
     assert field(r, "tokenizer.ggml.eos_token_id") == read_manifest(pkg).tokenizer.eos_id == 0
     assert not any("tokenizer" in note for note in result["llama_cpp_notes"])
+
+
+def test_demo_gguf_carries_the_chat_template_and_the_package_name(demo):
+    pkg, path, _ = demo
+    manifest = read_manifest(pkg)
+    checkpoint = demo_checkpoint.WEIGHTS_DIR / "v1"
+    template = json.loads((checkpoint / "tokenizer_config.json").read_text())["chat_template"]
+    eos = json.loads((checkpoint / "generation_config.json").read_text())["eos_token_id"]
+    assert manifest.tokenizer.chat_template == template and list(manifest.tokenizer.eos_ids) == eos == [0, 2]
+    r = GGUFReader(path)
+    assert field(r, "tokenizer.chat_template") == template
+    assert (field(r, "general.name"), field(r, "general.version")) == (manifest.name, manifest.version)
+
+
+def test_a_package_without_a_chat_template_exports_none(byte_level):
+    assert GGUFReader(byte_level).get_field("tokenizer.chat_template") is None
 
 
 def test_tensor_shapes_and_types(demo):
@@ -270,3 +287,13 @@ def test_hf_tokenizer_becomes_a_gpt2_vocabulary(tmp_path):
     assert len(tokens) == cfg["vocab_size"]  # padded to the embedding rows
     assert all(tokens[i] == text for text, i in vocab.items())
     assert field(r, "tokenizer.ggml.merges") and result["llama_cpp_notes"] == []
+
+
+def test_named_chat_templates_and_an_eos_list_reach_the_manifest(tmp_path):
+    ckpt, cfg, _ = make_checkpoint(tmp_path / "ckpt", shards=1, layers=2, layout="rope", tie=False)
+    (ckpt / "tokenizer.json").write_text(qwen_style_tokenizer_json(cfg["vocab_size"] - 10))
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "{{ tools }}"}, {"name": "default", "template": "{{ messages }}"}]}))
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    tok = build_from_hf(ckpt, tmp_path / "pkg", name="tiny-hf").tokenizer
+    assert (tok.chat_template, tok.eos_ids) == ("{{ messages }}", (7, 9))

@@ -23,6 +23,7 @@ by 35-42% and a wrong RoPE layout by 26-30% on the same models. The bounds below
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,24 @@ def test_demo_vocabulary_tokenizes_like_its_tokenizer_json(demo):
         ids = llm.tokenize(text.encode(), add_bos=False)
         assert ids == reference.encode(text, add_special_tokens=False).ids, text
         assert llm.detokenize(ids).decode() == text
+
+
+def test_demo_chat_template_reaches_llama_cpp_and_renders_chatml(demo):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    pkg, gguf_path = demo
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=64, vocab_only=True, verbose=False)
+    template = llm.metadata["tokenizer.chat_template"]
+    assert template == json.loads((demo_checkpoint.WEIGHTS_DIR / "v1" / "tokenizer_config.json").read_text())[
+        "chat_template"]
+    messages = [{"role": "system", "content": "You write line records."},
+                {"role": "user", "content": "Line 4 torque check:"}]
+    prompt = Jinja2ChatFormatter(template, eos_token="<|endoftext|>", bos_token="")(messages=messages).prompt
+    assert prompt == ("<|im_start|>system\nYou write line records.<|im_end|>\n"
+                      "<|im_start|>user\nLine 4 torque check:<|im_end|>\n<|im_start|>assistant\n")
+    # the markers are single special tokens on both sides
+    ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+    assert ids[0] == 1 and ids.count(2) == 2 and ids == Engine.load(pkg).tokenizer.encode(prompt)
 
 
 def test_bpe_vocabulary_tokenizes_like_tokenizer_json(tmp_path):

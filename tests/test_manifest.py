@@ -207,6 +207,25 @@ def test_tokenizer_file_escaping_the_package_is_rejected():
     rejects(d, "tokenizer")
 
 
+def test_hf_tokenizer_with_chat_template_and_eos_ids_round_trips():
+    d = sample()
+    d["tokenizer"] = {"kind": "hf", "file": "tokenizer.json", "sha256": SHA, "size": 10, "eos_id": 0,
+                      "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}", "eos_ids": [0, 2]}
+    m = ModelManifest.from_bytes(encode(d))
+    assert m.tokenizer.eos_ids == (0, 2) and m.tokenizer.chat_template.startswith("{% for")
+    assert ModelManifest.from_bytes(m.to_bytes()) == m and json.loads(m.to_bytes())["tokenizer"] == d["tokenizer"]
+
+
+@pytest.mark.parametrize("change, mention", [
+    ({"chat_template": ["a"]}, "chat_template"), ({"eos_ids": []}, "eos_ids"), ({"eos_ids": [0, -1]}, "eos_ids"),
+    ({"eos_ids": 2}, "eos_ids"), ({"eos_ids": ["2"]}, "eos_ids"),
+])
+def test_malformed_chat_template_or_eos_ids_are_rejected(change, mention):
+    d = sample()
+    d["tokenizer"] = {"kind": "hf", "file": "tokenizer.json", "sha256": SHA, "size": 10, **change}
+    rejects(d, mention)
+
+
 def test_health_with_mismatched_top_logits_is_rejected():
     d = sample()
     d["health"]["prompts"][0]["top_logits"] = d["health"]["prompts"][0]["top_logits"][:1]
