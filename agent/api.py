@@ -421,6 +421,10 @@ def create_app(config: DeviceConfig, on_fatal: Callable[[], None] | None = None)
     async def metrics(request: Request) -> str:
         return render_metrics(request.app.state.serving, request.app.state.updater)
 
+    @app.get("/v1/models")
+    async def models(request: Request, key: str = Depends(application_key)):
+        return {"object": "list", "data": request.app.state.serving.models()}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request, key: str = Depends(application_key)):
         serving: Serving = request.app.state.serving

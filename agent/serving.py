@@ -94,6 +94,7 @@ class _Loaded:
     queue: FairQueue = field(default_factory=FairQueue)
     users: int = 0
     retired: bool = False
+    since: float = field(default_factory=time.time)  # when it began to serve (unix seconds)
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,12 @@ class Serving:
     def current(self) -> tuple[str, str] | None:
         cur = self._current
         return (cur.model, cur.version) if cur else None
+
+    def models(self) -> list[dict]:
+        """The model served now, as OpenAI's model objects (none before the first activation)."""
+        cur = self._current
+        return [] if cur is None else [{"id": cur.model, "object": "model", "created": int(cur.since),
+                                        "owned_by": "st-agent"}]
 
     def swap(self, engine: Engine, model: str, version: str) -> None:
         """Serve `engine` from now on."""

@@ -177,6 +177,21 @@ def test_without_keys_required_a_keyless_flood_still_leaves_a_keyed_client_its_t
         open_agent.stop()
 
 
+def test_models_lists_the_served_model_to_a_client_with_a_key(agent):
+    with agent.client() as client:
+        r = client.get(agent.url("/v1/models"), timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and [(m["id"], m["object"], m["owned_by"]) for m in body["data"]] == \
+        [("st-demo", "model", "st-agent")]
+    assert 0 < body["data"][0]["created"] <= time.time()
+    with agent.client(app_key=None) as client:  # like completions: no key, no answer
+        r = client.get(agent.url("/v1/models"), timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized", r.text
+    # the id it lists is one a completion names its model with
+    assert complete(agent, TEST_APP_KEY, model=body["data"][0]["id"]).status_code == 200
+
+
 # ---- cancellation ----------------------------------------------------------------------------
 def test_ignore_eos_generates_past_the_end_of_text(agent):
     ended = complete(agent, TEST_APP_KEY, max_tokens=400).json()  # greedy: the record ends, then end-of-text
