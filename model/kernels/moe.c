@@ -1,13 +1,15 @@
 /*
  * A layer's dense ReGLU experts over a batch of tokens (prefill), in one native call.
  *
- * Rule: the same math, and the same bits, as model/model.py's Block.moe for T > 1 (the path a
- * budget takes): for each token t and each of its top_k experts e (ids[t, k], weights[t, k]),
- * out[t] += weight * down_e(relu(gate_e . x[t]) * (up_e . x[t])), with x and the activations
- * rounded to Q8_0 per 32 values as every x4 product does, into a zeroed out that the caller adds
- * to the residual. Experts run in index order, each over the tokens routed to it (in token order) as one
- * matrix product per weight matrix, so its weights stream once per pass of up to 4 tokens
- * (x4.c); the tokens' rows are rounded once for all experts. Threads split every product by
+ * Rule: the same math as model/model.py's Block.moe for T > 1: for each token t and each of its
+ * top_k experts e (ids[t, k], weights[t, k]), out[t] += weight * down_e(relu(gate_e . x[t]) *
+ * (up_e . x[t])), with x and the activations rounded to Q8_0 per 32 values as every x4 product
+ * does, into a zeroed out that the caller adds to the residual; and the same bits whenever
+ * Block.moe takes the experts in index order too (always without a budget; under one the store's
+ * order can move the last bits of a token with 3 or more experts). Experts run in index order,
+ * each over the tokens routed to it (in token order) as one matrix product per weight matrix,
+ * so its weights stream once per pass of up to 4 tokens (x4.c); the tokens' rows are rounded
+ * once for all experts. Threads split every product by
  * groups of 4 output rows, and each output element is summed by one thread, expert after
  * expert, so the result does not depend on the thread count.
  */
