@@ -88,7 +88,7 @@ class FastDecode(Protocol):
 
     def moe_batch(self, y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The bound experts of each token (ids, weights [T, K]) of y [T, D], weighted and summed
-        [T, D], in one call (the same bits as `Block.moe`)."""
+        [T, D], in one call (the same bits as `Block.moe` without a budget)."""
 
 
 class ExpertSource(Protocol):

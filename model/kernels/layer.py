@@ -82,8 +82,8 @@ class NativeLayer:
 
     def moe_batch(self, y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each token's experts (ids, weights [T, K]) of y [T, D], weighted and summed: [T, D], in
-        one native call (`st_moe_batch`, moe.c; the same bits as `Block.moe`), every expert bound
-        by `bind_experts`."""
+        one native call (`st_moe_batch`, moe.c; the same bits as `Block.moe` without a budget),
+        every expert bound by `bind_experts`."""
         t, d = y.shape
         k = ids.shape[1]
         y = y.contiguous()
