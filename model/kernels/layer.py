@@ -105,14 +105,19 @@ class NativeLayer:
         """The whole layer for one token in one native call: `route`, `attend`, then `moe` over
         the chosen experts (bound by `bind_experts`); h [1, D] updated in place. Returns the
         chosen expert ids, best first."""
-        cos, sin = (None, None) if rope is None else (rope[0].data_ptr(), rope[1].data_ptr())
-        if self._work.numel() < (need := self._work_base + self._heads * n_keys):
-            self._work = torch.empty(max(need, 2 * self._work.numel()))
+        cos, sin = self._attention_inputs(rope, n_keys)
         self._lib.st_layer_decode(self._ref, self._all_gate_up, self._all_down, self._ffn,
                                   None if bias is None else bias.data_ptr(), h.data_ptr(), self.y.data_ptr(),
                                   k_cache.data_ptr(), v_cache.data_ptr(), slot, n_keys, cos, sin,
                                   self._work.data_ptr(), self._moe_work.data_ptr(), self._ids, self._weights)
         return self._ids[:]
+
+    def _attention_inputs(self, rope: tuple[torch.Tensor, torch.Tensor] | None, n_keys: int) -> tuple:
+        """The RoPE tables' pointers (None, None without RoPE), with the work memory grown for
+        `n_keys` keys (the attention's scores: one per head and key)."""
+        if self._work.numel() < (need := self._work_base + self._heads * n_keys):
+            self._work = torch.empty(max(need, 2 * self._work.numel()))
+        return (None, None) if rope is None else (rope[0].data_ptr(), rope[1].data_ptr())
 
     def route(self, h: torch.Tensor, bias: torch.Tensor | None) -> tuple[list[int], list[float]]:
         """Top-k expert ids (best first) and their weights for the residual h [1, D]."""
@@ -124,9 +129,7 @@ class NativeLayer:
                rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """h [1, D] += attention (in place), the new key/value stored at `slot`, attending to
         `n_keys` cached keys; returns the post-attention norm of h (a reused buffer)."""
-        cos, sin = (None, None) if rope is None else (rope[0].data_ptr(), rope[1].data_ptr())
-        if self._work.numel() < (need := self._work_base + self._heads * n_keys):
-            self._work = torch.empty(max(need, 2 * self._work.numel()))
+        cos, sin = self._attention_inputs(rope, n_keys)
         self._lib.st_attention_decode(self._ref, h.data_ptr(), self.y.data_ptr(), k_cache.data_ptr(),
                                       v_cache.data_ptr(), slot, n_keys, cos, sin, self._work.data_ptr())
         return self.y
