@@ -14,8 +14,9 @@
  *
  * Why one stream: the hardware prefetchers keep a single sequential stream per core at DRAM
  * speed, but not several interleaved ones. Measured on a Zen 4 core (one thread, a 131 MB
- * matrix-vector product): scales apart from the nibbles and two groups read side by side (four
- * streams) 12-14 GB/s; this layout, one group at a time, 21-24 GB/s (README, Performance).
+ * matrix-vector product, a throwaway harness): scales apart from the nibbles and two groups read
+ * side by side (four streams) 12-13 GB/s; this layout, one group at a time, 18-22 GB/s (README,
+ * Performance).
  *
  * Products: y[t, r] = sum_k x[t, k] w[r, k] with x rounded to Q8_0 per 32 values, exactly as
  * q4_0.c does: the integer dot products of each block are exact, then scaled by d_w * d_x in
