@@ -4,14 +4,11 @@ Rules:
 - the server listens while the active release loads: `GET /healthz` is open and answers 503
   `loading` until the agent has started (release loaded, unfinished job resumed), then `ok`,
   nothing more; every other endpoint answers 503 `starting` until then;
-- `POST /v1/completions` needs an application key (`Authorization: Bearer stk_...`, 401
-  without a valid one) unless the device's config sets `app_keys_required` false (a trusted
-  LAN); every other endpoint is a management endpoint: it needs a client certificate of the
+- the OpenAI-compatible routes (`agent.openai_api`: models, completions, chat completions) need
+  an application key; every other endpoint is a management endpoint: it needs a client certificate of the
   fleet CA (the TLS layer verifies the chain) whose role marker is `operator` (401 without a
   certificate, 403 with another role); the operator manages keys with `GET /v1/app-keys`,
   `PUT /v1/app-keys/{name}` `{sha256}` and `DELETE /v1/app-keys/{name}`;
-- a completion whose client disconnects is cancelled (streaming or not): generation stops
-  after the token being computed and its slot frees;
 - every request body is capped (`Limits.max_body_bytes`, 413); malformed input gets a 4xx;
   every error, on every path, is OpenAI's envelope `{"error": {"message", "type", "param",
   "code"}}` (`param`: the offending field or null; `code`: a short code or null), rendered as
@@ -23,26 +20,18 @@ Rules:
   for an int, floats finite (an int is a float, as in OpenAI's API), token ids within int64 (the
   engine checks the vocabulary), text valid Unicode, names, versions and repository URLs
   checked by `manifests` (`check_name`, `parse_version`, `check_repository_url`);
-- an exception no handler takes is a 500 `internal_error` envelope and one log line;
-- completions follow the OpenAI completions subset: `prompt` (text or token ids), `max_tokens`
-  (capped), `temperature`, `top_p`, `seed`, `stop`, `stream` (server-sent events ending in
-  `data: [DONE]`); `system_fingerprint` names the exact release that generated.
+- an exception no handler takes is a 500 `internal_error` envelope and one log line.
 """
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import threading
-import time
-import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -52,8 +41,10 @@ from agent.config import DeviceConfig
 from agent.errors import (
     AgentError, BadRequestError, InstallError, QueueFullError, UnauthorizedError, UpdateError, UpdateRefusedError,
 )
+from agent.http_common import STRICT, ApiError, error
 from agent.lifecycle import JobStore
-from agent.serving import CompletionRequest, NoModelError, Serving
+from agent.openai_api import router as openai_router
+from agent.serving import NoModelError, Serving
 from agent.telemetry import Telemetry
 from agent.updater import Updater, job_view
 from manifests import ManifestError
@@ -63,7 +54,6 @@ from manifests.names import check_name
 from manifests.telemetry import TELEMETRY_TABLES
 from model.errors import InputError
 from model.memory import current_rss_bytes
-from model.tokenizer import utf8_bytes
 
 log = logging.getLogger("st-agent.api")
 _STATUS = [(QueueFullError, 429, "queue_full"), (UnauthorizedError, 401, "unauthorized"), (NoModelError, 503, "no_model"), (BadRequestError, 400, "invalid_request"),
@@ -72,28 +62,22 @@ _STATUS = [(QueueFullError, 429, "queue_full"), (UnauthorizedError, 401, "unauth
 _HTTP_KINDS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
-class ErrorResponse(JSONResponse):
-    """JSON as ASCII, NaN refused: text from the request (lone surrogates too) always serialises."""
-
-    def render(self, content) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
-def envelope(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
-          headers: dict | None = None) -> JSONResponse:
-    return ErrorResponse(envelope(message, kind, param, code), status_code=status, headers=headers)
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none"})
 
 
 def _field_path(loc: tuple) -> str | None:
-    """("body", "prompt", "list[constrained-int]", 0) -> "prompt[0]"; None for the body as a whole.
-    Request bodies are flat, so a string after the field name is a union branch's tag (dropped)."""
+    """("body", "prompt", "list[constrained-int]", 0) -> "prompt[0]", ("body", "messages", 0, "role")
+    -> "messages[0].role"; None for the body as a whole. A string part that is not a snake_case
+    name (or is a type name such as `str`) is a union branch's tag, dropped."""
     if len(loc) < 2 or not isinstance(loc[1], str):
         return None
-    return loc[1] + "".join(f"[{part}]" for part in loc[2:] if isinstance(part, int))
+    path = loc[1]
+    for part in loc[2:]:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.replace("_", "a").isalpha() and part.islower() and part not in _TYPE_TAGS:
+            path += f".{part}"
+    return path
 
 
 def _problem(p: dict) -> str:
@@ -182,20 +166,14 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-class _Error(Exception):
-    def __init__(self, status: int, message: str, kind: str):
-        super().__init__(message)
-        self.status, self.kind = status, kind
-
-
 def require_operator(request: Request) -> None:
     """Management endpoints: a verified client certificate with the operator role."""
     tls = request.scope.get("extensions", {}).get("tls", {})
     chain = tls.get("client_cert_chain") or []
     if not chain:
-        raise _Error(401, "this endpoint needs a client certificate of the fleet CA (operator role)", "unauthorized")
+        raise ApiError(401, "this endpoint needs a client certificate of the fleet CA (operator role)", "unauthorized")
     if certificate_role(chain[0].encode()) != ROLE_OPERATOR:
-        raise _Error(403, "this certificate does not carry the operator role", "forbidden")
+        raise ApiError(403, "this certificate does not carry the operator role", "forbidden")
 
 
 Operator = Depends(require_operator)
@@ -204,34 +182,11 @@ Operator = Depends(require_operator)
 def require_started(request: Request) -> None:
     """Every endpoint but /healthz (which says `loading` itself): 503 until the agent has started."""
     if request.url.path != "/healthz" and not request.app.state.started.is_set():
-        raise _Error(503, "the agent is starting (loading the active release); retry shortly", "starting")
-
-
-def application_key(request: Request) -> str:
-    """The name of the completion's application key ("" where keys are optional and none came)."""
-    header = request.headers.get("authorization")
-    if header is None and not request.app.state.app_keys_required:
-        return ""
-    return request.app.state.app_keys.authenticate(header)
-
-
-_STRICT = ConfigDict(strict=True, allow_inf_nan=False, protected_namespaces=())
-TokenId = Annotated[int, Field(ge=0, lt=2**63)]  # int64 at the edge; the engine checks the vocabulary
-
-
-def _unicode(value):
-    """Text (or a list of texts) that is valid Unicode: a lone surrogate (JSON "\\ud800") is not."""
-    for text in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
-        if isinstance(text, str):
-            try:
-                utf8_bytes(text)
-            except InputError as e:
-                raise ValueError(str(e)) from None
-    return value
+        raise ApiError(503, "the agent is starting (loading the active release); retry shortly", "starting")
 
 
 class UpdateBody(BaseModel):
-    model_config = ConfigDict(**_STRICT, extra="forbid")
+    model_config = ConfigDict(**STRICT, extra="forbid")
     model: str = Field(max_length=64)
     version: str = Field(max_length=64)
     repository_url: str | None = Field(None, max_length=2048)
@@ -255,27 +210,8 @@ class UpdateBody(BaseModel):
 
 
 class AppKeyBody(BaseModel):
-    model_config = ConfigDict(**_STRICT, extra="forbid")
+    model_config = ConfigDict(**STRICT, extra="forbid")
     sha256: str = Field(max_length=64)
-
-
-class CompletionBody(BaseModel):
-    model_config = ConfigDict(**_STRICT, extra="ignore")
-    prompt: str | list[TokenId]
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[Annotated[str, Field(min_length=1, max_length=64)]] | None = None
-    stream: bool = False
-    model: str | None = None
-    n: int = Field(1, ge=1, le=1)
-    ignore_eos: bool = False  # vLLM's extension: max_tokens tokens, past the end-of-text token
-
-    @field_validator("prompt", "stop", "model")
-    @classmethod
-    def _valid_unicode(cls, value):
-        return _unicode(value)
 
 
 def create_app(config: DeviceConfig, on_fatal: Callable[[], None] | None = None) -> FastAPI:
@@ -331,8 +267,8 @@ def create_app(config: DeviceConfig, on_fatal: Callable[[], None] | None = None)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     app.add_middleware(ErrorsAsJSON)
 
-    @app.exception_handler(_Error)
-    async def _plain_error(request: Request, e: _Error):
+    @app.exception_handler(ApiError)
+    async def _plain_error(request: Request, e: ApiError):
         return error(e.status, str(e), e.kind)
 
     @app.exception_handler(AgentError)
@@ -368,13 +304,13 @@ def create_app(config: DeviceConfig, on_fatal: Callable[[], None] | None = None)
             check_name(name, "app key name")
             await run_in_threadpool(request.app.state.app_keys.put, name, body.sha256)
         except ManifestError as e:
-            raise _Error(400, str(e), "invalid_request") from None
+            raise ApiError(400, str(e), "invalid_request") from None
         return {"name": name}
 
     @app.delete("/v1/app-keys/{name}", dependencies=[Operator])
     async def delete_app_key(name: str, request: Request) -> dict:
         if not await run_in_threadpool(request.app.state.app_keys.delete, name):
-            raise _Error(404, f"no application key named {name!r}", "not_found")
+            raise ApiError(404, f"no application key named {name!r}", "not_found")
         return {"name": name, "revoked": True}
 
     @app.get("/v1/status", dependencies=[Operator])
@@ -396,7 +332,7 @@ def create_app(config: DeviceConfig, on_fatal: Callable[[], None] | None = None)
         try:
             job = jobs.load(job_id)
         except (KeyError, ValueError):
-            raise _Error(404, "no such update", "not_found") from None
+            raise ApiError(404, "no such update", "not_found") from None
         return job_view(job, updater.progress.get(job.id))
 
     @app.post("/v1/rollback", dependencies=[Operator])
@@ -412,7 +348,7 @@ def create_app(config: DeviceConfig, on_fatal: Callable[[], None] | None = None)
     async def telemetry(request: Request, table: str = Query(..., max_length=32),
                         since: float | None = Query(None, allow_inf_nan=False), limit: int = Query(100, ge=1)) -> dict:
         if table not in TELEMETRY_TABLES:
-            raise _Error(400, f"table must be one of {', '.join(TELEMETRY_TABLES)}", "invalid_request")
+            raise ApiError(400, f"table must be one of {', '.join(TELEMETRY_TABLES)}", "invalid_request")
         rows = await run_in_threadpool(request.app.state.telemetry.query, table, since,
                                        min(limit, limits.telemetry_page_rows))
         return {"table": table, "rows": rows}
@@ -421,91 +357,8 @@ def create_app(config: DeviceConfig, on_fatal: Callable[[], None] | None = None)
     async def metrics(request: Request) -> str:
         return render_metrics(request.app.state.serving, request.app.state.updater)
 
-    @app.get("/v1/models")
-    async def models(request: Request, key: str = Depends(application_key)):
-        return {"object": "list", "data": request.app.state.serving.models()}
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody, request: Request, key: str = Depends(application_key)):
-        serving: Serving = request.app.state.serving
-        current = serving.current()
-        if body.model is not None and current is not None and body.model not in (current[0], "@".join(current)):
-            raise _Error(404, f"model {body.model!r} is not served here (serving {current[0]})", "model_not_found")
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        if len(stop) > limits.max_stop_sequences:
-            raise _Error(400, f"at most {limits.max_stop_sequences} stop sequences", "invalid_request")
-        completion = serving.admit(CompletionRequest(body.prompt, body.max_tokens, body.temperature, body.top_p,
-                                                     body.seed, stop, key, body.ignore_eos))
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-        def emit(kind: str, payload) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
-            except RuntimeError:  # the loop closed (shutdown): nobody is listening
-                completion.cancel.set()
-
-        completion.start(emit)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": completion.loaded.model, "system_fingerprint": completion.fingerprint}
-
-        async def pieces():
-            while True:
-                try:
-                    kind, payload = await asyncio.wait_for(queue.get(), limits.token_timeout_s)
-                except TimeoutError:
-                    completion.cancel.set()
-                    yield "error", "no token within the timeout"
-                    return
-                yield kind, payload
-                if kind != "text":
-                    return
-
-        if body.stream:
-            async def events():
-                try:
-                    async for kind, payload in pieces():
-                        if kind == "text":
-                            chunk = {**head, "choices": [{"text": payload, "index": 0, "logprobs": None,
-                                                          "finish_reason": None}]}
-                        elif kind == "done":
-                            chunk = {**head, "choices": [{"text": "", "index": 0, "logprobs": None,
-                                                          "finish_reason": payload["finish_reason"]}],
-                                     "usage": _usage(payload)}
-                        else:
-                            chunk = envelope(payload, "generation_failed")
-                        yield f"data: {json.dumps(chunk)}\n\n"
-                    yield "data: [DONE]\n\n"
-                finally:
-                    completion.cancel.set()
-
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        async def cancel_on_disconnect() -> None:
-            # the body was read already: the next message is the client going away
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            completion.cancel.set()
-
-        watcher = asyncio.create_task(cancel_on_disconnect())
-        text = []
-        try:
-            async for kind, payload in pieces():
-                if kind == "text":
-                    text.append(payload)
-                elif kind == "error":
-                    return error(500, payload, "generation_failed")
-                else:
-                    return {**head, "choices": [{"text": "".join(text), "index": 0, "logprobs": None,
-                                                 "finish_reason": payload["finish_reason"]}], "usage": _usage(payload)}
-        finally:
-            watcher.cancel()
-            completion.cancel.set()
-
+    app.include_router(openai_router)
     return app
-
-
-def _usage(done: dict) -> dict:
-    return {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
-            "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}
 
 
 def render_metrics(serving: Serving, updater: Updater) -> str:

@@ -14,8 +14,11 @@ Rules:
 - a cancelled completion (its client went away) leaves the queue at once, or stops after the
   token being computed; its slot frees then;
 - `max_tokens` is capped by the configuration, the prompt by `max_prompt_tokens`; a completion
-  ends at the model's end-of-text token unless it asks `ignore_eos` (vLLM's extension: generate
-  `max_tokens` whatever the model says, for load tests and benchmarks of a fixed length);
+  ends at any of the model's end-of-text tokens (a chat model's end-of-turn among them) unless it
+  asks `ignore_eos` (vLLM's extension: generate `max_tokens` whatever the model says, for load
+  tests and benchmarks of a fixed length);
+- a chat completion's messages are rendered with the release's chat template; a model without one
+  refuses chat (400);
 - every admitted completion writes one `requests` row (key, outcome: `completed`, `cancelled` or
   `failed`, time queued); a completed one also writes one `generations` row;
 - at most one forward pass runs in the process at a time (`COMPUTE_LOCK`, taken per token):
@@ -37,6 +40,7 @@ from agent.fair_queue import FairQueue
 from agent.telemetry import Telemetry
 from model import Engine
 from model.errors import ModelError
+from model.tokenizer import TextStream
 
 
 COMPUTE_LOCK = threading.Lock()
@@ -82,6 +86,20 @@ def close_engine(engine: Engine) -> None:
     engine.transformer.experts.close()
 
 
+def _prompt_ids(tokenizer, request: CompletionRequest) -> list[int]:
+    """The request's prompt as token ids: its messages rendered with the chat template, or its
+    prompt text encoded, or its prompt ids as given."""
+    try:
+        if request.messages is not None:
+            if tokenizer.chat_template is None:
+                raise BadRequestError("this model has no chat template; use /v1/completions")
+            return tokenizer.encode(tokenizer.chat_template.render(request.messages))
+        prompt = request.prompt
+        return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    except ModelError as e:
+        raise BadRequestError(str(e)) from None
+
+
 class NoModelError(AgentError):
     """No release is active yet (HTTP 503)."""
 
@@ -99,6 +117,7 @@ class _Loaded:
 
 @dataclass(frozen=True)
 class CompletionRequest:
+    """A text completion of `prompt`, or a chat completion of `messages` (`prompt` unused then)."""
     prompt: str | list[int]
     max_tokens: int = 16
     temperature: float = 0.0
@@ -106,37 +125,8 @@ class CompletionRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     key: str = ""  # the application key's name ("" where completions need no key)
-    ignore_eos: bool = False  # go on past the end-of-text token (it decodes to no text)
-
-
-class _StopText:
-    """Incremental detokenization with stop strings: emits only text that cannot be the start
-    of a stop string, and reports when one appears."""
-
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.sent = 0
-        self.hold = max((len(s) for s in stop), default=1) - 1
-
-    def feed(self, token: int) -> tuple[str, bool]:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        for s in self.stop:
-            at = text.find(s, max(0, self.sent - len(s)))
-            if at >= 0:
-                out, self.sent = text[self.sent:at], at
-                return out, True
-        if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for its next byte
-            return "", False
-        safe = max(self.sent, len(text) - self.hold)
-        out, self.sent = text[self.sent:safe], safe
-        return out, False
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        out, self.sent = text[self.sent:], len(text)
-        return out
+    ignore_eos: bool = False  # go on past the end-of-text tokens (they decode to no text)
+    messages: tuple[dict, ...] | None = None  # {role, content}, rendered with the model's chat template
 
 
 class Completion:
@@ -149,21 +139,19 @@ class Completion:
         self.cancel = threading.Event()
         self.admitted_at = time.monotonic()
         engine = loaded.engine
-        prompt = request.prompt
-        ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = _prompt_ids(engine.tokenizer, request)
         limits = serving.limits
         if not ids:
             raise BadRequestError("the prompt is empty")
         if len(ids) > limits.max_prompt_tokens:
             raise BadRequestError(f"the prompt has {len(ids)} tokens; at most {limits.max_prompt_tokens}")
         self.max_tokens = min(request.max_tokens, limits.max_tokens)
-        eos = None if request.ignore_eos else engine.tokenizer.eos_id
+        self.stop_ids = frozenset() if request.ignore_eos else frozenset(engine.tokenizer.stop_ids)
         try:  # validates ids and context now; the generator body runs only when iterated
             self.tokens = engine.generate(ids, self.max_tokens, temperature=request.temperature, seed=request.seed,
-                                          top_p=request.top_p, stop_ids=() if eos is None else (eos,))
+                                          top_p=request.top_p, stop_ids=self.stop_ids)
         except ModelError as e:
             raise BadRequestError(str(e)) from None
-        self.eos = eos
 
     @property
     def fingerprint(self) -> str:
@@ -187,10 +175,10 @@ class Completion:
                 return
             queued_s = time.monotonic() - self.admitted_at
             try:
-                stream, finish, count, stopped = _StopText(loaded.engine.tokenizer, self.request.stop), "length", 0, False
+                stream, finish, count, stopped = TextStream(loaded.engine.tokenizer, self.request.stop), "length", 0, False
                 for token in one_step_at_a_time(self.tokens):
                     count += 1
-                    if token == self.eos:
+                    if token in self.stop_ids:
                         finish = "stop"
                         break
                     text, stopped = stream.feed(token)

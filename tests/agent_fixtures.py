@@ -72,8 +72,9 @@ def expected_text(demo_packages) -> dict[str, str]:
     out = {}
     for version, package in zip(("1.0.0", "2.0.0"), demo_packages):
         engine = Engine.load(package)
-        ids = engine.generate(engine.tokenizer.encode(PROMPT), 4, stop_ids=(engine.tokenizer.eos_id,))
-        out[version] = engine.tokenizer.decode([i for i in ids if i != engine.tokenizer.eos_id])
+        stop = engine.tokenizer.stop_ids
+        ids = engine.generate(engine.tokenizer.encode(PROMPT), 4, stop_ids=stop)
+        out[version] = engine.tokenizer.decode([i for i in ids if i not in stop])
         engine.transformer.experts.close()
     assert out["1.0.0"] != out["2.0.0"], out
     return out

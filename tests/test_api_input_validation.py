@@ -84,6 +84,38 @@ def test_malformed_completion_gets_400_in_the_envelope(agent, body, param, menti
     assert_nothing_crashed(agent)
 
 
+CHAT_CASES = [
+    pytest.param(b'{"messages": []}', "messages", "at least 1", id="no-messages"),
+    pytest.param(b'{"messages": {"role": "user"}}', "messages", "list", id="messages-object"),
+    pytest.param(b'{"messages": [{"role": "robot", "content": "x"}]}', "messages", "messages[0].role: Input should be", id="unknown-role"),
+    pytest.param(b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages", "messages[0].content: not valid Unicode",
+                 id="lone-surrogate-content"),
+    pytest.param(b'{"messages": [{"role": "user", "content": 5}]}', "messages", "valid string", id="int-content"),
+    pytest.param(b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+                 "messages", "messages[0].content[0].type: Input should be 'text'", id="image-part"),
+    pytest.param(b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}',
+                 "max_completion_tokens", "greater than or equal to 1", id="max_completion_tokens-0"),
+    pytest.param(b'{"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": "yes"}}',
+                 "stream_options", "stream_options.include_usage: Input should be a valid boolean", id="include_usage-yes"),
+]
+
+
+@pytest.mark.parametrize("body, param, mention", CHAT_CASES)
+def test_malformed_chat_gets_400_in_the_envelope(agent, body, param, mention):
+    r = agent.client().post(agent.url("/v1/chat/completions"), data=body,
+                            headers={"Content-Type": "application/json"}, timeout=30)
+    error = assert_envelope(r, 400, param)
+    assert mention in error["message"], error
+    assert_nothing_crashed(agent)
+
+
+def test_a_conversation_longer_than_the_prompt_limit_is_a_400(agent):
+    r = agent.client().post(agent.url("/v1/chat/completions"), timeout=30,
+                            json={"messages": [{"role": "user", "content": "Line 4 torque check " * 800}]})
+    error = assert_envelope(r, 400, None)
+    assert "prompt has" in error["message"], error
+
+
 def test_token_id_inside_int64_but_outside_the_vocabulary_is_refused_by_the_engine(agent):
     r = agent.client().post(agent.url("/v1/completions"), json={"prompt": [2**63 - 1]}, timeout=30)
     error = assert_envelope(r, 400, None)
