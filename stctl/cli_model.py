@@ -64,54 +64,108 @@ def build(
                       f"{summary['shards']} shards, {format_size(manifest.total_bytes)}")
 
 
-def _prompt_ids(engine, prompt: Optional[str], prompt_ids: Optional[str]) -> list[int]:
+def _check_prompt(prompt: Optional[str], prompt_ids: Optional[str], chat: bool) -> list[int] | None:
+    """The --prompt-ids as ids (None when the prompt is text or, in a chat, read from stdin)."""
+    if chat:
+        if prompt_ids is not None:
+            fail("--chat takes --prompt TEXT (or turns on stdin), not --prompt-ids")
+        return None
     if (prompt is None) == (prompt_ids is None):
-        fail("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+        fail("give exactly one of --prompt TEXT or --prompt-ids 1,2,3 (or --chat)")
     if prompt_ids is not None:
         try:
             return [int(p) for p in prompt_ids.split(",") if p.strip()]
         except ValueError:
             fail(f"--prompt-ids {prompt_ids!r}: expected comma-separated integers")
-    return engine.tokenizer.encode(prompt)
+    return None
 
 
 @app.command("run")
 @handles_errors
 def run(
     package: Path = typer.Argument(..., help="Model package directory."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text (with --chat: the user's message)."),
     prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Prompt token ids, comma-separated."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate."),
+    chat: bool = typer.Option(False, "--chat", help="Talk to the model through its chat template: --prompt is "
+                              "one user message; without --prompt, each line on stdin is a turn of one conversation."),
+    system: Optional[str] = typer.Option(None, "--system", help="With --chat: a system message first."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate (per turn)."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Memory budget, e.g. 512MiB or 1GiB."),
-    as_json: bool = typer.Option(False, "--json", help="Print tokens, text and figures as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print tokens, text and figures as JSON (one object per turn)."),
 ) -> None:
     """Generate text from a package and report speed and memory.
 
-    Example: stctl model run demo-v1 --prompt "Torque check" --max-new-tokens 16 --json
+    Examples: stctl model run demo-v1 --prompt "Line 4 torque check:" --max-new-tokens 16 --json;
+    stctl model run demo-v1 --chat --prompt "Write the torque check record for Line 4." -n 64
     """
+    import sys
+
     from model import Engine
     from model.memory import parse_size
 
+    if system is not None and not chat:
+        fail("--system needs --chat")
+    ids = _check_prompt(prompt, prompt_ids, chat)
     budget = parse_size(memory_budget) if memory_budget else None
     engine = Engine.load(package, memory_budget_bytes=budget, threads=threads)
-    ids = _prompt_ids(engine, prompt, prompt_ids)
-    eos = [engine.tokenizer.eos_id] if engine.tokenizer.eos_id is not None else []
-    tokens = []
-    for token in engine.generate(ids, max_new_tokens, temperature=temperature, seed=seed, top_p=top_p, stop_ids=eos):
+    tokenizer = engine.tokenizer
+    sampling = {"temperature": temperature, "seed": seed, "top_p": top_p}
+    if not chat:
+        _generate(engine, ids if ids is not None else tokenizer.encode(prompt), max_new_tokens, sampling, as_json)
+        return
+    if tokenizer.chat_template is None:
+        fail(f"{package}: this model has no chat template; run it without --chat")
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    typing = prompt is None and sys.stdin.isatty()
+    turns = [prompt] if prompt is not None else _typed_turns() if typing else (line.rstrip("\n") for line in sys.stdin)
+    for turn in turns:
+        if not turn.strip():
+            continue
+        messages.append({"role": "user", "content": turn})
+        if not as_json and prompt is None and not typing:
+            console.print(f"[bold]> [/]{escape(turn)}")
+        text = _generate(engine, tokenizer.encode(tokenizer.chat_template.render(messages)), max_new_tokens,
+                         sampling, as_json)
+        messages.append({"role": "assistant", "content": text})
+
+
+def _typed_turns():
+    """Lines typed at a `> ` prompt, until end of input (Ctrl-D)."""
+    while True:
+        try:
+            yield console.input("[bold]> [/]")
+        except EOFError:
+            return
+
+
+def _generate(engine, ids: list[int], max_new_tokens: int, sampling: dict, as_json: bool) -> str:
+    """Generate from `ids`, printing text as it comes (or JSON at the end); the text generated."""
+    from model.tokenizer import TextStream
+
+    tokenizer = engine.tokenizer
+    stream, tokens, pieces = TextStream(tokenizer), [], []
+    for token in engine.generate(ids, max_new_tokens, stop_ids=tokenizer.stop_ids, **sampling):
         tokens.append(token)
+        if token in tokenizer.stop_ids:  # the last token: it ends the text, it is not text
+            continue
+        piece, _ = stream.feed(token)
+        pieces.append(piece)
         if not as_json:
-            console.print(engine.tokenizer.decode([token]), end="", markup=False, highlight=False)
-    stats = engine.last_stats
+            console.print(piece, end="", markup=False, highlight=False)
+    pieces.append(stream.flush())
+    if not as_json:
+        console.print(pieces[-1], markup=False, highlight=False)
+    text, stats = "".join(pieces), engine.last_stats
     if as_json:
-        print_json({"tokens": tokens, "text": engine.tokenizer.decode(tokens), **stats})
+        print_json({"tokens": tokens, "text": text, **stats})
     else:
-        console.print()
         console.print(f"[dim]prefill {stats['prefill_ms']:.1f} ms, decode {stats['decode_tokens_per_s']:.1f} tok/s, "
                       f"peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB[/]")
+    return text
 
 
 @app.command("train-demo")

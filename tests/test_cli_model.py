@@ -118,8 +118,7 @@ def test_model_run_json_reports_the_engines_greedy_tokens_and_figures(package):
     for key in ("tokens", "text", "prefill_ms", "decode_tokens_per_s", "peak_rss_bytes"):
         assert key in out, key
     engine = Engine.load(package)
-    eos = [engine.tokenizer.eos_id] if engine.tokenizer.eos_id is not None else []
-    assert out["tokens"] == list(engine.generate([5, 6, 7, 8], 6, stop_ids=eos))
+    assert out["tokens"] == list(engine.generate([5, 6, 7, 8], 6, stop_ids=engine.tokenizer.stop_ids))
     assert out["text"] == engine.tokenizer.decode(out["tokens"])
     assert out["prefill_ms"] > 0 and out["peak_rss_bytes"] > 0
     assert out["decode_tokens_per_s"] > 0 or len(out["tokens"]) < 2
