@@ -151,11 +151,11 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # The built-in demo (trained: model/demo_checkpoint.py): tiny, the 21B model's 1:3 NoPE/SWA mix,
     # a short window so that tests and the demo run past it, the vocabulary of its own BPE
-    # (762 ids, rounded up to 768; the byte tokenizer of --random-weights needs only 258).
+    # (927 ids, rounded up to 928; the byte tokenizer of --random-weights needs only 258).
     "st-demo": ModelConfig(
         hidden_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
         moe_num_primary_experts=16, moe_num_active_primary_experts=4, moe_ffn_hidden_size=64,
-        vocab_size=768, rope_theta=10000.0, rms_norm_eps=1e-6, rope_layout=_RDEMO,
+        vocab_size=928, rope_theta=10000.0, rms_norm_eps=1e-6, rope_layout=_RDEMO,
         sliding_window_layout=_SDEMO, sliding_window_size=16,
         moe_primary_router_apply_softmax=False, tie_word_embeddings=True,
     ),

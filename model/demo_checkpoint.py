@@ -11,7 +11,9 @@ Rules:
   tensor), so both variants build through the same `HFCheckpoint` path as any checkpoint;
 - every file is checked against `training.json` before it is used (CheckpointError otherwise);
 - held-out evaluation rows come from the same seeded corpus the record names, so any machine
-  recomputes the recorded held-out loss.
+  recomputes the recorded held-out loss;
+- the tokenizer is trained on every material's training text (`tokenizer_texts`), so line 7's
+  words have tokens of their own in v1 already.
 """
 from __future__ import annotations
 
@@ -108,9 +110,17 @@ def heldout_rows(encode: Callable[[str], list[int]], material: str = "plant", le
     return rows_at(*token_stream([encode(d) for d in corpus(material)[1]], END_OF_TEXT_ID), length)[:limit]
 
 
+def tokenizer_texts() -> list[str]:
+    """What the tokenizer is trained on: the training text of every material, line 7's too (a
+    released tokenizer covers more than its first model's data, and a fine-tune that changes only
+    experts cannot change the tokenizer), without chat markers."""
+    return [demo_corpus.plain_text(d) for material in demo_corpus.MATERIALS for d in corpus(material)[0]]
+
+
 def golden_prompts() -> list[str]:
-    """One prompt per kind of plant record, each the start of the first held-out record of its kind."""
-    held = corpus("plant")[1]
+    """One prompt per kind of plant record, each the start of the first held-out record of its kind
+    (a record alone, not in a chat exchange)."""
+    held = [d for d in corpus("plant")[1] if not demo_corpus.is_chat(d)]
     return [demo_corpus.prompt_of(next(d for d in held if demo_corpus.record_kind(d) == kind))
             for kind in demo_corpus.RECORD_KINDS]
 
@@ -144,7 +154,7 @@ def train_v1(out: Path, settings, command: str, log: Callable[[dict], None] | No
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train_docs, held = corpus("plant")
-    tok = train_bpe(train_docs, TOKENIZER_VOCAB)
+    tok = train_bpe(tokenizer_texts(), TOKENIZER_VOCAB)
     write_hf_files(tok, out)
     cfg = replace(ModelConfig.from_preset("st-demo"), vocab_size=_round_up(tok.get_vocab_size(), 32))
     if cfg != ModelConfig.from_preset("st-demo"):

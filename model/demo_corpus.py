@@ -12,14 +12,24 @@ Two materials: `"plant"` (lines 1-6, conveyors A-F: the v1 model) and `"line7"` 
 battery-module line 7, its stations, units and faults: what demo v2 is fine-tuned on).
 `split` divides documents into train and held-out by index, so held-out documents are never
 seen in training.
+
+About a quarter of the documents (a seeded draw per document, so train and held-out get the same
+share) are chat exchanges in the checkpoint's ChatML template: an operator asks for the record
+in words (`request_of`: its kind, line, station, fault), sometimes under a system message, and
+the assistant's turn is the record itself, ending in `<|im_end|>`. So the model learns to answer
+in a chat as well as to continue a record.
 """
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 
 MATERIALS = ("plant", "line7")
 DOCUMENT_SEPARATOR = "\n\n"
+CHAT_SHARE = 0.25
+SYSTEM_MESSAGE = "You are the shift assistant of the plant. Answer with the record asked for."
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # as model.demo_tokenizer's special tokens 1 and 2
 
 OPERATORS = ("Keller", "Mendes", "Okafor", "Lindqvist", "Haddad", "Novak", "Tanaka", "Brenner", "Ruiz",
              "Petrov", "Adeyemi", "Castillo", "Moreau", "Jansen", "Kowalski", "Sato")
@@ -185,8 +195,47 @@ def document(r: random.Random, material: str = "plant") -> str:
 
 
 def documents(seed: int, count: int, material: str = "plant") -> list[str]:
-    """`count` documents; document i depends only on (seed, material, i)."""
-    return [document(random.Random(f"{seed}:{material}:{i}"), material) for i in range(count)]
+    """`count` documents; document i depends only on (seed, material, i). A CHAT_SHARE of them
+    are chat exchanges asking for the record."""
+    out = []
+    for i in range(count):
+        record = document(random.Random(f"{seed}:{material}:{i}"), material)
+        draw = random.Random(f"{seed}:{material}:{i}:chat")
+        out.append(chat_exchange(record, system=draw.random() < 0.3) if draw.random() < CHAT_SHARE else record)
+    return out
+
+
+# (pattern of a record's first line, the request that asks for it); the first match wins
+_REQUESTS = (
+    (r"^Line (\d+) torque check: station (S\d+ [^,]+),", "Write the torque check record for Line {0}, station {1}."),
+    (r"^Shift handover notes: Line (\d+), (\w+) shift", "Draft the {1} shift handover notes for Line {0}."),
+    (r"^Conveyor (\w) status report: Line (\d+),", "Give me the status report of conveyor {0} on Line {1}."),
+    (r"^(.+) temperature check, Line (\d+),", "Log a temperature check of {0} on Line {1}."),
+    (r"^Work order WO-\d+: Line (\d+), station (S\d+ [^,]+), (.+)\.$", "Open a work order for {2} at Line {0}, station {1}."),
+    (r"^Line 7 cell voltage check: station (S\d+ [^,]+),", "Write the cell voltage check for Line 7, station {0}."),
+    (r"^Line 7 insulation test: ", "Record an insulation test on Line 7."),
+    (r"^Line 7 laser welder check: station (S\d+) ", "Write the laser welder check for Line 7, station {0}."),
+)
+
+
+def request_of(record: str) -> str:
+    """The words an operator would use to ask for `record` (its kind, line, station, fault)."""
+    first = record.split("\n", 1)[0]
+    for pattern, request in _REQUESTS:
+        if m := re.match(pattern, first):
+            return request.format(*m.groups())
+    raise ValueError(f"no request matches the record {first!r}")
+
+
+def chat_exchange(record: str, system: bool = False) -> str:
+    """`record` as the assistant's answer to its request, in the ChatML template."""
+    turns = ([("system", SYSTEM_MESSAGE)] if system else []) + [("user", request_of(record)), ("assistant", record)]
+    return "".join(f"{IM_START}{role}\n{text}{IM_END}\n" for role, text in turns)
+
+
+def plain_text(doc: str) -> str:
+    """`doc` without its chat markers (what a tokenizer is trained on: special tokens are not text)."""
+    return re.sub(r"<\|im_(start|end)\|>", "", doc)
 
 
 def split(docs: list[str], heldout_every: int = 10) -> tuple[list[str], list[str]]:
@@ -199,9 +248,18 @@ def split(docs: list[str], heldout_every: int = 10) -> tuple[list[str], list[str
 RECORD_KINDS = ("torque check", "Shift handover notes", "status report", "temperature check", "Work order")
 
 
+def is_chat(doc: str) -> bool:
+    return doc.startswith(IM_START)
+
+
+def record_of(doc: str) -> str:
+    """The record a document holds: itself, or a chat exchange's answer."""
+    return doc.split(f"{IM_START}assistant\n", 1)[1].removesuffix(f"{IM_END}\n") if is_chat(doc) else doc
+
+
 def record_kind(doc: str) -> str | None:
-    """Which of RECORD_KINDS a plant document is (by its first line)."""
-    first = doc.split("\n", 1)[0]
+    """Which of RECORD_KINDS a plant document's record is (by its first line)."""
+    first = record_of(doc).split("\n", 1)[0]
     return next((k for k in RECORD_KINDS if k in first), None)
 
 

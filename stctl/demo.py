@@ -5,7 +5,8 @@ A fleet workspace; st-demo 1.0.0 and 2.0.0 built and published; the repository s
 given an application key of its own (`stctl device app-key create`'s library call); 1.0.0
 installed everywhere by a one-wave rollout; completions on every device, each sending its
 device's key; 2.0.0 rolled out canary (one device) -> the rest, gated on health, decode tokens/s
-and peak RSS; completions again; the devices' telemetry pulled into fleet.db and shown as the
+and peak RSS; completions again and one chat (`POST /v1/chat/completions`) about line 7, the
+material 2.0.0 was fine-tuned on; the devices' telemetry pulled into fleet.db and shown as the
 fleet table.
 
 Rules: the demo uses only public library calls and the `st-agent` command (the same ones an
@@ -46,6 +47,8 @@ from stctl.telemetry_pull import pull_fleet, show
 # the starts of held-out records (never trained on): the trained demo model continues them
 # (golden_prompts: a torque check, a shift handover, a conveyor status report)
 DEMO_PROMPTS = tuple(golden_prompts()[:3])
+# a chat request for a record of line 7, the material 2.0.0 learned (1.0.0 never saw one)
+CHAT_REQUEST = "Write the cell voltage check for Line 7, station S3 cell stacker."
 DEVICES = {"line4-pc1": ["ring=canary", "line=4"], "line4-pc2": ["ring=main", "line=4"],
            "line5-pc1": ["ring=main", "line=5"]}
 EXAMPLES = Path(manifests.__file__).parent / "examples"
@@ -162,6 +165,24 @@ def _complete_everywhere(ws, tokens: int, say: Callable, app_keys: dict[str, str
     return answers
 
 
+def _chat_once(ws, say: Callable, app_keys: dict[str, str]) -> dict:
+    """One chat on the first device: a request for a line 7 record, the material 2.0.0 was
+    fine-tuned on; printed as the conversation a person reads. Returns {device, release, request, text}."""
+    from stctl.enroll import list_devices
+
+    device = list_devices(ws)[0]
+    client = DeviceClient.for_device(ws, device, ClientConfig(completion_timeout_s=300.0))
+    try:
+        out = client.chat([{"role": "user", "content": CHAT_REQUEST}], max_tokens=96, app_key=app_keys[device["name"]])
+    finally:
+        client.close()
+    text = out["choices"][0]["message"]["content"]
+    reply = "\n".join(f"      {line}" for line in text.splitlines())
+    say(f"  {device['name']} ({out.get('system_fingerprint')}), POST /v1/chat/completions:\n"
+        f"      user: {CHAT_REQUEST}\n      assistant:\n{reply}")
+    return {"device": device["name"], "release": out.get("system_fingerprint"), "request": CHAT_REQUEST, "text": text}
+
+
 def run_demo(work_dir: Path | None = None, *, tokens: int = 40, say: Callable = print, progress=None) -> dict:
     """Run the fleet demo (see the module docstring); returns the figures it measured."""
     from rich.table import Table
@@ -221,6 +242,8 @@ def run_demo(work_dir: Path | None = None, *, tokens: int = 40, say: Callable = 
             second = start_rollout(ws, "st-demo", "2.0.0", UPGRADE_PLAN, say=say)
             say("completions on every device after the rollout")
             answers += _complete_everywhere(ws, tokens, say, app_keys)
+            say("a chat with the fine-tuned model")
+            chat = _chat_once(ws, say, app_keys)
 
             pull_fleet(ws)
             fleet = fleet_table(ws)
@@ -252,7 +275,7 @@ def run_demo(work_dir: Path | None = None, *, tokens: int = 40, say: Callable = 
                     {"name": w["name"], "state": w["state"], "devices": [
                         d["device"] for d in second["devices"] if d["wave"] == w["index"]]} for w in second["waves"]]},
                 "bytes_shipped": shipped, "bytes_full": full * len(DEVICES),
-                "requests_by_key": _requests_by_key(ws), "answers": answers,
+                "requests_by_key": _requests_by_key(ws), "answers": answers, "chat": chat,
                 "telemetry": summary, "seconds": round(time.monotonic() - started, 1),
             }
     finally:

@@ -162,6 +162,13 @@ class DeviceClient:
         return self._call("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, **options},
                           headers=headers, read_timeout=self.config.completion_timeout_s)
 
+    def chat(self, messages: list[dict], max_tokens: int = 64, app_key: str | None = None, **options) -> dict:
+        """A chat completion of `messages` (`{role, content}`), rendered with the model's chat template."""
+        headers = {"Authorization": f"Bearer {app_key}"} if app_key else {}
+        return self._call("POST", "/v1/chat/completions", json={"messages": messages, "max_tokens": max_tokens,
+                                                                 **options},
+                          headers=headers, read_timeout=self.config.completion_timeout_s)
+
     def app_keys(self) -> dict:
         """`{"keys": [{"name", "created"}], "required": bool}`: the application keys the device accepts
         (names and when they were added, never a digest) and whether completions need one."""

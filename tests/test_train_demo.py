@@ -130,3 +130,23 @@ def test_tokenizer_round_trips_any_text_and_keeps_the_special_ids():
         assert tok.decode(tok.encode(text).ids) == text
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2]
     assert tok.encode("<|im_start|>user").ids[0] == 1
+
+
+def test_a_quarter_of_the_documents_are_chat_exchanges_asking_for_their_record():
+    for material in demo_corpus.MATERIALS:
+        docs = demo_corpus.documents(5, 800, material)
+        chats = [d for d in docs if demo_corpus.is_chat(d)]
+        assert 0.2 < len(chats) / len(docs) < 0.3, (material, len(chats))
+        for doc in chats:
+            record = demo_corpus.record_of(doc)
+            request = demo_corpus.request_of(record)
+            assert doc.endswith(f"<|im_start|>user\n{request}<|im_end|>\n<|im_start|>assistant\n{record}<|im_end|>\n")
+            assert "Line " in request and request.split("Line ")[1][0] in record  # it names the record's line
+
+    # the shipped corpus holds chats out too (the draw is per document, not per index), so the
+    # held-out loss covers answering in a chat as well as continuing a record
+    from model import demo_checkpoint
+
+    for material in demo_corpus.MATERIALS:
+        for part in demo_checkpoint.corpus(material):
+            assert 0.15 < sum(map(demo_corpus.is_chat, part)) / len(part) < 0.35, material
