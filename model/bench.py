@@ -73,6 +73,7 @@ def run_bench(package: str | Path, *, memory_budget_bytes: int | None = None, pr
         "lookahead_reads": store.lookahead_reads,
         "lookahead_hits": store.lookahead_hits,
         "lookahead_paused": store.lookahead_paused,
+        "lookahead_paused_layers": sorted(store.lookahead_paused_layers),
         "policy": policy,
         "storage": {"simulated": True, "mbps": storage_mbps, "latency_us": storage_latency_us,
                     "label": "simulated eMMC/SATA SSD"} if storage else {"simulated": False},

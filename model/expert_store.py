@@ -198,10 +198,13 @@ class _Slot:
 class ExpertStore:
     """Expert cache with a byte budget over a package's expert shards (q4_0 or bf16)."""
 
-    # Look-ahead keeps guessing while at least half its guesses prove right (judged after 256):
-    # 91% were right on this project's random-weight 4B shape; a model whose residual moves more
-    # between layers may guess worse, and then the reads are better left to the real lookups.
+    # Look-ahead keeps guessing while at least half its guesses prove right (judged after 256),
+    # and per layer (judged after 32 guesses for that layer): 91% were right on this project's
+    # random-weight 4B shape; on the trained demo model 91-95% for every layer but the second,
+    # whose router the first layer's residual predicts only 31% of the time
+    # (benchmarks/routing_truth.py): those reads are better left to the real lookups.
     lookahead_probation = 256
+    lookahead_layer_probation = 32
     lookahead_min_hit_rate = 0.5
 
     def __init__(self, package_dir: Path, manifest: ModelManifest, config, *, kernel: str | None = None,
@@ -273,6 +276,8 @@ class ExpertStore:
         self.counted_hits: set = set()  # the last lookup's hits (a later read turns one into a miss)
         self.lookahead_reads = self.lookahead_hits = 0
         self.lookahead_paused = False
+        self.lookahead_by_layer: dict[int, list[int]] = {}  # layer guessed -> [reads, hits]
+        self.lookahead_paused_layers: set[int] = set()
         self.read_seconds = 0.0
         self.queue: queue.Queue = queue.Queue()
         self.readers = [threading.Thread(target=self._reader_loop, name=f"expert-reader-{i}", daemon=True)
@@ -430,6 +435,7 @@ class ExpertStore:
                     slot.ahead, slot.prefetched = False, True
                     self.misses += 1
                     self.lookahead_hits += 1
+                    self.lookahead_by_layer[layer][1] += 1
                     guessed.append(e)
                     self._hold(slot)
                     continue
@@ -458,12 +464,17 @@ class ExpertStore:
         the layer's own lookup counts a guessed expert as a miss (and a prefetch hit if it arrived),
         and a wrong guess is an ordinary evictable slot (`lookahead_reads` - `lookahead_hits`).
         Look-ahead stops for good (`lookahead_paused`) once `lookahead_probation` guesses were
-        read and fewer than `lookahead_min_hit_rate` of them were right."""
-        if not self.lookahead or self.lookahead_paused:
+        read and fewer than `lookahead_min_hit_rate` of them were right, and for one layer
+        (`lookahead_paused_layers`) once `lookahead_layer_probation` guesses for that layer were."""
+        if not self.lookahead or self.lookahead_paused or layer in self.lookahead_paused_layers:
             return
         if self.lookahead_reads >= self.lookahead_probation and \
                 self.lookahead_hits < self.lookahead_min_hit_rate * self.lookahead_reads:
             self.lookahead_paused = True  # its guesses mostly miss here: they would only cost reads
+            return
+        reads, hits = self.lookahead_by_layer.setdefault(layer, [0, 0])
+        if reads >= self.lookahead_layer_probation and hits < self.lookahead_min_hit_rate * reads:
+            self.lookahead_paused_layers.add(layer)  # this layer's router is not predictable one layer early
             return
         with self.lock:
             for e in expert_ids:
@@ -475,6 +486,7 @@ class ExpertStore:
                     return
                 slot.ahead = True
                 self.lookahead_reads += 1
+                self.lookahead_by_layer[layer][0] += 1
                 self.queue.put((key, slot))
 
     def _hold(self, slot: _Slot) -> None:

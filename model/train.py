@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +83,10 @@ class DemoModel(torch.nn.Module):
                 p[index].copy_(tensors[name].to(torch.float32))
 
     # ---- the forward pass ----------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """tokens [B, T] at positions 0..T-1 -> (logits [B, T, V], balance loss, expert counts [L, E])."""
+    def forward(self, tokens: torch.Tensor, trace: RoutingTrace | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens [B, T] at positions 0..T-1 -> (logits [B, T, V], balance loss, expert counts [L, E]).
+        `trace`, when given, records what routing did (it changes nothing computed)."""
         cfg = self.cfg
         B, T = tokens.shape
         H, G, Hd, K, E = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
@@ -113,6 +115,10 @@ class DemoModel(torch.nn.Module):
                 attn_mask=visible_keys(pos, pos, window), enable_gqa=True,
             )  # [B, H, T, Hd]
             h = h + attn.transpose(1, 2).reshape(B, T, H * Hd) @ wo[i].t()
+            if trace is not None:
+                trace.picks.append(ids)
+                if i + 1 < cfg.num_hidden_layers:  # look-ahead: the next router on this residual
+                    trace.guesses.append(route_weights(h @ router[i + 1].t(), K, cfg.moe_primary_router_apply_softmax)[0])
             y = rms_norm(h, post_norm[i], cfg.rms_norm_eps).reshape(B * T, -1)  # [N, D]
             flat_ids, flat_w = ids.reshape(B * T, K), weights.reshape(B * T, K)
             moe = torch.zeros_like(y)
@@ -121,6 +127,8 @@ class DemoModel(torch.nn.Module):
                 if rows.numel():
                     ye = y[rows]  # [n, D]
                     act = F.relu(ye @ g.t()) * (ye @ u.t())  # [n, F]: ReGLU
+                    if trace is not None:
+                        trace.count_active(i, act)
                     moe = moe.index_add(0, rows, (act @ d.t()) * flat_w[rows, slot, None])
             h = h + moe.view(B, T, -1)
             share = torch.bincount(flat_ids.flatten(), minlength=E).to(h.dtype)  # [E]
@@ -130,6 +138,21 @@ class DemoModel(torch.nn.Module):
             balance = balance + E * (share / share.sum() * scores.reshape(-1, E).mean(0)).sum()
         out = rms_norm(h, self.final_norm, cfg.rms_norm_eps) @ self.embed.t()  # [B, T, V]
         return out, balance / cfg.num_hidden_layers, torch.stack(counts)
+
+
+@dataclass
+class RoutingTrace:
+    """What routing did in a forward pass: per layer the top-k picks [B, T, K], the next layer's
+    router applied to this layer's residual after attention (what the engine's look-ahead guesses,
+    [B, T, K], one fewer layer), and how many ReGLU activations were zero (`relu(gate) == 0`)."""
+    picks: list = field(default_factory=list)
+    guesses: list = field(default_factory=list)
+    zero: dict = field(default_factory=dict)  # layer -> [zero activations, activations]
+
+    def count_active(self, layer: int, act: torch.Tensor) -> None:
+        z = self.zero.setdefault(layer, [0, 0])
+        z[0] += int((act == 0).sum())
+        z[1] += act.numel()
 
 
 # ---- data ------------------------------------------------------------------------------------

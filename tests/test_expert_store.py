@@ -193,3 +193,22 @@ def test_lookahead_stops_itself_when_its_guesses_miss(packages):
     reads = store.lookahead_reads
     assert list(engine.generate(PROMPT, 8)) == reference
     assert store.lookahead_reads == reads and store.lookahead_paused
+
+
+def test_lookahead_stops_for_one_layer_whose_guesses_miss(packages):
+    """A layer whose router the previous residual does not predict (the trained demo's second
+    layer: 31% right) stops being guessed after `lookahead_layer_probation` misses; the other
+    layers go on."""
+    pkg = packages["dense"]
+    engine = Engine.load(pkg, memory_budget_bytes=smallest_budget(pkg) + 8 * 2**20, max_context=CONTEXT)
+    store = engine.transformer.experts
+    store.lookahead_layer_probation = 4
+    experts = list(range(engine.config.moe_num_primary_experts))
+    store.prefetch_ahead(1, experts[:6])  # never confirmed: 6 reads, 0 hits
+    store.settle()
+    reads = store.lookahead_reads
+    assert reads >= 4 and store.lookahead_by_layer[1] == [reads, 0]
+    store.prefetch_ahead(1, experts[6:8])
+    assert store.lookahead_paused_layers == {1} and store.lookahead_reads == reads
+    store.prefetch_ahead(2, experts[:1])
+    assert store.lookahead_by_layer[2][0] == 1 and not store.lookahead_paused
