@@ -56,9 +56,10 @@ from model.errors import InputError
 from model.memory import current_rss_bytes
 
 log = logging.getLogger("st-agent.api")
-_STATUS = [(QueueFullError, 429, "queue_full"), (UnauthorizedError, 401, "unauthorized"), (NoModelError, 503, "no_model"), (BadRequestError, 400, "invalid_request"),
-           (UpdateRefusedError, 409, "refused"), (InstallError, 409, "install"), (AgentError, 400, "invalid_request"),
-           (UpdateError, 400, "update"), (InputError, 400, "invalid_request")]
+# the first class that matches decides (subclasses before their bases)
+_STATUS = [(QueueFullError, 429, "queue_full"), (UnauthorizedError, 401, "unauthorized"), (NoModelError, 503, "no_model"),
+           (BadRequestError, 400, "invalid_request"), (UpdateRefusedError, 409, "refused"), (InstallError, 409, "install"),
+           (UpdateError, 400, "update"), (AgentError, 400, "invalid_request"), (InputError, 400, "invalid_request")]
 _HTTP_KINDS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
@@ -272,7 +273,6 @@ def create_app(config: DeviceConfig, on_fatal: Callable[[], None] | None = None)
         return error(e.status, str(e), e.kind)
 
     @app.exception_handler(AgentError)
-    @app.exception_handler(UpdateError)
     @app.exception_handler(InputError)
     async def _agent_error(request: Request, e: Exception):
         status, kind = next((s, k) for cls, s, k in _STATUS if isinstance(e, cls))

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from agent.errors import UnauthorizedError
-from agent.files import atomic_write_json
+from common.files import atomic_write_json
 from manifests import ManifestError
 from manifests.app_keys import KEY_PREFIX, is_key, key_digest, parse_key_record
 

@@ -29,7 +29,7 @@ from typing import BinaryIO
 
 from agent.errors import InsufficientSpaceError, StoreError
 from manifests import ManifestError, ModelManifest
-from agent.files import fsync_dir
+from common.files import fsync_dir
 from manifests.release import package_files
 
 MANIFEST_FILE = "manifest.json"

@@ -1,7 +1,7 @@
 """`st-agent`: the device's command line. Each command is a thin call into the agent library.
 
 Rule: the agent's, the update channel's, the model's and the formats' errors become one line of
-text on stderr and exit code 1, never a traceback (`manifests.cli_support`, shared with stctl);
+text on stderr and exit code 1, never a traceback (`common.cli`, shared with stctl);
 commands that report figures take `--json`.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Optional
 import typer
 
 from agent.config import DEFAULT_LISTEN, ENV_DATA_DIR, load_config, resolve_data_dir
-from agent.errors import AgentError, UpdateError
+from agent.errors import AgentError
 from manifests import ManifestError
-from manifests.cli_support import handles_errors as _handles, print_json
+from common.cli import handles_errors as _handles, print_json
 from model.errors import ModelError
 
 app = typer.Typer(
@@ -30,7 +30,7 @@ bundle_app = typer.Typer(help="Offline bundles for air-gapped sites.\n\n"
                          no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
 
-HANDLED = (AgentError, UpdateError, ModelError, ManifestError)
+HANDLED = (AgentError, ModelError, ManifestError)
 handles_errors = _handles(*HANDLED)
 
 

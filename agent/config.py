@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from agent.errors import ConfigError
-from agent.files import atomic_write_json
+from common.files import atomic_write_json
 from manifests import ManifestError
 from manifests.enrollment import check_repository_url, parse_device_url, parse_tag
 from manifests.model_manifest import check_name

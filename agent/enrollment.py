@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 
 from agent.config import CONFIG_FILE, DeviceConfig
 from agent.errors import ConfigError
-from agent.files import atomic_write
+from common.files import atomic_write
 from agent.revocation import DeviceCrl, RevocationError
 from agent.telemetry import Telemetry
 from manifests import ManifestError

@@ -1,10 +1,15 @@
-"""The one exception family of `agent`: every failed update raises an UpdateError subclass.
+"""The one exception family of `agent`: every error the agent raises is an AgentError; every
+failed update is one of its UpdateError branch.
 
 "Already up to date" is a normal outcome (a fetch that downloads nothing), not an error.
 """
 
 
-class UpdateError(Exception):
+class AgentError(Exception):
+    """Base of every error of the device agent (config, install, serving, and the update channel)."""
+
+
+class UpdateError(AgentError):
     """Base of every update failure; nothing unverified was installed."""
 
 
@@ -45,10 +50,6 @@ class StoreError(UpdateError):
 
 class InsufficientSpaceError(StoreError):
     """The store's filesystem has less free space than the download needs (checked before it starts)."""
-
-
-class AgentError(Exception):
-    """Base of the device agent's errors outside the update channel (config, install, serving)."""
 
 
 class ConfigError(AgentError):

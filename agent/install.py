@@ -23,7 +23,7 @@ from pathlib import Path
 from agent.blobstore import MANIFEST_FILE, BlobStore
 from agent.config import DeviceConfig
 from agent.errors import InstallError, StoreError
-from agent.files import atomic_write_json, read_json
+from common.files import atomic_write_json, read_json
 from manifests import ManifestError, ModelManifest
 from manifests.model_manifest import parse_version
 from manifests.names import check_name

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from agent.errors import AgentError
-from agent.files import atomic_write_json, read_json
+from common.files import atomic_write_json, read_json
 
 IDLE, FETCHING, VERIFYING, STAGED = "idle", "fetching", "verifying", "staged"
 HEALTH_CHECKING, ACTIVATING, ACTIVE = "health-checking", "activating", "active"

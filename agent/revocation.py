@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -30,9 +29,10 @@ from pathlib import Path
 from cryptography import x509
 
 from agent.config import DeviceConfig
-from agent.errors import AgentError, UpdateError
+from agent.errors import AgentError
 from agent.fetcher import FetcherConfig
-from agent.files import FileLock, atomic_write
+from common.files import atomic_write
+from common.locks import FileLock
 from agent.tuf_client import ClientConfig, fetch_crl
 from manifests import ManifestError
 from manifests.crl import MAX_CRL_BYTES, FleetCrl, read_crl
@@ -117,16 +117,9 @@ class DeviceCrl:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        lock = FileLock(self.path.with_name(".crl.lock"))
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while not lock.acquire():
-            if time.monotonic() > deadline:
-                raise RevocationError(f"{self.path}: another process kept the CRL lock for {LOCK_WAIT_S:g}s")
-            time.sleep(0.05)
-        try:
+        refused = RevocationError(f"{self.path}: another process kept the CRL lock for {LOCK_WAIT_S:g}s")
+        with FileLock(self.path.with_name(".crl.lock")).held(refused, wait_s=LOCK_WAIT_S):
             yield
-        finally:
-            lock.release()
 
 
 class CrlRefresher:
@@ -153,7 +146,7 @@ class CrlRefresher:
         while not self._stop.is_set():
             try:
                 self.refresh()
-            except (UpdateError, AgentError, OSError) as e:
+            except (AgentError, OSError) as e:
                 log.warning("CRL refresh from %s failed: %s", self.config.repository_url, e)
             self._stop.wait(self.interval)
 

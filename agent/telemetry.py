@@ -1,8 +1,8 @@
 """The device's telemetry store: `telemetry.db` with the three DESIGN.md tables.
 
 Rules: SQLite through sqlite-utils in WAL mode (a killed process never corrupts it); the schema
-changes only through `MIGRATIONS`, an append-only list, each applied in its own transaction
-together with its `_migrations` row; the tables hold exactly the columns of
+is `MIGRATIONS`, an explicit append-only list applied by `common.migrations` (each in its own
+transaction together with its `_migrations` row); the tables hold exactly the columns of
 `manifests.telemetry.TELEMETRY_TABLES`; each table keeps at most `max_rows` rows (the oldest go
 first), so the disk never fills. One connection per process, used under a lock by any thread.
 Recording is best effort: a failed insert (a full disk) is logged and never fails the caller.
@@ -18,12 +18,10 @@ from collections.abc import Callable
 
 import sqlite_utils
 
+from common.migrations import Migration, migrate
 from manifests.telemetry import DESIGN_TABLES, TELEMETRY_TABLES, check_table, telemetry_row
 
 log = logging.getLogger("st-agent.telemetry")
-
-Migration = tuple[int, str, Callable[[sqlite_utils.Database], None]]
-
 
 def _create_tables(*tables: str) -> Callable[[sqlite_utils.Database], None]:
     def create(db: sqlite_utils.Database) -> None:
@@ -34,10 +32,10 @@ def _create_tables(*tables: str) -> Callable[[sqlite_utils.Database], None]:
     return create
 
 
-MIGRATIONS: list[Migration] = [
-    (1, "generations, updates, health_checks (DESIGN.md columns), indexed by ts", _create_tables(*DESIGN_TABLES)),
-    (2, "requests: one row per admitted completion (key name, outcome)", _create_tables("requests")),
-]
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "generations, updates, health_checks (DESIGN.md columns), indexed by ts", _create_tables(*DESIGN_TABLES)),
+    Migration(2, "requests: one row per admitted completion (key name, outcome)", _create_tables("requests")),
+)
 
 
 class Telemetry:
@@ -51,19 +49,8 @@ class Telemetry:
         self.db.execute("PRAGMA busy_timeout = 10000")
         self.db.enable_wal()
         self.db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: a crash loses at most the last rows, never the file
-        self._migrate()
-
-    def _migrate(self) -> None:
         with self._lock:
-            self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (version INTEGER PRIMARY KEY, name TEXT, applied_at REAL)")
-            done = {row[0] for row in self.db.execute("SELECT version FROM _migrations")}
-            for version, name, apply in sorted(MIGRATIONS, key=lambda m: m[0]):
-                if version in done:
-                    continue
-                with self.db.atomic():
-                    apply(self.db)
-                    self.db.execute("INSERT INTO _migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                                    (version, name, time.time()))
+            migrate(self.db, MIGRATIONS, time.time, "REAL")
 
     def record(self, table: str, values: dict) -> None:
         """Insert one row (`ts` defaults to now), then trim `table` to `max_rows`."""

@@ -58,7 +58,7 @@ from agent.errors import (
 )
 from agent.fetcher import BundleFetcher, FetcherConfig, HttpFetcher, TransferStats, is_transient
 from manifests import ManifestError, ModelManifest
-from agent.files import FileLock
+from common.locks import FileLock
 from manifests.crl import MAX_CRL_BYTES
 from manifests.release import (
     BUNDLE_INFO, CRL_TARGET, METADATA_DIR, TARGETS_DIR, blob_target, manifest_target, package_files,
@@ -94,13 +94,9 @@ class FetchedRelease:
 def metadata_lock(metadata_dir: Path) -> Iterator[None]:
     """Exclusive use of a TUF metadata folder (python-tuf requires a single updater per folder)."""
     metadata_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(metadata_dir / ".lock")
-    if not lock.acquire():
-        raise UpdaterBusyError(f"{metadata_dir}: another update is using this metadata folder")
-    try:
+    with FileLock(metadata_dir / ".lock").held(
+            UpdaterBusyError(f"{metadata_dir}: another update is using this metadata folder")):
         yield
-    finally:
-        lock.release()
 
 
 @contextmanager

@@ -35,10 +35,10 @@ from pathlib import Path
 from agent.blobstore import BlobStore
 from agent.config import DeviceConfig, Limits
 from agent.errors import (
-    AgentError, InstallError, ReleaseNotFoundError, TransportError, UpdateError, UpdateRefusedError, UpdateStoppedError,
+    AgentError, InstallError, ReleaseNotFoundError, TransportError, UpdateRefusedError, UpdateStoppedError,
 )
 from agent.fetcher import FetcherConfig
-from agent.files import FileLock
+from common.locks import FileLock
 from agent.health import HealthResult, check_release
 from agent.install import Installation, Pointer, ReleaseRef
 from agent.lifecycle import (
@@ -58,7 +58,7 @@ from model.kernels import describe as describe_kernels
 log = logging.getLogger("st-agent.updater")
 BUNDLE_SOURCE = "bundle:"
 FINISHING_WAIT_S = 60.0  # how long a request waits for a finished job's garbage collection
-_HANDLED = (UpdateError, AgentError, ModelError, ManifestError, OSError)
+_HANDLED = (AgentError, ModelError, ManifestError, OSError)
 _RESUME_DATA_STAYS_VALID = (TransportError, ReleaseNotFoundError)  # failures that leave partials and blobs good
 _NOTHING_DONE = ("already_active", "rolled_back")  # endings of a job that fetched nothing now
 
@@ -307,12 +307,8 @@ class Updater:
         return pointer
 
     def rollback(self, reason: str = "rollback requested") -> Pointer:
-        if not self.lock.acquire():
-            raise UpdateRefusedError("an update is in progress; roll back after it ends")
-        try:
+        with self.lock.held(UpdateRefusedError("an update is in progress; roll back after it ends")):
             return self._roll_back(reason)
-        finally:
-            self.lock.release()
 
     def check_active(self) -> tuple[HealthResult, bool]:
         """Health-check the active release: a pass ends its probation, a failure on probation rolls

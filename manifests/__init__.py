@@ -1,9 +1,9 @@
-"""Formats shared by the control side (stctl) and the device (st-agent), and the few side-neutral
-helpers both need, each in its own module (`names`: what a name may be; `cli_support`: the
-command lines' error lines and JSON output).
+"""Formats shared by the control side (stctl) and the device (st-agent): model manifests,
+rollout plans, telemetry rows, enrollment files, release layout, and what a name may be.
 
-Rule: bytes in, objects out, objects to bytes; no file or network I/O (`cli_support` writes only
-to stdout and stderr), no torch, no HTTP.
+Rule: bytes in, objects out, objects to bytes; no file or network I/O, no torch, no HTTP. The
+platform helpers both sides need (files, locks, migrations, durations, CLI scaffolding) are in
+`common`.
 """
 from manifests.errors import ManifestError
 from manifests.model_manifest import (

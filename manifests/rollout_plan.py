@@ -34,18 +34,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import tomllib
 from dataclasses import asdict, dataclass, field, replace
 
+from common.durations import parse_duration_s as common_duration_s
 from manifests.errors import ManifestError
 from manifests.names import LABEL_RULE, is_label
 
 ON_FAILURE = ("rollback", "halt")
 MAX_WAVES = 64
 MAX_PLAN_BYTES = 256 * 1024
-_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*", re.ASCII)
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 @dataclass(frozen=True)
@@ -101,19 +99,8 @@ def _number(value, where: str, *, integer: bool = False, minimum: float | None =
 
 
 def parse_duration_s(value, where: str, *, positive: bool = False) -> float:
-    """Seconds as a number, or a string like `90s`, `10m`, `1.5h`, `250ms`."""
-    if isinstance(value, str):
-        m = _DURATION.fullmatch(value)
-        if not m:
-            raise ManifestError(f"{where}: expected seconds or a duration like '30s', '10m', '1h', got {value!r}")
-        seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
-    else:
-        seconds = float(_number(value, where, minimum=0))
-    if not math.isfinite(seconds):
-        raise ManifestError(f"{where}: must be finite, got {value!r}")
-    if seconds < 0 or (positive and seconds <= 0):
-        raise ManifestError(f"{where}: must be {'> 0' if positive else '>= 0'}, got {value!r}")
-    return seconds
+    """Seconds as a number, or a string like `90s`, `10m`, `1.5h`, `250ms` (`common.durations`)."""
+    return common_duration_s(value, where, positive=positive, error=ManifestError)
 
 
 def _check_keys(d: dict, known: set[str], where: str) -> None:

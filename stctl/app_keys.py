@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-import sqlite_utils
 
 from manifests import ManifestError
 from manifests.app_keys import key_digest, new_key
@@ -33,7 +32,7 @@ from manifests.names import check_name
 from manifests.rollout_plan import RolloutPlan, Wave, select_devices
 from stctl.device_client import DeviceClient, DeviceError, map_devices
 from stctl.errors import StctlError
-from stctl.fleetdb import open_fleet_db, register_migration
+from stctl.fleetdb import open_fleet_db
 from stctl.registry import enrolled, now_iso, write_transaction
 from stctl.workspace import Workspace
 
@@ -47,15 +46,6 @@ class AppKeyError(StctlError):
     """An application key cannot be created, listed or revoked (bad name, name taken, no such key)."""
 
 
-def _create_app_keys(db: sqlite_utils.Database) -> None:
-    db["app_keys"].create({"id": int, "device": str, "name": str, "digest_prefix": str, "created_at": str,
-                           "revoked_at": str}, pk="id")
-    db["app_keys"].create_index(["device", "name"])
-
-
-APP_KEYS_MIGRATION = (25, "app_keys: application keys put on devices (name, digest prefix, created, revoked; "
-                          "never the key)", _create_app_keys)
-register_migration(APP_KEYS_MIGRATION)
 
 
 # ---- choosing devices and asking each ---------------------------------------------------------

@@ -17,7 +17,7 @@ from stctl.errors import WorkspaceError
 from stctl.fleetdb import open_fleet_db
 from stctl.pki import create_pki
 from stctl.repository import create_repository
-from agent.files import atomic_write, fsync_dir
+from common.files import atomic_write, fsync_dir
 from stctl.workspace import CONFIG_FILE, ENV_PASSPHRASE, Config, Workspace, open_workspace, render_config
 
 # Moved into DIR in this order; the config last marks the workspace complete.

@@ -19,13 +19,13 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from common.files import writing
 from manifests import ModelManifest
 from manifests.release import BUNDLE_INFO, CRL_TARGET, METADATA_DIR, blob_target, manifest_target, package_files
 from stctl.errors import BundleError
@@ -73,25 +73,15 @@ def export_bundle(workspace: Workspace, model: str, version: str, out: str | os.
 def _write_tar(out: Path, info: dict, generated: list[tuple[str, bytes]], files: list[tuple[str, Path]],
                report: Progress) -> None:
     """The tar, written beside `out` and renamed into place when complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     total = sum(p.stat().st_size for _, p in files)
     done = 0
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for name, data in [(BUNDLE_INFO, json.dumps(info, indent=1).encode()), *generated]:
-                    member = tarfile.TarInfo(name)
-                    member.size, member.mtime, member.mode = len(data), int(time.time()), 0o644
-                    tar.addfile(member, io.BytesIO(data))
-                for name, path in files:
-                    report(done, total, name)
-                    tar.add(path, arcname=name, recursive=False)
-                    done += path.stat().st_size
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(out) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in [(BUNDLE_INFO, json.dumps(info, indent=1).encode()), *generated]:
+            member = tarfile.TarInfo(name)
+            member.size, member.mtime, member.mode = len(data), int(time.time()), 0o644
+            tar.addfile(member, io.BytesIO(data))
+        for name, path in files:
+            report(done, total, name)
+            tar.add(path, arcname=name, recursive=False)
+            done += path.stat().st_size
     report(total, total, "done")

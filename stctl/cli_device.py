@@ -13,9 +13,9 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from stctl.cli_common import console, err_console, escape, handles_errors, print_json
+from stctl.cli_common import console, err_console, escape, handles_errors, print_json, workspace_option
 from stctl.enroll import ENV_REPOSITORY_URL
-from stctl.workspace import ENV_WORKSPACE, open_workspace
+from stctl.workspace import open_workspace
 
 device_app = typer.Typer(help="Enroll devices and list the fleet's devices.\n\n"
                                "Example: stctl device enroll line4-pc1 --url https://10.0.4.17:8443 -o line4-pc1.enroll",
@@ -27,11 +27,6 @@ app_key_app = typer.Typer(help="Application keys: what shop-floor applications s
 device_app.add_typer(app_key_app, name="app-key")
 
 
-def _workspace_option() -> Optional[Path]:
-    return typer.Option(None, "--workspace", "-w", envvar=ENV_WORKSPACE,
-                        help="Fleet workspace directory (default: the current directory).")
-
-
 @device_app.command("enroll")
 @handles_errors
 def enroll(
@@ -41,7 +36,7 @@ def enroll(
     tag: list[str] = typer.Option([], "--tag", help="KEY=VALUE label, repeatable (e.g. line=4)."),
     repository_url: Optional[str] = typer.Option(None, "--repository-url", envvar=ENV_REPOSITORY_URL,
                                                  help="Where devices fetch releases (the served repository folder)."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Issue a device certificate, write its enrollment file and register the device in fleet.db.
@@ -78,7 +73,7 @@ def app_key_create(
     devices: Optional[list[str]] = _devices_argument(),
     name: str = _key_name_argument(),
     tag: list[str] = _tag_option(),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the result (the key included) as JSON."),
 ) -> None:
     """Make an application key, put it on the device(s) and print it, once: only its sha256 is kept.
@@ -104,7 +99,7 @@ def app_key_create(
 @handles_errors
 def app_key_list(
     device: str = typer.Argument(..., help="Enrolled device."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the keys as JSON."),
 ) -> None:
     """List the keys the device accepts beside what fleet.db recorded; flags keys found on one side only.
@@ -135,7 +130,7 @@ def app_key_revoke(
     devices: Optional[list[str]] = _devices_argument(),
     name: str = _key_name_argument(),
     tag: list[str] = _tag_option(),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Revoke an application key: the device refuses it from its next request on; fleet.db records when.

@@ -14,20 +14,15 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from stctl.cli_common import console, err_console, handles_errors, print_json
+from stctl.cli_common import console, err_console, handles_errors, print_json, workspace_option
 from stctl.cli_device import device_app
-from stctl.workspace import ENV_WORKSPACE, open_workspace
+from stctl.workspace import open_workspace
 
 rollout_app = typer.Typer(help="Staged rollouts: waves, soak, gates on telemetry, automatic halt and rollback.\n\n"
                                "Example: stctl rollout start --model st-demo --version 2.0.0 --plan plan.toml",
                           no_args_is_help=True)
 telemetry_app = typer.Typer(help="Copy the devices' telemetry into fleet.db and summarize it.\n\n"
                                  "Example: stctl telemetry pull && stctl telemetry show", no_args_is_help=True)
-
-
-def _workspace_option() -> Optional[Path]:
-    return typer.Option(None, "--workspace", "-w", envvar=ENV_WORKSPACE,
-                        help="Fleet workspace directory (default: the current directory).")
 
 
 def _json_option(what: str = "the result") -> bool:
@@ -49,7 +44,7 @@ def _mib(value) -> str:
 @handles_errors
 def device_list(
     offline: bool = typer.Option(False, "--offline", help="Do not ask the devices; show what fleet.db last recorded."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = _json_option("the devices"),
 ) -> None:
     """List the fleet: name, tags, reachable, model and version, last decode tokens/s, peak RSS, last health.
@@ -125,7 +120,7 @@ def rollout_start(
     repository_url: Optional[str] = typer.Option(None, "--repository-url",
                                                  help="Repository devices fetch from (default: their enrolled one)."),
     allow_downgrade: bool = typer.Option(False, "--allow-downgrade", help="Allow an older version than a device runs."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = _json_option("the final rollout status"),
 ) -> None:
     """Start a staged rollout and drive it until it completes, pauses, halts or is aborted.
@@ -145,7 +140,7 @@ def rollout_start(
 @handles_errors
 def rollout_status_cmd(
     rollout_id: Optional[int] = typer.Argument(None, help="Rollout id (default: the newest)."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = _json_option("the rollout, its waves and devices"),
 ) -> None:
     """Show a rollout: state, progress per wave, each device's state and gate figures, and which
@@ -173,7 +168,7 @@ def rollout_status_cmd(
 @handles_errors
 def rollout_pause(
     rollout_id: Optional[int] = typer.Argument(None, help="Rollout id (default: the unfinished one)."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = _json_option(),
 ) -> None:
     """Pause a running rollout: updates in flight finish, no new device starts.
@@ -194,7 +189,7 @@ def rollout_pause(
 @handles_errors
 def rollout_resume(
     rollout_id: Optional[int] = typer.Argument(None, help="Rollout id (default: the unfinished one)."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = _json_option("the final rollout status"),
 ) -> None:
     """Resume a paused rollout, or one whose stctl was killed (devices in flight are reconciled first).
@@ -210,7 +205,7 @@ def rollout_resume(
 @handles_errors
 def rollout_abort(
     rollout_id: Optional[int] = typer.Argument(None, help="Rollout id (default: the unfinished one)."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = _json_option("the final rollout status"),
 ) -> None:
     """Abort a rollout and roll back every device it updated.
@@ -231,7 +226,7 @@ def rollout_abort(
 def health(
     all_devices: bool = typer.Option(False, "--all", help="Every enrolled device (the default)."),
     device: list[str] = typer.Option([], "--device", "-d", help="Only this device (repeatable)."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = _json_option("the results"),
 ) -> None:
     """Run the health check of the active release on devices; exits 1 if any fails or is unreachable.
@@ -262,7 +257,7 @@ def health(
 @handles_errors
 def telemetry_pull(
     device: list[str] = typer.Option([], "--device", "-d", help="Only this device (repeatable; default: all)."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = _json_option("the rows pulled per device"),
 ) -> None:
     """Copy new telemetry rows from the devices into fleet.db (incremental; pulling twice adds nothing).
@@ -288,7 +283,7 @@ def telemetry_pull(
 @handles_errors
 def telemetry_show(
     device: Optional[str] = typer.Option(None, "--device", "-d", help="Only this device."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = _json_option("the summary"),
 ) -> None:
     """Per device and version: median decode tokens/s, p95 peak RSS, completions, failures (from fleet.db).

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from stctl.cli_common import console, handles_errors, print_json
+from stctl.cli_common import console, handles_errors, print_json, workspace_option
 from stctl.pki import MAX_OPERATOR_DAYS, OPERATOR_VALIDITY
-from stctl.workspace import ENV_WORKSPACE, open_workspace
+from stctl.workspace import open_workspace
 
 pki_app = typer.Typer(help="The fleet CA: revoke device and operator certificates, renew the operator's.\n\n"
                       "Example: stctl pki revoke device line4-pc1", no_args_is_help=True)
@@ -22,16 +22,11 @@ _PICKED_UP = ("each device refuses what it revokes once it has the new CRL: with
               "CRL refresh interval (15 minutes by default)")
 
 
-def _workspace_option() -> Optional[Path]:
-    return typer.Option(None, "--workspace", "-w", envvar=ENV_WORKSPACE,
-                        help="Fleet workspace directory (default: the current directory).")
-
-
 @revoke_app.command("device")
 @handles_errors
 def revoke_device(
     name: str = typer.Argument(..., help="Name of the enrolled device whose certificate is revoked."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Revoke a device's certificate (stolen or retired device); the name may then be enrolled again.
@@ -52,7 +47,7 @@ def revoke_device(
 @revoke_app.command("operator")
 @handles_errors
 def revoke_operator(
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Revoke every operator certificate not yet expired (a leaked operator key) and write a new one.
@@ -78,7 +73,7 @@ def revoke_operator(
 def renew_operator(
     days: int = typer.Option(OPERATOR_VALIDITY.days, "--days",
                              help=f"How long the new operator certificate is valid (1 to {MAX_OPERATOR_DAYS} days)."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Write a fresh operator certificate and key (the one replaced stays valid until it expires).

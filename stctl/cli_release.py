@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from stctl.cli_common import console, escape, handles_errors, print_json, progress_bar
+from stctl.cli_common import console, escape, handles_errors, print_json, progress_bar, workspace_option
 from stctl.cli_model import app as model_app
-from stctl.workspace import ENV_WORKSPACE, open_workspace
+from stctl.workspace import open_workspace
 
 repo_app = typer.Typer(help="Serve and maintain the signed TUF repository.\n\n"
                        "Example: stctl repo serve --port 8080", no_args_is_help=True)
@@ -18,11 +18,6 @@ keys_app = typer.Typer(help="Manage the repository's signing keys.\n\nExample: s
 bundle_app = typer.Typer(help="Offline bundles for air-gapped sites.\n\n"
                          "Example: stctl bundle export --model st-demo --version 2.0.0 --from-version 1.0.0 -o v2.bundle",
                          no_args_is_help=True)
-
-
-def _workspace_option() -> Optional[Path]:
-    return typer.Option(None, "--workspace", "-w", envvar=ENV_WORKSPACE,
-                        help="Fleet workspace directory (default: the current directory).")
 
 
 @handles_errors
@@ -54,7 +49,7 @@ def init(
 @handles_errors
 def publish(
     package: Path = typer.Argument(..., help="Model package directory (from `stctl model build`)."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Sign a model package into the repository as a new release (shards content-addressed).
@@ -78,7 +73,7 @@ def publish(
 def diff(
     old: str = typer.Argument(..., help="Package directory or NAME@VERSION published in the workspace."),
     new: str = typer.Argument(..., help="Package directory or NAME@VERSION published in the workspace."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = typer.Option(False, "--json", help="Print changed_shards, bytes_to_ship, bytes_full as JSON."),
 ) -> None:
     """Show what a device holding OLD downloads to get NEW.
@@ -101,7 +96,7 @@ def diff(
 @repo_app.command("serve")
 @handles_errors
 def serve(
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
@@ -126,7 +121,7 @@ def serve(
 @repo_app.command("refresh")
 @handles_errors
 def refresh(
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Re-sign the timestamp (and snapshot/targets when half their validity is gone); run it from cron.
@@ -147,7 +142,7 @@ def refresh(
 @handles_errors
 def rotate(
     role: str = typer.Argument(..., help="Role whose key to replace: root, targets, snapshot or timestamp."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Replace a role's signing key through a new root version; the old key's signatures are rejected.
@@ -172,7 +167,7 @@ def export(
     from_version: Optional[str] = typer.Option(None, "--from-version",
                                                help="Version the site already has: ship only new blobs."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle file to write (must not exist)."),
-    workspace: Optional[Path] = _workspace_option(),
+    workspace: Optional[Path] = workspace_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Write an offline bundle (signed metadata + needed targets) for an air-gapped site.

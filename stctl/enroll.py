@@ -19,7 +19,6 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-import sqlite_utils
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -27,11 +26,11 @@ from manifests import ManifestError
 from manifests.enrollment import ROLE_DEVICE, Enrollment, check_repository_url, parse_device_url, parse_tag
 from manifests.model_manifest import check_name
 from stctl.errors import StctlError, WorkspaceError
-from stctl.fleetdb import open_fleet_db, register_migration
+from stctl.fleetdb import open_fleet_db
 from stctl.pki import issue_device_cert
 from stctl.repository import Repository
 from stctl.revocation import certificate_row, device_revoked, published_crl
-from agent.files import atomic_write
+from common.files import atomic_write
 from stctl.workspace import Workspace
 
 ENV_REPOSITORY_URL = "STCTL_REPOSITORY_URL"
@@ -41,13 +40,6 @@ class EnrollmentError(StctlError):
     """A device cannot be enrolled (bad name, URL or tag; already enrolled; file exists)."""
 
 
-def _create_devices(db: sqlite_utils.Database) -> None:
-    db["devices"].create({"name": str, "url": str, "tags": str, "cert_sha256": str, "cert_not_after": str,
-                          "enrolled_at": str}, pk="name")
-
-
-DEVICES_MIGRATION = (2, "devices: one row per enrolled device", _create_devices)
-register_migration(DEVICES_MIGRATION)
 
 
 def enroll_device(workspace: Workspace, name: str, url: str, out: str | os.PathLike,

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import (
 from securesystemslib.signer import CryptoSigner
 
 from stctl.errors import SigningKeyError
-from agent.files import atomic_write
+from common.files import atomic_write
 from stctl.workspace import ENV_PASSPHRASE, Workspace
 
 ROLES = ("root", "targets", "snapshot", "timestamp")  # a new targets version needs new snapshot and timestamp versions

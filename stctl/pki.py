@@ -33,7 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from manifests.enrollment import ROLE_DEVICE, ROLE_OPERATOR, ROLE_URI_PREFIX
 from stctl.errors import SigningKeyError, WorkspaceError
 from stctl.keys import passphrase
-from agent.files import atomic_write
+from common.files import atomic_write
 from stctl.workspace import ENV_PASSPHRASE, Workspace
 
 CA_VALIDITY = timedelta(days=3650)

@@ -12,14 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from importlib import import_module
 
 import sqlite_utils
 
 from stctl.device_client import ClientConfig, DeviceClient, DeviceError, map_devices, release_of
 from stctl.enroll import list_devices
 from stctl.errors import StctlError
-from stctl.fleetdb import open_fleet_db, register_migration
+from stctl.fleetdb import open_fleet_db
 from stctl.workspace import Workspace
 
 
@@ -27,14 +26,6 @@ class RegistryError(StctlError):
     """A device named on the command line is not enrolled, or the fleet is empty."""
 
 
-def _create_device_status(db: sqlite_utils.Database) -> None:
-    db["device_status"].create({"name": str, "reachable": int, "model": str, "version": str,
-                                "previous_version": str, "probation": int, "update_state": str,
-                                "detail": str, "checked_at": str}, pk="name")
-
-
-STATUS_MIGRATION = (21, "device_status: what each device last said about itself", _create_device_status)
-register_migration(STATUS_MIGRATION)
 
 
 @contextmanager
@@ -111,8 +102,6 @@ def _last_figures(db: sqlite_utils.Database, name: str, version: str | None) -> 
 def fleet_table(workspace: Workspace, probe_devices: bool = True, concurrency: int = 16) -> list[dict]:
     """Every enrolled device: name, url, tags, reachable, model and version, last decode tokens/s,
     last peak RSS, last health result (probing the devices first unless `probe_devices` is False)."""
-    import_module("stctl.telemetry_pull")  # registers the telemetry tables read below (it imports this module)
-
     devices = list_devices(workspace)
     statuses = probe(workspace, devices, concurrency) if probe_devices and devices else None
     db = open_fleet_db(workspace.fleet_db)

@@ -47,7 +47,7 @@ from model.package import MANIFEST_FILE
 from stctl import keys
 from stctl.errors import PublishError, ReleaseNotFoundError, SigningKeyError, WorkspaceError
 from stctl.fleetdb import open_fleet_db
-from agent.files import atomic_write, fsync_dir
+from common.files import atomic_write, fsync_dir
 from stctl.workspace import Expiry, Workspace
 
 Progress = Callable[[int, int, str], None]  # (done, total, label)

@@ -46,9 +46,9 @@ from manifests.crl import FleetCrl, enforce_crl, read_crl
 from manifests.enrollment import ROLE_DEVICE, ROLE_OPERATOR
 from manifests.names import check_name
 from manifests.release import CRL_TARGET
-from agent.files import atomic_write
+from common.files import atomic_write
 from stctl.errors import StctlError, WorkspaceError
-from stctl.fleetdb import open_fleet_db, register_migration
+from stctl.fleetdb import open_fleet_db
 from stctl.pki import (
     MAX_OPERATOR_DAYS, OPERATOR_VALIDITY, issue_operator_cert, load_ca, load_ca_cert, write_operator_credentials,
 )
@@ -64,15 +64,6 @@ class RevocationError(StctlError):
     """A certificate cannot be revoked or renewed (unknown device, already revoked, bad CRL)."""
 
 
-def _create_certificates(db: sqlite_utils.Database) -> None:
-    db["certificates"].create({"serial": str, "role": str, "name": str, "sha256": str, "not_after": str,
-                               "issued_at": str, "revoked_at": str}, pk="serial")
-    db["certificates"].create_index(["role", "name"])
-
-
-CERTIFICATES_MIGRATION = (24, "certificates: serials of the device and operator certificates the fleet CA issued, "
-                              "and when each was revoked", _create_certificates)
-register_migration(CERTIFICATES_MIGRATION)
 
 
 def _now() -> datetime:

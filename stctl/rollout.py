@@ -66,7 +66,7 @@ from stctl.errors import StctlError
 from stctl.fleetdb import open_fleet_db, register_migration
 from stctl.registry import enrolled, write_transaction
 from stctl.telemetry_pull import pull_device
-from agent.files import FileLock
+from common.locks import FileLock
 from stctl.workspace import Workspace
 
 # rollout states

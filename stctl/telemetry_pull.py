@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
-from manifests.telemetry import DESIGN_TABLES, TELEMETRY_TABLES, telemetry_row
+from manifests.telemetry import TELEMETRY_TABLES, telemetry_row
 from stctl.device_client import ClientConfig, DeviceClient, DeviceError, map_devices
-from stctl.fleetdb import open_fleet_db, register_migration
+from stctl.fleetdb import open_fleet_db
 from stctl.registry import enrolled, write_transaction
 from stctl.workspace import Workspace
 
@@ -32,21 +32,6 @@ class PullConfig:
     overlap_s: float = 0.001  # re-ask this much before the newest row held (duplicates are ignored)
 
 
-def _create_telemetry(*tables: str):
-    def create(db: sqlite_utils.Database) -> None:
-        for table in tables:
-            db[table].create({"row_key": str, "device": str, **TELEMETRY_TABLES[table]}, pk="row_key")
-            db[table].create_index(["device", "ts"])
-
-    return create
-
-
-TELEMETRY_MIGRATION = (20, "generations, updates, health_checks: device telemetry rows with a device column",
-                       _create_telemetry(*DESIGN_TABLES))
-REQUESTS_MIGRATION = (26, "requests: the devices' completions by application key and outcome",
-                      _create_telemetry("requests"))
-register_migration(TELEMETRY_MIGRATION)
-register_migration(REQUESTS_MIGRATION)
 
 
 def row_key(device: str, row: dict) -> str:

@@ -5,14 +5,13 @@ Layout (DESIGN.md): `stctl.toml` (config), `repository/metadata/` and `repositor
 signing keys, 0600), `fleet.db`.
 
 Rules: a directory is a workspace when it holds `stctl.toml` (written last by `stctl init`);
-every file in it is written whole or not at all (`agent.files.atomic_write`: temp file in the same
+every file in it is written whole or not at all (`common.files.atomic_write`: temp file in the same
 folder, fsync, `os.replace`); commands that change the repository hold the workspace lock, so two
 publishes never interleave.
 """
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,8 +19,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from agent.files import FileLock
+from common.locks import FileLock
 from manifests.release import METADATA_DIR, TARGETS_DIR
+from common.durations import parse_duration_s
 from stctl.errors import WorkspaceError
 
 CONFIG_FILE = "stctl.toml"
@@ -29,16 +29,9 @@ LOCK_FILE = ".stctl.lock"
 ENV_WORKSPACE = "STCTL_WORKSPACE"
 ENV_PASSPHRASE = "STCTL_KEY_PASSPHRASE"
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def parse_duration(text: str) -> timedelta:
-    """`90d`, `12h`, `30m`, `45s` -> timedelta."""
-    m = _DURATION.match(text) if isinstance(text, str) else None
-    if not m or float(m.group(1)) <= 0:
-        raise WorkspaceError(f"duration {text!r}: expected a positive number with s, m, h or d, e.g. 7d")
-    return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+    """`90d`, `12h`, `30m`, `45s` -> timedelta (`common.durations`' grammar, > 0)."""
+    return timedelta(seconds=parse_duration_s(text, f"duration {text!r}", positive=True, error=WorkspaceError))
 
 
 @dataclass(frozen=True)
@@ -129,13 +122,9 @@ class Workspace:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Exclusive lock for commands that change the repository or the keys."""
-        lock = FileLock(self.root / LOCK_FILE)
-        if not lock.acquire():
-            raise WorkspaceError(f"{self.root}: another stctl command is changing this workspace; try again")
-        try:
+        busy = WorkspaceError(f"{self.root}: another stctl command is changing this workspace; try again")
+        with FileLock(self.root / LOCK_FILE).held(busy):
             yield
-        finally:
-            lock.release()
 
 
 def open_workspace(path: str | os.PathLike | None = None) -> Workspace:

@@ -20,7 +20,7 @@ from manifests import ModelManifest
 from manifests.release import manifest_target
 from stctl.repository import Repository, sign_next, stored_target_path
 from stctl.serve import RepositoryHandler
-from agent.files import atomic_write
+from common.files import atomic_write
 from stctl.workspace import Expiry
 from release_helpers import Device, serve
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from agent.cli import app as agent_app
 from cli_helpers import assert_one_error_line
-from manifests.cli_support import one_line
+from common.cli import one_line
 from stctl.bootstrap import init_workspace
 from stctl.cli import app as stctl_app
 from stctl.enroll import ENV_REPOSITORY_URL, list_devices
