@@ -139,9 +139,28 @@ def test_demo_chat_template_reaches_llama_cpp_and_renders_chatml(demo):
     prompt = Jinja2ChatFormatter(template, eos_token="<|endoftext|>", bos_token="")(messages=messages).prompt
     assert prompt == ("<|im_start|>system\nYou write line records.<|im_end|>\n"
                       "<|im_start|>user\nLine 4 torque check:<|im_end|>\n<|im_start|>assistant\n")
+    engine = Engine.load(pkg)
+    assert engine.tokenizer.chat_template.render(messages) == prompt  # the agent's renderer agrees
     # the markers are single special tokens on both sides
     ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
-    assert ids[0] == 1 and ids.count(2) == 2 and ids == Engine.load(pkg).tokenizer.encode(prompt)
+    assert ids[0] == 1 and ids.count(2) == 2 and ids == engine.tokenizer.encode(prompt)
+    engine.transformer.experts.close()
+
+
+def test_create_chat_completion_renders_the_prompt_like_the_agent(demo):
+    """llama.cpp's `create_chat_completion` renders the GGUF's template itself: it must come to the
+    same prompt tokens as the agent's renderer. (The answers are not compared: the demo slides a
+    16-token window, which llama.cpp's smallthinker cannot express, and a chat prompt is longer.)"""
+    pkg, gguf_path = demo
+    messages = [{"role": "system", "content": "You write line records."},
+                {"role": "user", "content": "Write the torque check record for Line 4, station S3 press."}]
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=256, n_threads=1, verbose=False)
+    theirs = llm.create_chat_completion(messages=messages, max_tokens=2, temperature=0.0)
+    engine = Engine.load(pkg)
+    ours = engine.tokenizer.encode(engine.tokenizer.chat_template.render(messages))
+    engine.transformer.experts.close()
+    assert theirs["usage"]["prompt_tokens"] == len(ours)
+    assert llm.tokenize(engine.tokenizer.chat_template.render(messages).encode(), add_bos=False, special=True) == ours
 
 
 def test_bpe_vocabulary_tokenizes_like_tokenizer_json(tmp_path):
