@@ -24,7 +24,8 @@ import os
 import platform
 import time
 
-from model.kernels import Q4Matrix, SparseReGLUExpert, _native, describe  # before torch (model/runtime_env.py)
+from model.kernels import Q4Matrix, SparseReGLUExpert, describe  # before torch (model/runtime_env.py)
+from model.kernels.build import native
 from model.quant import dequantize_q4_0, quantize_q4_0
 
 import torch
@@ -80,7 +81,7 @@ def cpu_time_call(fn, min_seconds: float, batches: int = 5) -> float:
 
 def bench_sparse(d: int, f: int, active: float, min_seconds: float) -> dict:
     """Sparse ReGLU kernels vs their dense counterparts for one expert shape (D, F)."""
-    lib = _native()
+    lib = native()
     gen = torch.Generator().manual_seed(d * 3 + f)
     gate, up, down = (quantize_q4_0(torch.randn(*shape, generator=gen) * 0.02) for shape in ((f, d), (f, d), (d, f)))
     down_t = quantize_q4_0(dequantize_q4_0(down).t().contiguous())

@@ -28,3 +28,12 @@ class BudgetError(ModelError):
 class InputError(ModelError):
     """Input the engine cannot run: token ids that are not ints of the vocabulary, text that is not
     valid Unicode (a lone surrogate cannot be encoded as UTF-8)."""
+
+
+class KernelError(ModelError):
+    """The native kernels could not be built or loaded (no compiler, a failed build, a library of
+    another ABI), or `ST_KERNEL` names no backend."""
+
+
+class IsaError(ModelError):
+    """`ST_KERNEL_ISA` names an instruction set this CPU lacks, or none we build."""

@@ -43,9 +43,9 @@ import torch
 from manifests import ModelManifest, ShardEntry
 from model.direct_io import WholeFileReader, align_up, aligned_bytes
 from model.errors import BudgetError, IntegrityError, PackageError
-from model.matrices import make_matrix
-from model.kernels import DenseReGLUExpert, Q4Matrix, SparseReGLUExpert, backend
-from model.model import Expert, ExpertWeights
+from model.kernels import DenseReGLUExpert, Q4Matrix, backend
+from model.matrices import make_expert
+from model.model import Expert
 from model.package import NotARegularFile, expert_tensor_names, parse_shard_header
 from model.packed_cache import PackedExpertCache, PackedLayout, default_root
 
@@ -170,7 +170,7 @@ def _part_shapes(cfg, quant: str, transposed_down: bool = False) -> tuple[tuple[
     return ((Fh, D), (Fh, D), (D, Fh))
 
 
-def _int4_tensors(expert: ExpertWeights) -> dict[str, torch.Tensor]:
+def _int4_tensors(expert: DenseReGLUExpert) -> dict[str, torch.Tensor]:
     """A torch-int4 expert's packed tensors, by the names its packed cache file uses."""
     return {f"{part}.{name}": t for part, m in (("gate_up", expert.gate_up), ("down", expert.down))
             for name, t in m.int4_pack().items()}
@@ -309,14 +309,9 @@ class ExpertStore:
         return self._expert_from_parts(gate_up, down)
 
     def _expert_from_parts(self, gate_up: torch.Tensor, down: torch.Tensor) -> Expert:
-        """gate_up [2F, .] (gate rows, then up rows) and down (or downT) as the kernel wants them."""
-        if self.sparse:
-            return SparseReGLUExpert.from_gate_up(gate_up, down, self.kernel)
-        quant = self.manifest.quant
-        if quant == "q4_0" and (self.kernel or backend()) == "c":
-            return DenseReGLUExpert(gate_up, down, in_place=True)  # repacked in the slot itself
-        return ExpertWeights(gate_up=make_matrix(gate_up, quant, "gate_up", self.kernel),
-                             down=make_matrix(down, quant, "down", self.kernel))
+        """gate_up [2F, .] (gate rows, then up rows) and down (or downT) as the kernel wants them,
+        repacked (if the kernel repacks) in the slot itself."""
+        return make_expert(gate_up, down, self.manifest.quant, self.kernel, sparse=self.sparse, in_place=True)
 
     @property
     def nbytes(self) -> int:
@@ -355,11 +350,11 @@ class ExpertStore:
             self.bytes_read += weight_bytes  # weights, not file headers
             self.read_seconds += time.perf_counter() - started
 
-    def _packed_expert(self, image: torch.Tensor) -> ExpertWeights:
+    def _packed_expert(self, image: torch.Tensor) -> DenseReGLUExpert:
         """The expert whose torch-int4 matrices are views of a packed cache file in a slot."""
         t, D, F = self.packed_layout.views(image), self.cfg.hidden_size, self.cfg.moe_ffn_hidden_size
-        return ExpertWeights(gate_up=Q4Matrix.from_int4_pack(t["gate_up.packed"], t["gate_up.scales"], 2 * F, D),
-                             down=Q4Matrix.from_int4_pack(t["down.packed"], t["down.scales"], D, F))
+        return DenseReGLUExpert(Q4Matrix.from_int4_pack(t["gate_up.packed"], t["gate_up.scales"], 2 * F, D),
+                                Q4Matrix.from_int4_pack(t["down.packed"], t["down.scales"], D, F))
 
     def _read_shard(self, entry: ShardEntry, image: torch.Tensor) -> None:
         """The whole shard file into `image` with one read."""

@@ -1,9 +1,11 @@
-"""Weight matrices and embedding rows as the forward pass sees them, in float32.
+"""Weight matrices, experts and embedding rows as the forward pass sees them, in float32.
 
 Rules:
 - the manifest's `quant` decides the representation, never a file name or a dtype guess:
   `q4_0` tensors are GGML blocks run by `model.kernels.Q4Matrix`; `bf16` tensors are widened to
   float32 once at load;
+- an expert is made in one place (`make_expert`): the dense ReGLU expert over two such
+  matrices, or the sparse one when the package stores down transposed;
 - the token-embedding table stays on disk unless the head multiplies with that very table
   (`head_keeps_stored_table`): a forward pass reads its tokens' rows with one `pread` each from
   the embed shard, verified at load and held open. That is done always, not only under a memory
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from model.errors import ConfigError, PackageError
-from model.kernels import Q4Matrix, backend
+from model.kernels import DenseReGLUExpert, Q4Matrix, SparseReGLUExpert, backend
 from model.package import ShardFile, tensor_buffer, torch_dtype
 from model.quant import dequantize_q4_0
 
@@ -43,6 +45,17 @@ def make_matrix(tensor: torch.Tensor, quant: str, name: str = "", kernel: str | 
     if tensor.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise PackageError(f"{name}: {quant} package holds {tensor.dtype}")
     return DenseMatrix(tensor)
+
+
+def make_expert(gate_up: torch.Tensor, down: torch.Tensor, quant: str, kernel: str | None = None, *,
+                sparse: bool = False, in_place: bool = False) -> DenseReGLUExpert | SparseReGLUExpert:
+    """The expert over its stored gate_up [2F, .] (gate rows, then up rows) and down [D, .], or
+    downT [F, .] when `sparse` (Q4_0 only). `in_place`: the caller hands the tensors over (an
+    expert store's slot), so a Q4_0 repack reuses their memory."""
+    if sparse:
+        return SparseReGLUExpert.from_gate_up(gate_up, down, kernel)
+    return DenseReGLUExpert(make_matrix(gate_up, quant, "gate_up", kernel, in_place),
+                            make_matrix(down, quant, "down", kernel, in_place))
 
 
 def head_keeps_stored_table(quant: str, kernel: str | None) -> bool:

@@ -29,13 +29,15 @@ class Matrix(Protocol):
     """A weight matrix [out, in] that multiplies float32 activations: [T, in] -> [T, out]."""
 
     out_features: int
+    in_features: int
     nbytes: int
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class Expert(Protocol):
-    """A ReGLU expert: y [T, D] -> (out [T, D], active (token, row) pairs, or None if not counted)."""
+    """A ReGLU expert, down(relu(gate(y)) * up(y)) (`model.kernels.DenseReGLUExpert`, or the
+    sparse one): y [T, D] -> (out [T, D], active (token, row) pairs, or None if not counted)."""
 
     nbytes: int
 
@@ -43,25 +45,6 @@ class Expert(Protocol):
 
     def accumulate(self, y: torch.Tensor, weight: float, acc: torch.Tensor) -> int | None:
         """acc += weight * out for one contiguous row y [1, D]; returns what `__call__` counts."""
-
-
-@dataclass
-class ExpertWeights:
-    """The dense expert: down(relu(gate(y)) * up(y)) with down in HF [D, F] order."""
-
-    gate_up: Matrix  # [2F, D]: gate rows, then up rows (one product per expert)
-    down: Matrix  # [D, F]
-
-    @property
-    def nbytes(self) -> int:
-        return self.gate_up.nbytes + self.down.nbytes
-
-    def __call__(self, y: torch.Tensor) -> tuple[torch.Tensor, None]:
-        gate, up = self.gate_up(y).chunk(2, dim=-1)  # [T, F] each
-        return self.down(gate.relu_().mul_(up)), None
-
-    def accumulate(self, y: torch.Tensor, weight: float, acc: torch.Tensor) -> None:
-        acc.add_(self(y)[0], alpha=weight)
 
 
 class FastDecode(Protocol):

@@ -21,6 +21,13 @@ def q4_0_row_bytes(in_features: int) -> int:
     return in_features // QK4_0 * Q4_0_BYTES
 
 
+def check_q4_0_matrix(blocks: torch.Tensor, name: str = "") -> None:
+    """ModelError unless `blocks` is a Q4_0 matrix: uint8 [rows, in/32*18]."""
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] % Q4_0_BYTES:
+        raise ModelError(f"{name + ': ' if name else ''}Q4_0 matrix expected uint8 [rows, in/32*18], "
+                         f"got {blocks.dtype} {tuple(blocks.shape)}")
+
+
 def quantize_q4_0(weight: torch.Tensor) -> torch.Tensor:
     """[..., K] float -> [..., K/32*18] uint8 GGML Q4_0 blocks (same rounding as ggml/gguf)."""
     *lead, k = weight.shape
@@ -56,3 +63,16 @@ def dequantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
     *lead, k = q.shape
     w = (q.to(torch.float32) - 8).reshape(*lead, k // QK4_0, QK4_0) * d.unsqueeze(-1)
     return w.reshape(*lead, k)
+
+
+def transpose_q4_0(down_blocks: torch.Tensor) -> torch.Tensor:
+    """Q4_0 down [D, F/32*18] -> Q4_0 downT [F, D/32*18], blocks along D (the sparse ReGLU layout).
+
+    Dequantizes, transposes and requantizes: a second rounding, so downT is not bit-equal to
+    down (each weight moves by at most half a new step); quantize the float weights transposed
+    directly when they are at hand.
+    """
+    check_q4_0_matrix(down_blocks, "down")
+    if down_blocks.shape[0] % QK4_0:
+        raise ModelError(f"transposing needs the output dim to be a multiple of {QK4_0}, got {down_blocks.shape[0]}")
+    return quantize_q4_0(dequantize_q4_0(down_blocks).t().contiguous())

@@ -16,7 +16,8 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
 
-from model.kernels import DenseReGLUExpert, Q4Matrix, _native, describe
+from model.kernels import DenseReGLUExpert, Q4Matrix, describe
+from model.kernels.build import native
 from model.kernels.isa import IsaError, available_isas, chosen_isa
 from test_quant import _error_bound
 
@@ -27,7 +28,7 @@ ISAS = available_isas()
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch) -> str:
     monkeypatch.setenv("ST_KERNEL_ISA", request.param)
-    assert _native().st_isa().decode() == request.param
+    assert native().st_isa().decode() == request.param
     return request.param
 
 
@@ -69,7 +70,7 @@ def test_fused_experts_equal_separate_products(isa):
     experts, parts = [], []
     for e in range(3):
         gu, dn = torch.from_numpy(_weights(2 * f, d, 10 + e)), torch.from_numpy(_weights(d, f, 20 + e))
-        experts.append(DenseReGLUExpert(gu.clone(), dn.clone()))
+        experts.append(DenseReGLUExpert(Q4Matrix(gu.clone(), "c"), Q4Matrix(dn.clone(), "c")))
         parts.append((Q4Matrix(gu, "c", layout="rows"), Q4Matrix(dn, "c", layout="rows")))
     y = torch.randn(1, d, generator=gen)
     weights = [0.5, 0.3, 0.2]
@@ -85,7 +86,7 @@ def test_fused_experts_equal_separate_products(isa):
 
 def _moe_batch(experts: list, ids: torch.Tensor, weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """st_moe_batch (moe.c) over `experts` (DenseReGLUExpert) for y [T, D]: the added outputs."""
-    lib = _native()
+    lib = native()
     t, d = y.shape
     f, k = experts[0].ffn_features, ids.shape[1]
     gate_up = (ctypes.c_void_p * len(experts))(*(e.gate_up.blocks.data_ptr() for e in experts))
@@ -105,8 +106,8 @@ def test_batch_experts_equal_separate_products(isa, tokens):
     the same bits on one thread as on two."""
     gen = torch.Generator().manual_seed(tokens)
     d, f, n_experts, k = 128, 64, 6, 2
-    experts = [DenseReGLUExpert(torch.from_numpy(_weights(2 * f, d, 30 + e)),
-                                torch.from_numpy(_weights(d, f, 40 + e))) for e in range(n_experts)]
+    experts = [DenseReGLUExpert(Q4Matrix(torch.from_numpy(_weights(2 * f, d, 30 + e)), "c"),
+                                Q4Matrix(torch.from_numpy(_weights(d, f, 40 + e)), "c")) for e in range(n_experts)]
     y = torch.randn(tokens, d, generator=gen)
     ids = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(tokens)])
     weights = torch.rand(tokens, k, generator=gen)
@@ -143,7 +144,7 @@ def test_x4_repack_is_a_permutation_and_rows_come_back_exact(out_f):
 
 def test_the_pool_gives_the_same_bits_when_its_threads_sleep_at_once():
     """ST_POOL_SPIN_US=0: every wait goes to the futex (the busy-neighbour path)."""
-    lib = _native()
+    lib = native()
     blocks = torch.from_numpy(_weights(512, 512, 8))
     mat = Q4Matrix(blocks, "c")
     x = torch.randn(7, 512, generator=torch.Generator().manual_seed(2))

@@ -1,5 +1,5 @@
 """Sparse ReGLU kernels (`st_q4_0_matvec_rows`, `st_q4_0_axpy_rows`, `st_reglu_sparse`) and
-`model.kernels.SparseReGLUExpert` / `transpose_q4_0`.
+`model.kernels.SparseReGLUExpert` / `model.quant.transpose_q4_0`.
 
 Two kinds of reference, both in float64 from the dequantized Q4_0 weights:
 - an emulation of the kernel's own rounding (x -> Q8_0 per 32 values; axpy coefficients ->
@@ -12,7 +12,7 @@ only differ from the emulated float64 gate when |gate| is within float32 roundin
 test requires the active sets to be equal except for such rows (and there are none in
 practice).
 Each kernel test runs on the host build (AVX2 when present) and on a scalar build compiled with
-`-mno-avx2` (the `ST_KERNEL_CFLAGS` mechanism, in-process via `_native(cflags)`).
+`-mno-avx2` (the `ST_KERNEL_CFLAGS` mechanism, in-process via `native(cflags)`).
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ import ctypes
 import pytest
 import torch
 
-from model import kernels
-from model.kernels import SparseReGLUExpert, transpose_q4_0
-from model.quant import QK4_0, dequantize_q4_0, quantize_q4_0, split_q4_0
+from model.errors import KernelError
+from model.kernels import SparseReGLUExpert, backend
+from model.kernels.build import native
+from model.quant import QK4_0, dequantize_q4_0, quantize_q4_0, split_q4_0, transpose_q4_0
 
 SHAPES = [(64, 32), (256, 256), (768, 1536), (200, 96), (77, 160), (13, 224), (1, 32)]  # (F, D)
 Q8_BYTES = 4 + QK4_0
@@ -33,8 +34,8 @@ GROUP = 16  # AXPY_GROUP in q4_0.c
 @pytest.fixture(scope="module", params=["native", "scalar"])
 def lib(request):
     try:
-        lib = kernels._native() if request.param == "native" else kernels._native("-mno-avx2")
-    except kernels.KernelError as exc:  # pragma: no cover - no compiler
+        lib = native() if request.param == "native" else native("-mno-avx2")
+    except KernelError as exc:  # pragma: no cover - no compiler
         pytest.skip(f"no native kernel: {exc}")
     if request.param == "scalar":
         assert lib.st_has_avx2() == 0
@@ -216,12 +217,12 @@ def test_thread_count_does_not_change_results(lib):
 
 
 def test_scalar_and_avx2_agree():
-    native, scalar = kernels._native(), kernels._native("-mno-avx2")
-    if native.st_has_avx2() == 0:
+    host, scalar = native(), native("-mno-avx2")
+    if host.st_has_avx2() == 0:
         pytest.skip("host build has no AVX2")
     gen = torch.Generator().manual_seed(3)
     gate, up, down_t, x = expert_weights(256, 256, gen, 0.5)
-    a, b = run_fused(native, gate, up, down_t, x), run_fused(scalar, gate, up, down_t, x)
+    a, b = run_fused(host, gate, up, down_t, x), run_fused(scalar, gate, up, down_t, x)
     assert a[1] == b[1] and torch.equal(a[2], b[2])
     assert rel(a[0], b[0]) < 1e-5
 
@@ -237,7 +238,7 @@ def test_expert_backends_agree(f, d):
     wt = dequantize_q4_0(down_t).double()
     exact = ((xs.double() @ g.t()).clamp(min=0) * (xs.double() @ u.t())) @ wt
     exact_active = int(((xs.double() @ g.t()) > 0).sum())
-    backends = ["reference", "torch-int4"] + (["c"] if kernels.backend() == "c" else [])
+    backends = ["reference", "torch-int4"] + (["c"] if backend() == "c" else [])
     for name in backends:
         ex = SparseReGLUExpert(gate, up, down_t, kernel=name)
         assert ex.nbytes > 0

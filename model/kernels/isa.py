@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from model.errors import ModelError
+from model.errors import IsaError
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,6 @@ ARM_ISAS = (
 )
 # other CPUs: the portable C path
 OTHER_ISAS = (Isa("portable", (), frozenset()),)
-
-
-class IsaError(ModelError):
-    """ST_KERNEL_ISA names an instruction set this CPU lacks, or none we build."""
 
 
 @lru_cache(maxsize=1)

@@ -15,9 +15,10 @@ import ctypes
 
 import torch
 
-from model.kernels import DenseReGLUExpert, Q4Matrix, _native, _Scratch
-
-_batch_work = _Scratch()  # st_moe_batch's work memory: one buffer per thread, shared by every layer
+from model.kernels import scratch
+from model.kernels.build import native
+from model.kernels.experts import DenseReGLUExpert
+from model.kernels.matrix import Q4Matrix
 
 
 class _Layer(ctypes.Structure):
@@ -39,7 +40,7 @@ class NativeLayer:
                  qkv: Q4Matrix, o: Q4Matrix):
         self._keep = [t.to(torch.float32).contiguous() for t in (input_norm, post_norm, router)]
         norm_in, norm_post, router32 = self._keep
-        self._lib = _native()
+        self._lib = native()
         self._layer = _Layer(
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
             cfg.head_dim ** -0.5, norm_in.data_ptr(), norm_post.data_ptr(), router32.data_ptr(),
@@ -63,6 +64,11 @@ class NativeLayer:
         self._all_gate_up = self._all_down = None  # every expert's matrices, once bound
         self._bound: list = []
 
+    def _runs(self, experts: list) -> bool:
+        """Whether the native calls can run these experts: dense ReGLU experts of this layer's
+        shape with fused (c backend, x4) matrices."""
+        return all(isinstance(e, DenseReGLUExpert) and e.fused and e.ffn_features == self._ffn for e in experts)
+
     @property
     def has_experts(self) -> bool:
         """Whether `decode` can run (every expert bound)."""
@@ -70,10 +76,8 @@ class NativeLayer:
 
     def bind_experts(self, experts: list) -> bool:
         """Keep pointers to all the layer's experts (resident for good, in expert order) for
-        `decode`; False, and nothing bound, unless every one is a `DenseReGLUExpert` of this
-        layer's shape."""
-        if len(experts) != self._layer.n_experts or not all(
-                type(e) is DenseReGLUExpert and e.ffn_features == self._ffn for e in experts):
+        `decode`; False, and nothing bound, unless the native calls can run every one (`_runs`)."""
+        if len(experts) != self._layer.n_experts or not self._runs(experts):
             return False
         self._all_gate_up = (ctypes.c_void_p * len(experts))(*(e.gate_up.blocks.data_ptr() for e in experts))
         self._all_down = (ctypes.c_void_p * len(experts))(*(e.down.blocks.data_ptr() for e in experts))
@@ -89,7 +93,7 @@ class NativeLayer:
         y = y.contiguous()
         ids32 = ids.to(torch.int32).contiguous()
         weights32 = weights.to(torch.float32).contiguous()
-        work = _batch_work.get(self._lib.st_moe_batch_work_bytes(t, d, self._ffn, self._layer.n_experts, k))
+        work = scratch.moe_batch_work.get(self._lib.st_moe_batch_work_bytes(t, d, self._ffn, self._layer.n_experts, k))
         out = torch.zeros(t, d)
         self._lib.st_moe_batch(self._all_gate_up, self._all_down, self._layer.n_experts, k, d, self._ffn, t,
                                ids32.data_ptr(), weights32.data_ptr(), y.data_ptr(), out.data_ptr(), work.data_ptr())
@@ -137,10 +141,9 @@ class NativeLayer:
     def moe(self, experts: list, weights: list[float], h: torch.Tensor) -> bool:
         """h [1, D] += sum_i weights[i] * experts[i](self.y), in list order and one native call
         (`st_moe_dense`: the same bits as one `accumulate` per expert); False, with nothing
-        done, unless every expert is a `DenseReGLUExpert` (at most top-k of them)."""
+        done, unless the native calls can run every expert (`_runs`; at most top-k of them)."""
         k = len(experts)
-        runnable = all(type(e) is DenseReGLUExpert and e.ffn_features == self._ffn for e in experts)
-        if not runnable or not 0 < k <= len(self._moe_weights):
+        if not 0 < k <= len(self._moe_weights) or not self._runs(experts):
             return False
         for i, (e, w) in enumerate(zip(experts, weights)):
             self._gate_up_ptrs[i], self._down_ptrs[i] = e.gate_up.blocks.data_ptr(), e.down.blocks.data_ptr()
