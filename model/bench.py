@@ -14,6 +14,7 @@ import torch
 
 from model.engine import Engine
 from model.expert_store import StorageSim
+from model.instrument import set_router_bias, track_expert_use
 from model.kernels import describe
 from model.memory import peak_rss_bytes
 
@@ -51,11 +52,12 @@ def run_bench(package: str | Path, *, memory_budget_bytes: int | None = None, pr
     load_s = time.perf_counter() - started
     cfg = engine.config
     if router_skew:
-        engine.set_router_bias(zipf_router_bias(cfg.moe_num_primary_experts, cfg.num_hidden_layers, router_skew, seed))
+        set_router_bias(engine.transformer,
+                        zipf_router_bias(cfg.moe_num_primary_experts, cfg.num_hidden_layers, router_skew, seed))
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, min(cfg.vocab_size, 256), (prompt_tokens,), generator=gen).tolist()
     store = engine.transformer.experts
-    used = engine.track_expert_use()
+    used = track_expert_use(engine.transformer)
     out = list(engine.generate(prompt, tokens, temperature=0.8, seed=seed))
     stats = dict(engine.last_stats)
     decode_steps = max(len(out) - 1, 1)

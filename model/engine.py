@@ -91,19 +91,6 @@ class Engine:
     def weight_bytes(self) -> int:
         return self.dense_bytes + self.transformer.experts.nbytes
 
-    # ---- instrumentation (benchmarks) --------------------------------------------------------
-    def set_router_bias(self, biases: list[torch.Tensor] | None) -> None:
-        """Add per-layer offsets [E] to the router logits (benchmarks' stand-in for hot experts)."""
-        for i, block in enumerate(self.transformer.blocks):
-            block.router_bias = None if biases is None else biases[i]
-
-    def track_expert_use(self) -> list[set]:
-        """Start recording which experts each layer uses; returns the live per-layer sets."""
-        used: list[set] = [set() for _ in self.transformer.blocks]
-        for block, s in zip(self.transformer.blocks, used):
-            block.expert_log = s
-        return used
-
     # ---- inference -------------------------------------------------------------------------
     def _check_ids(self, token_ids: Sequence[int]) -> torch.Tensor:
         vocab = self.config.vocab_size

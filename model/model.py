@@ -49,7 +49,8 @@ class Expert(Protocol):
 
 class FastDecode(Protocol):
     """A layer's single-token step in native code (`model.kernels.layer.NativeLayer`), the same
-    math as `Block.route` and `Block.attention` followed by the post-attention norm."""
+    math as `Block.router` (its weights, plus `bias` when one is given) and `Block.attention`
+    followed by the post-attention norm."""
 
     def route(self, h: torch.Tensor, bias: torch.Tensor | None) -> tuple[list[int], list[float]]: ...
 
@@ -105,6 +106,23 @@ def route_weights(logits: torch.Tensor, k: int, softmax: bool) -> tuple[torch.Te
         return ids, top.softmax(dim=-1)
     weights = top.sigmoid()
     return ids, weights / weights.sum(dim=-1, keepdim=True)
+
+
+class Router:
+    """Top-k experts and their weights [T, K] from the pre-norm residual h [T, D]. `bias` [E],
+    None here, is what a wrapper adds to the logits (`model.instrument.BiasedRouter`); the
+    native layer adds it too."""
+
+    bias: torch.Tensor | None = None
+
+    def __init__(self, weight: torch.Tensor, k: int, softmax: bool):
+        self.weight, self.k, self.softmax = weight, k, softmax  # weight [E, D]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.weight.t()  # [T, E]
+
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return route_weights(self.logits(h), self.k, self.softmax)
 
 
 def visible_keys(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -202,21 +220,13 @@ class Block:
         self.rope = cfg.uses_rope(index)
         self.window = cfg.sliding_window_size if cfg.uses_sliding_window(index) else None
         self.scale = cfg.head_dim ** -0.5
-        self.router_bias: torch.Tensor | None = None  # [E], benchmarks only (see model/bench.py)
-        self.expert_log: set | None = None  # experts used, when a benchmark tracks them
+        self.router = Router(w.router, cfg.moe_num_active_primary_experts, cfg.moe_primary_router_apply_softmax)
         self.active_rows = self.expert_rows = 0  # sparse ReGLU: rows computed / rows an expert has
 
     def _count(self, active: int | None, tokens: int) -> None:
         if active is not None:
             self.active_rows += active
             self.expert_rows += tokens * self.cfg.moe_ffn_hidden_size
-
-    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k experts and their weights [T, K] from the pre-norm residual h [T, D]."""
-        logits = h @ self.w.router.t()  # [T, E]
-        if self.router_bias is not None:
-            logits = logits + self.router_bias
-        return route_weights(logits, self.cfg.moe_num_active_primary_experts, self.cfg.moe_primary_router_apply_softmax)
 
     def attention(self, x: torch.Tensor, pos0: int, cache: KVCache, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         cfg, t = self.cfg, x.shape[0]
@@ -265,20 +275,16 @@ class Block:
         """`forward` for one token through `self.fast`; h [1, D] is updated in place."""
         if self.fast.has_experts:  # every expert resident for good: nothing to fetch, one call
             slot, n_keys = cache.advance_one(pos0)
-            id_list = self.fast.decode(h, cache.k, cache.v, slot, n_keys, rope if self.rope else None, self.router_bias)
+            id_list = self.fast.decode(h, cache.k, cache.v, slot, n_keys, rope if self.rope else None, self.router.bias)
             experts.prefetch(self.index, id_list)  # counts the lookups
-            if self.expert_log is not None:
-                self.expert_log.update(id_list)
             return h
-        id_list, weights = self.fast.route(h, self.router_bias)  # router before attention ...
-        if self.expert_log is not None:
-            self.expert_log.update(id_list)
+        id_list, weights = self.fast.route(h, self.router.bias)  # router before attention ...
         ready_order = experts.prefetch(self.index, id_list)  # ... so the expert reads overlap it
         slot, n_keys = cache.advance_one(pos0)
         y = self.fast.attend(h, cache.k, cache.v, slot, n_keys, rope if self.rope else None)
         if experts.lookahead and self.next is not None and self.next.fast is not None:
             # the next layer's router on this residual: its likely experts, read while these compute
-            experts.prefetch_ahead(self.next.index, self.next.fast.route(h, self.next.router_bias)[0])
+            experts.prefetch_ahead(self.next.index, self.next.fast.route(h, self.next.router.bias)[0])
         weight_of = dict(zip(id_list, weights))
         resident = experts.resident_experts(self.index, ready_order)
         if resident is not None and self.fast.moe(resident, [weight_of[e] for e in ready_order], h):
@@ -291,10 +297,8 @@ class Block:
     def forward(self, h: torch.Tensor, pos0: int, cache: KVCache, rope, experts: ExpertSource) -> torch.Tensor:
         if self.fast is not None and h.shape[0] == 1:
             return self.decode_fast(h, pos0, cache, rope, experts)
-        ids, weights = self.route(h)  # router before attention ...
+        ids, weights = self.router(h)  # [T, K] each: the router before attention ...
         id_list = ids[0].tolist() if h.shape[0] == 1 else ids.unique().tolist()
-        if self.expert_log is not None:
-            self.expert_log.update(id_list)
         id_list = experts.prefetch(self.index, id_list)  # ... so the expert reads overlap it
         h = h + self.attention(rms_norm(h, self.w.input_norm, self.cfg.rms_norm_eps), pos0, cache, rope)
         y = rms_norm(h, self.w.post_norm, self.cfg.rms_norm_eps)
