@@ -13,18 +13,12 @@ import typer
 
 from agent.config import DEFAULT_LISTEN, ENV_DATA_DIR, load_config, resolve_data_dir
 from agent.errors import AgentError
+from common.cli import command_line, handles_errors as _handles, print_json
 from manifests import ManifestError
-from common.cli import handles_errors as _handles, print_json
 from model.errors import ModelError
 
-app = typer.Typer(
-    name="st-agent",
-    help="The SmallThinker Fleet device agent: verified updates, health checks, telemetry, completions.\n\n"
-         "Example: st-agent serve --data-dir /var/lib/st-agent --listen 0.0.0.0:8443",
-    no_args_is_help=True,
-    add_completion=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+app = command_line("st-agent", "The SmallThinker Fleet device agent: verified updates, health checks, telemetry, "
+                   "completions.\n\nExample: st-agent serve --data-dir /var/lib/st-agent --listen 0.0.0.0:8443")
 bundle_app = typer.Typer(help="Offline bundles for air-gapped sites.\n\n"
                               "Example: st-agent bundle install st-demo-2.0.0.bundle --data-dir /var/lib/st-agent",
                          no_args_is_help=True)

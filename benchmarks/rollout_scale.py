@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,14 +34,13 @@ import threading
 import time
 from pathlib import Path
 
-import requests
-
 from agent.config import load_config
 from agent.enrollment import init_data_dir
 from agent.telemetry import Telemetry
 from agent.updater import Updater
 from model.build import build_demo
 from model.package import read_manifest
+from stctl.agent_process import AgentProcesses, free_ports, wait_ready
 from stctl.bootstrap import init_workspace
 from stctl.delta import diff_manifests
 from stctl.enroll import enroll_device
@@ -87,23 +85,9 @@ def mem_available() -> int:
     return 0
 
 
-def command(name: str) -> list[str]:
-    script = Path(sys.executable).with_name(name)
-    module = {"st-agent": "agent.cli", "stctl": "stctl.cli"}[name]
-    return [str(script)] if script.exists() else [sys.executable, "-m", module]
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+def stctl_command() -> list[str]:
+    script = Path(sys.executable).with_name("stctl")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "stctl.cli"]
 
 
 _PEAK_WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
@@ -145,21 +129,6 @@ def clone_device(template: Path, enrollment: Path, data_dir: Path) -> None:
         (data_dir / rel).write_bytes(data)
 
 
-def wait_ready(url: str, ca: Path, process: subprocess.Popen, deadline: float) -> None:
-    session = requests.Session()
-    session.trust_env = False
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"an agent exited with {process.returncode}")
-        try:
-            if session.get(f"{url}/healthz", verify=str(ca), timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.25)
-    raise SystemExit(f"agent at {url} not ready in time")
-
-
 def run(devices: int, concurrency: int, work: Path, say) -> dict:
     ws = init_workspace(work / "fleet")
     repo = Repository(ws)
@@ -171,7 +140,7 @@ def run(devices: int, concurrency: int, work: Path, say) -> dict:
     server = make_server(ws.repository, "127.0.0.1", 0, handler=CountingHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
-    processes: list[subprocess.Popen] = []
+    processes = AgentProcesses(grace_s=60.0, env={"OMP_NUM_THREADS": "1"})
     try:
         say(f"enrolling {devices} devices")
         ports = free_ports(devices)
@@ -185,16 +154,12 @@ def run(devices: int, concurrency: int, work: Path, say) -> dict:
             clone_device(template, work / f"{name}.enroll", work / "devices" / name)
         say(f"starting {devices} agents")
         started = time.monotonic()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         for name, port in zip(names, ports):
-            with open(work / f"{name}.log", "ab") as log:
-                processes.append(subprocess.Popen(
-                    command("st-agent") + ["serve", "--data-dir", str(work / "devices" / name),
-                                           "--listen", f"127.0.0.1:{port}"],
-                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+            processes.start(["serve", "--data-dir", str(work / "devices" / name), "--listen", f"127.0.0.1:{port}"],
+                            work / f"{name}.log")
         deadline = time.monotonic() + START_TIMEOUT_S
-        for port, process in zip(ports, processes):
-            wait_ready(f"https://127.0.0.1:{port}", ws.pki_dir / "ca.crt", process, deadline)
+        for port, process in zip(ports, processes.running):
+            wait_ready(process, f"https://127.0.0.1:{port}", ws.pki_dir / "ca.crt", max(1.0, deadline - time.monotonic()))
         agents_start_s = time.monotonic() - started
         say(f"{devices} agents ready in {agents_start_s:.0f}s; rolling out 2.0.0")
 
@@ -202,11 +167,11 @@ def run(devices: int, concurrency: int, work: Path, say) -> dict:
         plan.write_text(PLAN.format(concurrency=concurrency))
         CountingHandler.served = 0
         started = time.monotonic()
-        rollout, stctl_peak_rss = run_measured(command("stctl") + [
+        rollout, stctl_peak_rss = run_measured(stctl_command() + [
             "rollout", "start", "--model", "st-demo", "--version", "2.0.0", "--plan", str(plan),
             "--workspace", str(ws.root), "--json"], timeout=3600)
         wall = time.monotonic() - started
-        _, stctl_idle_rss = run_measured(command("stctl") + ["rollout", "status", "--workspace", str(ws.root), "--json"],
+        _, stctl_idle_rss = run_measured(stctl_command() + ["rollout", "status", "--workspace", str(ws.root), "--json"],
                                          timeout=300)
         served = CountingHandler.served
         status = json.loads(rollout.stdout) if rollout.stdout.strip() else {"state": "error",
@@ -233,14 +198,7 @@ def run(devices: int, concurrency: int, work: Path, say) -> dict:
             "waves": [{"name": w["name"], "state": w["state"], "devices": w["devices"]} for w in status.get("waves", [])],
         }
     finally:
-        for p in processes:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in processes:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        processes.stop_all()
         server.shutdown()
         server.server_close()
 

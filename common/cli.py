@@ -60,5 +60,12 @@ def handles_errors(*errors: type[BaseException]) -> Callable[[Callable], Callabl
     return decorate
 
 
+def command_line(name: str, help_text: str) -> typer.Typer:
+    """A top-level Typer app as both CLIs make theirs: `-h` and `--help`, help when called without
+    arguments, no shell-completion install commands."""
+    return typer.Typer(name=name, help=help_text, no_args_is_help=True, add_completion=False,
+                       context_settings={"help_option_names": ["-h", "--help"]})
+
+
 def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

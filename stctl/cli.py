@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import typer
 
+from common.cli import command_line
 from stctl.cli_common import console, handles_errors, print_json
 from stctl.cli_model import app as model_app
 
-app = typer.Typer(
-    name="stctl",
-    help="Build, sign and publish SmallThinker models, and roll them out to a fleet of factory PCs.\n\n"
-    "Example: stctl model build --demo --out demo-v1",
-    no_args_is_help=True,
-    add_completion=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+app = command_line("stctl", "Build, sign and publish SmallThinker models, and roll them out to a fleet of factory "
+                   "PCs.\n\nExample: stctl model build --demo --out demo-v1")
 app.add_typer(model_app, name="model")
 
 

@@ -15,12 +15,9 @@ wait is bounded; the figures it reports were measured in this run.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,11 +25,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import requests
-
 import manifests
 from model.build import build_demo
 from model.demo_checkpoint import golden_prompts
+from stctl.agent_process import AgentProcessError, AgentProcesses, agent_command, free_ports, wait_ready
 from stctl.app_keys import create_app_key
 from stctl.bootstrap import init_workspace
 from stctl.device_client import ClientConfig, DeviceClient, map_devices
@@ -62,17 +58,6 @@ class DemoError(StctlError):
     """The demo could not bring its fleet up (an agent did not start, a rollout did not complete)."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _agent_command() -> list[str]:
-    script = Path(sys.executable).with_name("st-agent")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
-
-
 @contextmanager
 def _interrupts_stop_the_demo() -> Iterator[threading.Event]:
     """Ctrl-C and SIGTERM end the demo (so the cleanup runs), only in the main thread. The
@@ -94,48 +79,6 @@ def _interrupts_stop_the_demo() -> Iterator[threading.Event]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-class _Processes:
-    """The agent processes the demo started; `stop_all` ends each (SIGTERM, then SIGKILL)."""
-
-    def __init__(self) -> None:
-        self.running: list[subprocess.Popen] = []
-
-    def start(self, args: list[str], log: Path) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # 3 agents share 2 cores
-        with open(log, "ab") as f:
-            process = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.running.append(process)
-        return process
-
-    def stop_all(self) -> None:
-        for p in self.running:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for p in self.running:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=STOP_TIMEOUT_S)
-
-
-def _wait_ready(process: subprocess.Popen, url: str, ca: Path, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    session = requests.Session()
-    session.trust_env = False
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise DemoError(f"st-agent exited with {process.returncode}: {log.read_text()[-500:]}")
-        try:
-            if session.get(f"{url}/healthz", verify=str(ca), timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise DemoError(f"st-agent at {url} not ready within {START_TIMEOUT_S:.0f}s")
 
 
 def _complete_everywhere(ws, tokens: int, say: Callable, app_keys: dict[str, str]) -> list[dict]:
@@ -167,7 +110,7 @@ def _complete_everywhere(ws, tokens: int, say: Callable, app_keys: dict[str, str
 
 def _chat_once(ws, say: Callable, app_keys: dict[str, str]) -> dict:
     """One chat on the first device: a request for a line 7 record, the material 2.0.0 was
-    fine-tuned on; printed as the conversation a person reads. Returns {device, release, request, text}."""
+    fine-tuned on; printed as the conversation a person reads. Returns {device, release, request, text, finish_reason}."""
     from stctl.enroll import list_devices
 
     device = list_devices(ws)[0]
@@ -180,7 +123,8 @@ def _chat_once(ws, say: Callable, app_keys: dict[str, str]) -> dict:
     reply = "\n".join(f"      {line}" for line in text.splitlines())
     say(f"  {device['name']} ({out.get('system_fingerprint')}), POST /v1/chat/completions:\n"
         f"      user: {CHAT_REQUEST}\n      assistant:\n{reply}")
-    return {"device": device["name"], "release": out.get("system_fingerprint"), "request": CHAT_REQUEST, "text": text}
+    return {"device": device["name"], "release": out.get("system_fingerprint"), "request": CHAT_REQUEST, "text": text,
+            "finish_reason": out["choices"][0]["finish_reason"]}
 
 
 def run_demo(work_dir: Path | None = None, *, tokens: int = 40, say: Callable = print, progress=None) -> dict:
@@ -189,7 +133,7 @@ def run_demo(work_dir: Path | None = None, *, tokens: int = 40, say: Callable = 
 
     owned = work_dir is None
     root = Path(tempfile.mkdtemp(prefix="stctl-demo-")) if owned else Path(work_dir)
-    processes = _Processes()
+    processes = AgentProcesses(STOP_TIMEOUT_S, {"OMP_NUM_THREADS": "1"})  # 3 agents share 2 cores
     server = None
     started = time.monotonic()
     try:
@@ -212,20 +156,23 @@ def run_demo(work_dir: Path | None = None, *, tokens: int = 40, say: Callable = 
 
             agents = {}
             for name, tags in DEVICES.items():
-                url = f"https://127.0.0.1:{_free_port()}"
+                url = f"https://127.0.0.1:{free_ports()[0]}"
                 enrollment = root / f"{name}.enroll"
                 enroll_device(ws, name, url, enrollment, repository_url, tags)
                 data_dir = root / "devices" / name
-                init = subprocess.run(_agent_command() + ["init", "--enroll", str(enrollment), "--data-dir",
+                init = subprocess.run(agent_command() + ["init", "--enroll", str(enrollment), "--data-dir",
                                                           str(data_dir)], capture_output=True, text=True, timeout=120)
                 if init.returncode != 0:
                     raise DemoError(f"st-agent init {name}: {init.stderr.strip()[-300:]}")
                 log = root / f"{name}.log"
-                process = processes.start(_agent_command() + ["serve", "--data-dir", str(data_dir), "--listen",
-                                                             url.removeprefix("https://")], log)
+                process = processes.start(["serve", "--data-dir", str(data_dir), "--listen",
+                                           url.removeprefix("https://")], log)
                 agents[name] = (process, url, log)
             for name, (process, url, log) in agents.items():
-                _wait_ready(process, url, ws.pki_dir / "ca.crt", log)
+                try:
+                    wait_ready(process, url, ws.pki_dir / "ca.crt", START_TIMEOUT_S, log)
+                except AgentProcessError as e:
+                    raise DemoError(f"agent {name}: {e}") from None
                 say(f"agent {name} ({', '.join(DEVICES[name])}) serving at {url}")
             app_keys = {name: create_app_key(ws, DEMO_APP_KEY, [name])["key"] for name in agents}
             say(f"application key {DEMO_APP_KEY!r} created on each device (a key of its own, the device keeps only "

@@ -6,9 +6,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from agent.enrollment import init_data_dir
 from agent.telemetry import Telemetry
 from agent.updater import Updater
 from manifests.app_keys import key_digest, new_key
+from stctl.agent_process import AgentProcessError, agent_command, free_ports, wait_ready
 from stctl.enroll import enroll_device
 from stctl.workspace import Workspace
 
@@ -69,14 +68,7 @@ def set_limits(data_dir: Path, **limits) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def agent_command() -> list[str]:
-    script = Path(sys.executable).with_name("st-agent")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
+    return free_ports()[0]
 
 
 class Agent:
@@ -126,18 +118,10 @@ class Agent:
         return self
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        with self.client() as plain:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise AssertionError(f"st-agent exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
-                try:
-                    if plain.get(self.url("/healthz"), timeout=2).status_code == 200:
-                        return
-                except requests.RequestException:
-                    pass
-                time.sleep(0.1)
-        raise AssertionError(f"st-agent not ready within {timeout}s:\n{self.log.read_text()[-3000:]}")
+        try:
+            wait_ready(self.process, self.url(""), self.fleet.pki / "ca.crt", timeout, poll_s=0.1)
+        except AgentProcessError as e:
+            raise AssertionError(f"{e}:\n{self.log.read_text()[-3000:]}") from None
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)

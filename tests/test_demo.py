@@ -62,9 +62,14 @@ def test_demo_rolls_out_canary_then_rest_and_cleans_up(tmp_path):
     completions = {(r["device"], r["version"]): r["completions"] for r in result["telemetry"]}
     assert all(completions[(name, v)] >= 3 for name in ("line4-pc1", "line4-pc2", "line5-pc1")
                for v in ("1.0.0", "2.0.0"))
-    # every completion came with the device's application key (the demo made one per device)
+    # every completion came with the device's application key (the demo made one per device);
+    # the first device also answered the chat
     assert {(r["device"], r["key"], r["outcome"], r["requests"]) for r in result["requests_by_key"]} == \
-        {(name, "demo-app", "completed", 6) for name in ("line4-pc1", "line4-pc2", "line5-pc1")}
+        {(name, "demo-app", "completed", 6 + (name == "line4-pc1")) for name in ("line4-pc1", "line4-pc2", "line5-pc1")}
+    # the chat went to 2.0.0, fine-tuned on line 7, and came back as a line 7 record that ended its turn
+    chat = result["chat"]
+    assert chat["release"] == "st-demo@2.0.0" and chat["text"].startswith("Line 7 "), chat
+    assert chat["finish_reason"] == "stop", chat
     # the answers it printed continue held-out records in the corpus' words (the trained model)
     answers = result["answers"]
     assert len(answers) == 18 and {a["release"] for a in answers} == {"st-demo@1.0.0", "st-demo@2.0.0"}
