@@ -16,7 +16,7 @@ import torch
 
 from model.config import ModelConfig
 from model.errors import ConfigError, InputError
-from model.expert_store import StorageSim
+from model.expert_store import StoreOptions
 from model.kernels import backend
 from model.loader import load_transformer
 from model.memory import peak_rss_bytes, reset_peak_rss
@@ -49,21 +49,18 @@ class Engine:
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
     def load(cls, package_dir: str | Path, *, memory_budget_bytes: int | None = None, threads: int | None = None,
-             kernel: str | None = None, prefetch: bool = True, lookahead: bool = True, policy: str = "lru",
-             storage: StorageSim | None = None, max_context: int = DEFAULT_MAX_CONTEXT,
-             packed_cache_dir: str | Path | None = None, progress=None) -> Engine:
+             kernel: str | None = None, max_context: int = DEFAULT_MAX_CONTEXT, progress=None,
+             **store_options) -> Engine:
         """Load a verified package.
 
         `memory_budget_bytes` covers dense weights + expert cache + a KV cache of `max_context`
         tokens; None keeps every expert resident. The runtime itself is outside the budget: ~220 MB
         RSS before a package loads (interpreter, torch, kernels), ~15 MB more of code the first
-        forward pass touches (tests/test_memory_budget.py). `lookahead` (with a budget and prefetch)
-        also queues the next layer's likely experts, guessed by its router on the current residual;
-        it stops itself where its guesses mostly miss (`ExpertStore.prefetch_ahead`).
-        `packed_cache_dir` is where the torch-int4 kernel keeps experts packed (None:
-        `$ST_PACKED_CACHE` or `~/.cache/smallthinker-fleet/packed`; see `model.packed_cache`).
-        `progress()` is called as dense shards load.
+        forward pass touches (tests/test_memory_budget.py). `store_options` are the expert store's
+        (`model.expert_store.StoreOptions`: `policy`, `prefetch`, `lookahead`, `packed_cache_dir`,
+        `storage`). `progress()` is called as dense shards load.
         """
+        store = StoreOptions(**store_options)
         if threads is not None:
             if threads < 1:
                 raise ConfigError("threads must be >= 1")
@@ -75,9 +72,7 @@ class Engine:
             cfg.check_quantizable()
         kernel = kernel or (backend() if manifest.quant == "q4_0" else None)
         loaded = load_transformer(package_dir, manifest, cfg, kernel=kernel, memory_budget_bytes=memory_budget_bytes,
-                                  max_context=max_context, prefetch=prefetch, lookahead=lookahead, policy=policy,
-                                  storage=storage, packed_cache_dir=packed_cache_dir,
-                                  progress=progress)
+                                  max_context=max_context, store=store, progress=progress)
         tokenizer = load_tokenizer(package_dir, manifest.tokenizer)
         return cls(package_dir, manifest, cfg, loaded.transformer, tokenizer, loaded.dense_bytes, memory_budget_bytes,
                    max_context if memory_budget_bytes is not None else None, kernel or "dense")

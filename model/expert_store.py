@@ -133,6 +133,26 @@ class StorageSim:
             time.sleep(left)
 
 
+@dataclass(frozen=True)
+class StoreOptions:
+    """How an expert store reads and keeps experts (the loader sizes its pool from the budget).
+
+    `policy`: which resident expert a read evicts (`POLICIES`). `prefetch`: the missing experts
+    are queued to the background readers right after a layer's router. `lookahead` (with
+    prefetch, under a budget): the next layer's likely experts, guessed by its router on the
+    current residual, are queued too; it stops itself where its guesses mostly miss
+    (`ExpertStore.prefetch_ahead`). `packed_cache_dir`: where the torch-int4 kernel keeps
+    experts packed (None: `$ST_PACKED_CACHE` or `~/.cache/smallthinker-fleet/packed`; see
+    `model.packed_cache`). `storage`: a simulated slow device every read waits for (benchmarks).
+    """
+
+    policy: str = "lru"
+    prefetch: bool = True
+    lookahead: bool = True
+    packed_cache_dir: Path | None = None
+    storage: StorageSim | None = None
+
+
 @dataclass
 class _Layout:
     """Where an expert file's gate, up and down tensors sit: (file offset, length) each; gate
@@ -208,10 +228,8 @@ class ExpertStore:
     lookahead_min_hit_rate = 0.5
 
     def __init__(self, package_dir: Path, manifest: ModelManifest, config, *, kernel: str | None = None,
-                 policy: str = "lru", prefetch: bool = True, lookahead: bool = True,
-                 storage: StorageSim | None = None, packed_cache_dir: Path | None = None):
-        """Check the package's experts and size one slot (`slot_bytes`); `allocate` then makes the pool.
-        `packed_cache_dir`: the torch-int4 kernel's packed expert cache (None: `default_root()`)."""
+                 options: StoreOptions = StoreOptions()):
+        """Check the package's experts and size one slot (`slot_bytes`); `allocate` then makes the pool."""
         self.package_dir, self.manifest, self.cfg = package_dir, manifest, config
         self.entries = {(e.layer, e.expert): e for e in manifest.expert_shards()}
         expected = {(i, e) for i in range(config.num_hidden_layers) for e in range(config.moe_num_primary_experts)}
@@ -238,7 +256,7 @@ class ExpertStore:
         int4 = manifest.quant == "q4_0" and (kernel or backend()) == "torch-int4"
         root = None
         if int4 and not self.sparse:
-            root = Path(packed_cache_dir) if packed_cache_dir is not None else default_root()
+            root = Path(options.packed_cache_dir) if options.packed_cache_dir is not None else default_root()
         if root is not None:  # slots hold packed cache files (an expert is packed in its slot once)
             self.packed = PackedExpertCache(root)
             self.packed_layout = PackedLayout(_int4_tensors(self._expert_from_parts(*self._blank_parts())))
@@ -248,8 +266,8 @@ class ExpertStore:
             # counted against the budget with the slot they come from
             copy_bytes = self._expert_from_parts(*self._blank_parts()).nbytes
         self.slot_bytes = self.buffer_bytes + copy_bytes
-        self.policy_name, self.prefetch_enabled, self.storage = policy, prefetch, storage
-        self.lookahead = lookahead and prefetch
+        self.policy_name, self.prefetch_enabled, self.storage = options.policy, options.prefetch, options.storage
+        self.lookahead = options.lookahead and options.prefetch
 
     def allocate(self, budget_bytes: int | None) -> None:
         """Make the slot pool: as many slots as `budget_bytes` holds (None: every expert, read now)."""

@@ -20,7 +20,7 @@ import torch
 from manifests import ManifestError, ModelManifest
 from model.config import ModelConfig
 from model.errors import BudgetError, PackageError
-from model.expert_store import ExpertStore, StorageSim
+from model.expert_store import ExpertStore, StoreOptions
 from model.kernels.layer import native_layer
 from model.matrices import EmbeddingRows, EmbeddingRowsOnDisk, head_keeps_stored_table, make_matrix
 from model.memory import format_size
@@ -106,9 +106,8 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
 
 
 def load_transformer(package_dir: Path, manifest: ModelManifest, cfg: ModelConfig, *, kernel: str | None,
-                     memory_budget_bytes: int | None, max_context: int, prefetch: bool, policy: str,
-                     lookahead: bool = True, packed_cache_dir: Path | None = None,
-                     storage: StorageSim | None, progress=None) -> Loaded:
+                     memory_budget_bytes: int | None, max_context: int, store: StoreOptions,
+                     progress=None) -> Loaded:
     tick = progress or (lambda: None)
     D, E, V, quant = cfg.hidden_size, cfg.moe_num_primary_experts, cfg.vocab_size, manifest.quant
 
@@ -149,8 +148,7 @@ def load_transformer(package_dir: Path, manifest: ModelManifest, cfg: ModelConfi
         tick()
     dense_bytes = embed_rows.nbytes + final_norm.numel() * 4 + sum(b.w.nbytes for b in blocks)
     dense_bytes += 0 if head_is_table else head.nbytes
-    experts = ExpertStore(package_dir, manifest, cfg, kernel=kernel, policy=policy, prefetch=prefetch,
-                          lookahead=lookahead, storage=storage, packed_cache_dir=packed_cache_dir)
+    experts = ExpertStore(package_dir, manifest, cfg, kernel=kernel, options=store)
     expert_budget = None
     if memory_budget_bytes is not None:
         kv = Transformer.kv_cache_bytes(cfg, max_context)
