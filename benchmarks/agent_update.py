@@ -76,8 +76,9 @@ def session(pki: Path, operator: bool) -> requests.Session:
 def stream_once(client: requests.Session, url: str, max_tokens: int) -> dict:
     start = time.monotonic()
     first = None
-    r = client.post(url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": max_tokens, "stream": True},
-                    stream=True, timeout=300)
+    # ignore_eos: every completion is max_tokens long (the trained model would end a record early)
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+    r = client.post(url + "/v1/completions", json=body, stream=True, timeout=300)
     r.raise_for_status()
     fingerprint = None
     for line in r.iter_lines():
