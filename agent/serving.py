@@ -82,8 +82,8 @@ def load_engine(folder: Path, config: DeviceConfig) -> Engine:
 
 
 def close_engine(engine: Engine) -> None:
-    """Stop the engine's background expert reader so the engine can be freed."""
-    engine.transformer.experts.close()
+    """Stop the engine's background expert readers so the engine can be freed."""
+    engine.close()
 
 
 def _prompt_ids(tokenizer, request: CompletionRequest) -> list[int]:

@@ -2,7 +2,8 @@
 
 Public API: `Engine.load(package_dir, *, memory_budget_bytes=None, threads=None)`,
 `Engine.logits(ids)`, `Engine.generate(ids, max_new_tokens, temperature=0.0, seed=None)`,
-`Engine.last_stats`, `Engine.kv_cache_bytes(n)`; `ModelConfig` and its presets; the builders.
+`Engine.last_stats`, `Engine.kv_cache_bytes(n)`, `Engine.close()`; `ModelConfig` and its presets;
+the builders.
 """
 from model import runtime_env
 

@@ -77,6 +77,11 @@ class Engine:
         return cls(package_dir, manifest, cfg, loaded.transformer, tokenizer, loaded.dense_bytes, memory_budget_bytes,
                    max_context if memory_budget_bytes is not None else None, kernel or "dense")
 
+    def close(self) -> None:
+        """Stop the expert store's background reader threads, so the engine can be freed;
+        idempotent. Should it run again, its expert reads happen in the calling thread."""
+        self.transformer.experts.close()
+
     # ---- figures ---------------------------------------------------------------------------
     def kv_cache_bytes(self, context_len: int) -> int:
         """Bytes of KV cache a context of this many tokens costs (SWA layers cap at their window)."""

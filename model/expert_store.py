@@ -268,6 +268,7 @@ class ExpertStore:
         self.slot_bytes = self.buffer_bytes + copy_bytes
         self.policy_name, self.prefetch_enabled, self.storage = options.policy, options.prefetch, options.storage
         self.lookahead = options.lookahead and options.prefetch
+        self.readers: list[threading.Thread] = []  # started by `allocate`, stopped by `close`
 
     def allocate(self, budget_bytes: int | None) -> None:
         """Make the slot pool: as many slots as `budget_bytes` holds (None: every expert, read now)."""
@@ -578,9 +579,14 @@ class ExpertStore:
             self.outstanding = 0
 
     def close(self) -> None:
-        """Stop the reader threads."""
-        for _ in self.readers:
+        """Stop the reader threads once the reads queued so far are done; idempotent. Reads
+        after that happen in the thread that uses the expert (no prefetch, no look-ahead)."""
+        self.prefetch_enabled = self.lookahead = False
+        readers, self.readers = self.readers, []
+        for _ in readers:
             self.queue.put(None)
+        for reader in readers:
+            reader.join(_READ_TIMEOUT_S)
 
     def stats(self) -> dict:
         return {"expert_cache_hits": self.hits, "expert_cache_misses": self.misses,

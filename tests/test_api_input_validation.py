@@ -211,4 +211,4 @@ def test_engine_and_tokenizer_refuse_bad_input_with_their_own_error(demo_package
                 engine.generate(bad, 2)
         assert engine.logits([1, vocab - 1]).shape == (2, vocab)
     finally:
-        engine.transformer.experts.close()
+        engine.close()

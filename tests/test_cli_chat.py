@@ -39,7 +39,7 @@ def greedy(package, prompt: str, steps: int) -> tuple[str, int]:
         tokens = [t for t in engine.generate(ids, steps, stop_ids=tok.stop_ids) if t not in tok.stop_ids]
         return tok.decode(tokens), len(ids)
     finally:
-        engine.transformer.experts.close()
+        engine.close()
 
 
 def turn(role: str, text: str) -> str:

@@ -73,11 +73,11 @@ def test_health_check_re_measures_the_held_out_loss_and_fails_another_model(demo
     report = check_golden(engine, v1)
     assert report.passed, report.detail
     assert abs(report.heldout_loss - v1.heldout["loss"]) <= v1.heldout["tolerance"]
-    engine.transformer.experts.close()
+    engine.close()
     # v2 (a quarter of the experts fine-tuned) against v1's held-out record alone: golden prompts out of the way
     engine = Engine.load(demo_packages[1])
     report = check_golden(engine, replace(v1, prompts=()))
-    engine.transformer.experts.close()
+    engine.close()
     assert not report.passed and "held-out loss" in report.detail, report.detail
     assert report.heldout_loss - v1.heldout["loss"] > v1.heldout["tolerance"]
 
@@ -92,7 +92,7 @@ def test_greedy_completions_of_golden_prompts_equal_the_manifest(demo_packages):
             out = list(engine.generate(list(golden.prompt_ids), len(golden.expected_ids)))
             assert out == list(golden.expected_ids)
             assert engine.tokenizer.decode(out) == golden.expected_text
-        engine.transformer.experts.close()
+        engine.close()
 
 
 def _corpus_words() -> set[str]:
@@ -108,7 +108,7 @@ def test_held_out_prompts_continue_in_corpus_words(demo_packages):
         prompt = demo_corpus.prompt_of(doc)
         out = engine.generate(engine.tokenizer.encode(prompt), 24, stop_ids=engine.tokenizer.stop_ids)
         said += re.findall(r"[A-Za-z]+", engine.tokenizer.decode(list(out)))
-    engine.transformer.experts.close()
+    engine.close()
     assert len(said) > 50
     assert sum(w in words for w in said) / len(said) > 0.9, said
 

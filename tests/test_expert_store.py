@@ -212,3 +212,19 @@ def test_lookahead_stops_for_one_layer_whose_guesses_miss(packages):
     assert store.lookahead_paused_layers == {1} and store.lookahead_reads == reads
     store.prefetch_ahead(2, experts[:1])
     assert store.lookahead_by_layer[2][0] == 1 and not store.lookahead_paused
+
+
+def test_close_stops_the_readers_once_and_a_closed_engine_still_gives_the_same_result(packages):
+    """Engine.close ends the store's reader threads (twice is fine); should the engine run again,
+    its reads happen in the calling thread and the result does not change."""
+    pkg = packages["dense"]
+    ref_logits, ref_tokens, _ = run(Engine.load(pkg))
+    engine = Engine.load(pkg, memory_budget_bytes=smallest_budget(pkg), max_context=CONTEXT)
+    readers = list(engine.transformer.experts.readers)
+    assert readers and all(r.is_alive() for r in readers)
+    engine.close()
+    engine.close()
+    assert not any(r.is_alive() for r in readers)
+    logits, tokens, stats = run(engine)
+    assert torch.equal(logits, ref_logits) and tokens == ref_tokens
+    assert stats["prefetch_hits"] == 0 and stats["expert_cache_misses"] > 0

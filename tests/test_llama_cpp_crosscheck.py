@@ -144,7 +144,7 @@ def test_demo_chat_template_reaches_llama_cpp_and_renders_chatml(demo):
     # the markers are single special tokens on both sides
     ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
     assert ids[0] == 1 and ids.count(2) == 2 and ids == engine.tokenizer.encode(prompt)
-    engine.transformer.experts.close()
+    engine.close()
 
 
 def test_create_chat_completion_renders_the_prompt_like_the_agent(demo):
@@ -158,7 +158,7 @@ def test_create_chat_completion_renders_the_prompt_like_the_agent(demo):
     theirs = llm.create_chat_completion(messages=messages, max_tokens=2, temperature=0.0)
     engine = Engine.load(pkg)
     ours = engine.tokenizer.encode(engine.tokenizer.chat_template.render(messages))
-    engine.transformer.experts.close()
+    engine.close()
     assert theirs["usage"]["prompt_tokens"] == len(ours)
     assert llm.tokenize(engine.tokenizer.chat_template.render(messages).encode(), add_bos=False, special=True) == ours
 

@@ -62,7 +62,7 @@ def expected(demo_packages) -> dict:
             out[name] = {"text": tok.decode(tokens[:-1] if stopped else tokens), "prompt_tokens": len(ids),
                          "completion_tokens": len(tokens), "finish_reason": "stop" if stopped else "length"}
     finally:
-        engine.transformer.experts.close()
+        engine.close()
     return out
 
 
