@@ -26,8 +26,6 @@ from stctl.errors import StctlError
 from stctl.revocation import CrlCheckingAdapter
 from stctl.workspace import Workspace
 
-FINAL_JOB_STATES = ("active", "failed", "rolled_back")
-
 
 class DeviceError(StctlError):
     """A device call failed; `unreachable` is True when no HTTP answer came back."""

@@ -1,28 +1,24 @@
-"""Staged rollouts: a state machine in `fleet.db` that moves a fleet to a release wave by wave,
-judges each wave on telemetry, and stops (and undoes) itself when a gate fails.
+"""Staged rollouts: the controller that moves a fleet to a release wave by wave over the devices'
+API, judges each wave on telemetry, and stops (and undoes) itself when a gate fails; and the
+library API, one call per `stctl rollout` command.
 
-Rollout:  running --wave passed--> running (next wave) --last wave passed--> completed
-          running --pause--> paused --resume--> running
-          running --gate failed--> halting (rolls back the wave's devices, or not: plan) --> halted
-          running|paused|halting --abort--> aborting (rolls back every device it updated) --> aborted
-Wave:     pending -> updating -> soaking -> gating -> passed | failed
-Device:   pending -> requesting -> updating -> updated -> passed
-          pending -> skipped (already on the release);  any of them -> failed (with `failure`)
-          updated|passed|failed -> rolling_back -> rolled_back
-          pending|requesting|updating may also be recorded unreachable (not a state: see below)
+Who owns what: the states, their transitions and the gate verdicts are `stctl.rollout_policy`
+(pure); the records are `stctl.rollout_store` (`fleet.db`); this module does the I/O between them:
+device calls, telemetry pulls, the clock.
 
 Rules:
-- every transition is one transaction that updates the row and appends a `rollout_events` row;
-  a controller holds the workspace's rollout lock (one controller at a time, released by the
-  kernel when stctl dies), and `pause`/`abort` from another process are requests it obeys;
+- every transition is an event checked against the policy's tables and recorded by the store in
+  one transaction with a `rollout_events` row; a controller holds the workspace's rollout lock
+  (one controller at a time, released by the kernel when stctl dies), and `pause`/`abort` from
+  another process are requests it obeys;
 - exactly once, provable from the records: a device is written `requesting` (with the device's
   own clock, `mark`) before `POST /v1/updates`, and `updating` with the job id after it. A
   device found `requesting` (stctl died around the POST) is reconciled before any new POST: the
   device's unfinished job, else a job for this release created after `mark` (found through the
   `updates` telemetry since `mark`; `mark` is later than every update row the device had
-  recorded before the POST), is adopted; only if neither exists was the POST never received, and it is sent. A device found
-  `rolling_back` is rolled back only if it still runs the new release (a rollback swaps active
-  and previous, so a blind second one would undo the first);
+  recorded before the POST), is adopted; only if neither exists was the POST never received, and
+  it is sent. A device found `rolling_back` is rolled back only if it still runs the new release
+  (a rollback swaps active and previous, so a blind second one would undo the first);
 - a device that does not reach a final update state within the wave's `device_timeout`
   (unreachable included) is failed; the timeout counts, on the controller's monotonic clock, from
   when this controller began on the device (a resumed rollout starts it again);
@@ -47,46 +43,35 @@ Rules:
 """
 from __future__ import annotations
 
-import sqlite3
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlite_utils
 
 from manifests import ManifestError
 from manifests.rollout_plan import RolloutPlan, Wave, parse_plan, select_devices
+from stctl import rollout_policy as policy
 from stctl.device_client import ClientConfig, DeviceClient, DeviceError, map_devices, release_of
-from stctl.errors import StctlError
-from stctl.fleetdb import open_fleet_db, register_migration
-from stctl.registry import enrolled, write_transaction
+from stctl.fleetdb import open_fleet_db
+from stctl.registry import enrolled
+from stctl.rollout_policy import (
+    ABORT, ABORTED, ABORTING, CHANGED, COMPLETED, FAILED, GATING, HALTED, HALTING, IN_FLIGHT, PASSED, PAUSE, PAUSED,
+    PENDING, REQUESTING, ROLLING_BACK, ROLLOUT_FINAL, RUNNING, SOAKING, UPDATED, UPDATING, RolloutError,
+)
+from stctl.rollout_store import NO_OUTAGE, RolloutStore
 from stctl.telemetry_pull import pull_device
 from common.locks import FileLock
 from stctl.workspace import Workspace
 
-# rollout states
-RUNNING, PAUSED, HALTING, HALTED = "running", "paused", "halting", "halted"
-ABORTING, ABORTED, COMPLETED = "aborting", "aborted", "completed"
-FINAL = (HALTED, ABORTED, COMPLETED)
-# device states
-PENDING, REQUESTING, UPDATING, UPDATED, PASSED = "pending", "requesting", "updating", "updated", "passed"
-SKIPPED, FAILED, ROLLING_BACK, ROLLED_BACK = "skipped", "failed", "rolling_back", "rolled_back"
-IN_FLIGHT = (REQUESTING, UPDATING)
-CHANGED = (UPDATED, PASSED, FAILED, ROLLING_BACK)  # may run the new release: candidates for a rollback
-# events of an outage (rollout_events.state; the device keeps its own state)
-UNREACHABLE, REACHABLE = "unreachable", "reachable"
 # what one step of an update does: finished the device, moved it to its next state, or found it still working
 DONE, MOVED, POLLED = "done", "moved", "polled"
+# how a wave ends for the rollout: on to the next, or stop (a pause or abort request, a failed gate)
+NEXT, HALT = "next", "halt"
 LOCK_FILE = ".rollout.lock"
-
-
-class RolloutError(StctlError):
-    """A rollout cannot start, resume, pause or abort (bad plan, unpublished release, ...)."""
 
 
 @dataclass(frozen=True)
@@ -95,154 +80,6 @@ class RolloutConfig:
     abort_wait_s: float = 1800.0  # how long `abort` waits for a running controller to finish it
     clock_margin_s: float = 2.0  # the device's Date header has whole seconds: look this far back for its newest row
     client: ClientConfig = field(default_factory=ClientConfig)
-
-
-# ---- schema -------------------------------------------------------------------------------------
-def _create_rollouts(db: sqlite_utils.Database) -> None:
-    db["rollouts"].create({"id": int, "model": str, "version": str, "plan": str, "plan_file": str,
-                           "repository_url": str, "allow_downgrade": int, "state": str, "wave": int,
-                           "requested": str, "detail": str, "created_at": str, "updated_at": str}, pk="id")
-    db["rollout_waves"].create({"rollout_id": int, "idx": int, "name": str, "state": str, "soak_until": float,
-                                "detail": str, "updated_at": str}, pk=("rollout_id", "idx"))
-    db["rollout_devices"].create({"rollout_id": int, "device": str, "wave": int, "state": str, "from_model": str,
-                                  "from_version": str, "mark": float, "job_id": str, "requests": int,
-                                  "decode_tokens_per_s": float, "peak_rss_bytes": int, "health": str,
-                                  "failure": str, "detail": str, "updated_at": str}, pk=("rollout_id", "device"))
-    db["rollout_events"].create({"rollout_id": int, "ts": str, "wave": int, "device": str, "state": str,
-                                 "detail": str})
-    db["rollout_events"].create_index(["rollout_id"])
-
-
-ROLLOUT_MIGRATION = (22, "rollouts, rollout_waves, rollout_devices, rollout_events", _create_rollouts)
-register_migration(ROLLOUT_MIGRATION)
-
-# a device's outage (it does not answer): all NULL while it answers
-OUTAGE_COLUMNS = {"unreachable_since": "TEXT", "unreachable_error": "TEXT", "unreachable_attempts": "INTEGER",
-                  "fails_at": "REAL"}
-NO_OUTAGE = dict.fromkeys(OUTAGE_COLUMNS)
-
-
-def _add_outage_columns(db: sqlite_utils.Database) -> None:
-    for column, kind in OUTAGE_COLUMNS.items():
-        db.execute(f"ALTER TABLE rollout_devices ADD COLUMN {column} {kind}")
-
-
-UNREACHABLE_MIGRATION = (23, "rollout_devices: unreachable since, last error, attempts, fails_at", _add_outage_columns)
-register_migration(UNREACHABLE_MIGRATION)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-class RolloutStore:
-    """The rollout tables of `fleet.db`, shared by the controller's threads (one connection, a lock)."""
-
-    def __init__(self, path: Path):
-        open_fleet_db(path).close()  # migrations
-        conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30.0)
-        self.db = sqlite_utils.Database(conn)
-        self.db.execute("PRAGMA busy_timeout = 30000")
-        self._lock = threading.RLock()
-
-    def close(self) -> None:
-        with self._lock:
-            self.db.close()
-
-    def rollout(self, rollout_id: int) -> dict:
-        with self._lock:
-            rows = list(self.db["rollouts"].rows_where("id = ?", [rollout_id]))
-        if not rows:
-            raise RolloutError(f"no rollout {rollout_id}")
-        return rows[0]
-
-    def latest(self, unfinished_only: bool = False) -> dict | None:
-        clause = f"state NOT IN ({','.join('?' * len(FINAL))})" if unfinished_only else None
-        with self._lock:
-            rows = list(self.db["rollouts"].rows_where(clause, list(FINAL) if clause else [], order_by="id desc",
-                                                       limit=1))
-        return rows[0] if rows else None
-
-    def waves(self, rollout_id: int) -> list[dict]:
-        with self._lock:
-            return list(self.db["rollout_waves"].rows_where("rollout_id = ?", [rollout_id], order_by="idx"))
-
-    def devices(self, rollout_id: int, wave: int | None = None) -> list[dict]:
-        clause, args = ("rollout_id = ? AND wave = ?", [rollout_id, wave]) if wave is not None else \
-            ("rollout_id = ?", [rollout_id])
-        with self._lock:
-            return list(self.db["rollout_devices"].rows_where(clause, args, order_by="wave, device"))
-
-    def device(self, rollout_id: int, name: str) -> dict:
-        with self._lock:
-            return self.db["rollout_devices"].get((rollout_id, name))
-
-    def events(self, rollout_id: int) -> list[dict]:
-        with self._lock:
-            return list(self.db["rollout_events"].rows_where("rollout_id = ?", [rollout_id], order_by="rowid"))
-
-    def create(self, row: dict, waves: list[tuple[str, list[str]]]) -> int:
-        now = _now()
-        with self._lock, write_transaction(self.db):
-            self.db["rollouts"].insert({**row, "created_at": now, "updated_at": now})
-            rollout_id = self.db.execute("SELECT MAX(id) FROM rollouts").fetchone()[0]
-            for idx, (name, devices) in enumerate(waves):
-                self.db["rollout_waves"].insert({"rollout_id": rollout_id, "idx": idx, "name": name, "state": PENDING,
-                                                 "soak_until": None, "detail": "", "updated_at": now})
-                self.db["rollout_devices"].insert_all(
-                    {"rollout_id": rollout_id, "device": d, "wave": idx, "state": PENDING, "requests": 0,
-                     "failure": "", "detail": "", "updated_at": now} for d in devices)
-            self._event(rollout_id, None, None, row["state"], "created")
-        return rollout_id
-
-    def _event(self, rollout_id: int, wave: int | None, device: str | None, state: str, detail: str) -> None:
-        self.db["rollout_events"].insert({"rollout_id": rollout_id, "ts": _now(), "wave": wave, "device": device,
-                                          "state": state, "detail": detail})
-
-    def set_rollout(self, rollout_id: int, **values) -> None:
-        with self._lock, write_transaction(self.db):
-            self.db["rollouts"].update(rollout_id, {**values, "updated_at": _now()})
-            if "state" in values or "requested" in values:
-                self._event(rollout_id, None, None, values.get("state") or f"requested:{values['requested']}",
-                            values.get("detail", ""))
-
-    def set_wave(self, rollout_id: int, idx: int, **values) -> None:
-        with self._lock, write_transaction(self.db):
-            self.db["rollout_waves"].update((rollout_id, idx), {**values, "updated_at": _now()})
-            if "state" in values:
-                self._event(rollout_id, idx, None, values["state"], values.get("detail", ""))
-
-    def set_device(self, rollout_id: int, name: str, **values) -> dict:
-        with self._lock, write_transaction(self.db):
-            table = self.db["rollout_devices"]
-            table.update((rollout_id, name), {**values, "updated_at": _now()})
-            row = table.get((rollout_id, name))
-            if "state" in values:
-                self._event(rollout_id, row["wave"], name, values["state"], values.get("detail", ""))
-        return row
-
-    def note_unreachable(self, rollout_id: int, name: str, error: str, fails_at: float, detail: str) -> dict:
-        """Count a failed attempt to reach the device; the first of an outage sets `unreachable_since`
-        and appends an `unreachable` event with `detail`. Returns the row."""
-        with self._lock, write_transaction(self.db):
-            table = self.db["rollout_devices"]
-            row = table.get((rollout_id, name))
-            values = {"unreachable_error": error, "unreachable_attempts": (row["unreachable_attempts"] or 0) + 1,
-                      "fails_at": fails_at}
-            if not row["unreachable_since"]:
-                values["unreachable_since"] = _now()
-                self._event(rollout_id, row["wave"], name, UNREACHABLE, detail)
-            table.update((rollout_id, name), values)
-        return {**row, **values}
-
-    def clear_unreachable(self, rollout_id: int, name: str, detail: str) -> None:
-        """The device answered again: drop its outage and append a `reachable` event with `detail`."""
-        with self._lock, write_transaction(self.db):
-            table = self.db["rollout_devices"]
-            row = table.get((rollout_id, name))
-            if row["unreachable_since"]:
-                table.update((rollout_id, name), NO_OUTAGE)
-                self._event(rollout_id, row["wave"], name, REACHABLE, detail)
 
 
 class ControllerLock(FileLock):
@@ -274,13 +111,12 @@ class Controller:
             raise DeviceError(name, "no longer enrolled")
         return DeviceClient(name, self.urls[name], self.ws.pki_dir, self.config.client)
 
-    def _device(self, name: str, **values) -> dict:
+    def _device(self, name: str, event: str, **values) -> dict:
         """Record a transition (and say it); a device that moves has answered, so its outage is cleared first."""
         self._answered(name)
-        row = self.store.set_device(self.id, name, **values)
-        if "state" in values:
-            extra = values.get("failure") or values.get("detail") or ""
-            self.say(f"  {name}: {values['state']}{f' ({extra})' if extra else ''}")
+        row = self.store.move_device(self.id, name, event, **values)
+        extra = values.get("failure") or values.get("detail") or ""
+        self.say(f"  {name}: {row['state']}{f' ({extra})' if extra else ''}")
         return row
 
     def _requested(self) -> str:
@@ -291,39 +127,30 @@ class Controller:
 
     def judge(self, wave: Wave) -> str | None:
         """Why the failure-fraction gate fails now (None while it holds or cannot be judged yet)."""
-        rows = self.store.devices(self.id)
-        finished = [d for d in rows if d["failure"] or d["state"] in (PASSED, SKIPPED, ROLLED_BACK)]
-        failed = [d for d in finished if d["failure"]]
-        gates = wave.gates
-        if len(finished) < gates.min_devices or not finished:
-            return None
-        fraction = len(failed) / len(finished)
-        if fraction > gates.max_failure_fraction:
-            return (f"{len(failed)} of {len(finished)} finished devices failed ({fraction:.0%} > "
-                    f"{gates.max_failure_fraction:.0%}): " + "; ".join(f"{d['device']}: {d['failure']}" for d in failed[:3]))
-        return None
+        verdict = policy.fraction_verdict(wave.gates, self.store.devices(self.id))
+        return None if verdict.passed else verdict.reason
 
     # ---- the rollout -----------------------------------------------------------------------------
     def run(self) -> str:
         row = self.store.rollout(self.id)
-        if row["state"] == ABORTING or row["requested"] == "abort":
-            return self._abort()
+        if row["state"] == ABORTING or row["requested"] == ABORT:
+            return self._abort(policy.RESUME if row["state"] == ABORTING else ABORT)
         if row["state"] == HALTING:
-            return self._halt(row["wave"], row["detail"])
+            return self._halt(row["wave"], row["detail"], policy.RESUME)
         if row["state"] != RUNNING or row["requested"]:
-            self.store.set_rollout(self.id, state=RUNNING, requested="", detail="resumed")
+            self.store.move_rollout(self.id, policy.RESUME, requested="", detail="resumed")
         for idx in range(row["wave"], len(self.plan.waves)):
             self.store.set_rollout(self.id, wave=idx)
             outcome, why = self._wave(idx)
-            if outcome == "pause":
-                self.store.set_rollout(self.id, state=PAUSED, requested="", detail=f"paused in wave {idx + 1}")
+            if outcome == PAUSE:
+                self.store.move_rollout(self.id, PAUSE, requested="", detail=f"paused in wave {idx + 1}")
                 self.say(f"rollout {self.id}: paused; `stctl rollout resume` continues it")
                 return PAUSED
-            if outcome == "abort":
-                return self._abort()
-            if outcome == "halt":
-                return self._halt(idx, why)
-        self.store.set_rollout(self.id, state=COMPLETED, wave=len(self.plan.waves), detail="every wave passed")
+            if outcome == ABORT:
+                return self._abort(ABORT)
+            if outcome == HALT:
+                return self._halt(idx, why, policy.GATE_FAILED)
+        self.store.move_rollout(self.id, policy.COMPLETE, wave=len(self.plan.waves), detail="every wave passed")
         self.say(f"rollout {self.id}: completed; {self.model} {self.version} on every selected device")
         return COMPLETED
 
@@ -332,41 +159,39 @@ class Controller:
         row = self.store.waves(self.id)[idx]
         state = row["state"]
         if state == FAILED:  # stctl died between judging the wave and recording the halt
-            return "halt", row["detail"]
+            return HALT, row["detail"]
         if state in (PENDING, UPDATING):
             if state == PENDING:
                 self.say(f"wave {idx + 1}/{len(self.plan.waves)} {wave.name}: "
                          f"{len(self.store.devices(self.id, idx))} device(s)")
-            self.store.set_wave(self.id, idx, state=UPDATING)
+            self.store.move_wave(self.id, idx, policy.START if state == PENDING else policy.RESUME)
             stop, why = self._update_wave(idx, wave)
             if stop:
-                if stop == "halt":
-                    self.store.set_wave(self.id, idx, state=FAILED, detail=why)
+                if stop == HALT:
+                    self.store.move_wave(self.id, idx, policy.GATE_FAILED, detail=why)
                 return stop, why
-            self.store.set_wave(self.id, idx, state="soaking", soak_until=time.time() + wave.soak_s,
-                                detail=f"soak {wave.soak_s:g}s")
-            state = "soaking"
-        if state == "soaking":
+            state = self.store.move_wave(self.id, idx, policy.WAVE_UPDATED, soak_until=time.time() + wave.soak_s,
+                                         detail=f"soak {wave.soak_s:g}s")
+        if state == SOAKING:
             until = self.store.waves(self.id)[idx]["soak_until"] or 0.0
             while time.time() < until:
                 if request := self._requested():
                     return request, ""
                 time.sleep(min(self.config.poll_s, max(0.0, until - time.time())))
-            self.store.set_wave(self.id, idx, state="gating")
-            state = "gating"
-        if state == "gating":
+            state = self.store.move_wave(self.id, idx, policy.SOAKED)
+        if state == GATING:
             self._gate_wave(idx, wave)
             why = self.judge(wave)
             if why:
-                self.store.set_wave(self.id, idx, state=FAILED, detail=why)
-                return "halt", why
-            if wave.on_gate_failure == "rollback":
+                self.store.move_wave(self.id, idx, policy.GATE_FAILED, detail=why)
+                return HALT, why
+            if policy.rolls_back(wave):
                 failed = [d["device"] for d in self.store.devices(self.id, idx) if d["state"] == FAILED]
                 map_devices(lambda name: self._roll_back(name, wave.device_timeout_s), failed, wave.max_concurrent)
-            self.store.set_wave(self.id, idx, state=PASSED)
+            self.store.move_wave(self.id, idx, policy.GATES_PASSED)
         if request := self._requested():
             return request, ""
-        return "next", ""
+        return NEXT, ""
 
     def _update_wave(self, idx: int, wave: Wave) -> tuple[str | None, str]:
         """Update the wave's devices, at most `max_concurrent` at once; stops starting new ones on a
@@ -382,7 +207,7 @@ class Controller:
                         f.result()
                 stop = self._requested() or None
                 if stop is None and (why := self.judge(wave) or ""):
-                    stop = "halt"
+                    stop = HALT
                 if stop:
                     break
                 running.add(pool.submit(self._update_device, name, wave))
@@ -390,7 +215,7 @@ class Controller:
                 f.result()
         stop = stop or self._requested() or None
         if stop is None and (why := self.judge(wave) or ""):
-            stop = "halt"
+            stop = HALT
         return stop, why
 
     def _update_device(self, name: str, wave: Wave) -> None:
@@ -407,7 +232,7 @@ class Controller:
                     self._answered(name)
                 except DeviceError as e:
                     if not e.transient:
-                        self._device(name, state=FAILED, failure=str(e)[:500])
+                        self._device(name, policy.ERROR, failure=str(e)[:500])
                         return
                     rec, progress = self._unreachable(rec, e, deadline), POLLED
                 if progress == DONE:
@@ -428,23 +253,23 @@ class Controller:
             status = client.status()
             active = release_of(status)
             if active == self._target():
-                return self._device(name, state=SKIPPED, detail=f"already on {self.version}"), DONE
+                return self._device(name, policy.ALREADY_ON_RELEASE, detail=f"already on {self.version}"), DONE
             mark = self._mark(client)
-            return self._device(name, state=REQUESTING, mark=mark, from_model=active and active[0],
+            return self._device(name, policy.REQUEST, mark=mark, from_model=active and active[0],
                                 from_version=active and active[1]), MOVED
         if rec["state"] == REQUESTING:
             job_id = self._adopt_job(client, rec)
             if job_id is None:
                 rec = self.store.set_device(self.id, name, requests=rec["requests"] + 1)
                 job_id = client.request_update(self.model, self.version, self.repository_url, self.allow_downgrade)
-            return self._device(name, state=UPDATING, job_id=job_id, detail=f"job {job_id[:8]}"), MOVED
+            return self._device(name, policy.JOB, job_id=job_id, detail=f"job {job_id[:8]}"), MOVED
         if rec["state"] == UPDATING:
             job = client.update(rec["job_id"])
-            if job["state"] == "active":
-                return self._device(name, state=UPDATED, detail=f"{self.version} active"), DONE
-            if job["state"] in ("failed", "rolled_back"):
-                return self._device(name, state=FAILED,
-                                    failure=f"update {job['state']}: {job.get('detail', '')}"[:500]), DONE
+            event = policy.job_event(job["state"])
+            if event == policy.JOB_ACTIVE:
+                return self._device(name, event, detail=f"{self.version} active"), DONE
+            if event == policy.JOB_FAILED:
+                return self._device(name, event, failure=f"update {job['state']}: {job.get('detail', '')}"[:500]), DONE
             return rec, POLLED
         return rec, DONE
 
@@ -478,7 +303,7 @@ class Controller:
         if outage is not None:
             why += (f"; unreachable since {outage['unreachable_since']}, last error: {outage['unreachable_error']}, "
                     f"{outage['unreachable_attempts']} failed attempts")
-        self._device(rec["device"], state=FAILED, failure=(why + ")")[:500], **NO_OUTAGE)
+        self._device(rec["device"], policy.TIMED_OUT, failure=(why + ")")[:500], **NO_OUTAGE)
 
     def _mark(self, client: DeviceClient) -> float:
         """An instant on the device's clock after every update row it has recorded so far: the
@@ -515,32 +340,28 @@ class Controller:
         map_devices(lambda name: self._gate_device(name, wave), names, wave.max_concurrent)
 
     def _gate_device(self, name: str, wave: Wave) -> None:
-        gates = wave.gates
+        """Gather the device's figures (its health check first, if asked: a failed one ends it) and
+        record the policy's verdict on them."""
         client = self._client(name)
         db = open_fleet_db(self.ws.fleet_db)
         try:
             health = None
-            if gates.health_check:
+            if wave.gates.health_check:
                 result = client.health_check()
-                health = "passed" if result.get("passed") else "failed"
-                if not result.get("passed"):
-                    self._device(name, state=FAILED, health=health,
-                                 failure=f"health check failed: {result.get('detail', '')}"
-                                         f"{' (the device rolled back)' if result.get('rolled_back') else ''}"[:500])
-                    return
-            pull_device(db, client)
-            tps, rss = self._figures(db, name)
-            values = {"decode_tokens_per_s": tps, "peak_rss_bytes": rss, "health": health}
-            if gates.min_decode_tokens_per_s is not None and (tps is None or tps < gates.min_decode_tokens_per_s):
-                self._device(name, state=FAILED, **values, failure=f"decode {_fmt(tps)} tokens/s < gate "
-                                                                   f"{gates.min_decode_tokens_per_s:g}")
-            elif gates.max_peak_rss_bytes is not None and (rss is None or rss > gates.max_peak_rss_bytes):
-                self._device(name, state=FAILED, **values, failure=f"peak RSS {rss} bytes > gate "
-                                                                   f"{gates.max_peak_rss_bytes}")
+                health = policy.HealthResult(bool(result.get("passed")), result.get("detail", ""),
+                                             bool(result.get("rolled_back")))
+            values: dict = {"health": None if health is None else PASSED if health.passed else FAILED}
+            if health is None or health.passed:
+                pull_device(db, client)
+                values["decode_tokens_per_s"], values["peak_rss_bytes"] = self._figures(db, name)
+            verdict = policy.device_verdict(wave.gates, policy.Figures(health, values.get("decode_tokens_per_s"),
+                                                                       values.get("peak_rss_bytes")))
+            if verdict.passed:
+                self._device(name, policy.GATES_PASSED, **values, detail=verdict.reason)
             else:
-                self._device(name, state=PASSED, **values, detail=f"{_fmt(tps)} tokens/s, peak RSS {rss}")
+                self._device(name, policy.GATE_FAILED, **values, failure=verdict.reason[:500])
         except DeviceError as e:
-            self._device(name, state=FAILED, failure=f"gates: {e}"[:500])
+            self._device(name, policy.ERROR, failure=f"gates: {e}"[:500])
         finally:
             db.close()
             client.close()
@@ -570,7 +391,7 @@ class Controller:
                     status = client.status()
                     active, previous = release_of(status), release_of(status, "previous")
                     if rec["state"] == ROLLING_BACK and active == before:
-                        self._device(name, state=ROLLED_BACK, detail=f"back on {before[1]}")
+                        self._device(name, policy.ROLLBACK_DONE, detail=f"back on {before[1]}")
                         return
                     if active != self._target():
                         return  # never changed (or already moved on): nothing of ours to undo
@@ -578,7 +399,7 @@ class Controller:
                         self.store.set_device(self.id, name, detail=f"cannot roll back: previous is "
                                                                     f"{previous and previous[1]}, not {rec['from_version']}")
                         return
-                    rec = self._device(name, state=ROLLING_BACK)
+                    rec = self._device(name, policy.ROLL_BACK)
                     client.rollback()
                 except DeviceError as e:
                     if not e.unreachable or time.monotonic() >= deadline:
@@ -594,33 +415,32 @@ class Controller:
         map_devices(lambda name: self._update_device(name, waves[name]), names,
                     max(w.max_concurrent for w in self.plan.waves))
 
-    def _halt(self, idx: int, why: str) -> str:
+    def _halt(self, idx: int, why: str, event: str) -> str:
+        """Halt on wave `idx`'s failed gate (`event`: the gate failed now, or `resume` a halt a killed
+        controller began)."""
         wave = self.plan.waves[idx]
-        self.store.set_rollout(self.id, state=HALTING, detail=why[:1000])
+        self.store.move_rollout(self.id, event, detail=why[:1000])
         self.say(f"rollout {self.id}: gate failed in wave {idx + 1} ({wave.name}): {why}")
         devices = self.store.devices(self.id, idx)
         self._finish_in_flight([d["device"] for d in devices if d["state"] in IN_FLIGHT])
-        if wave.on_gate_failure == "rollback":
+        if policy.rolls_back(wave):
             names = [d["device"] for d in self.store.devices(self.id, idx) if d["state"] in CHANGED]
             map_devices(lambda name: self._roll_back(name, wave.device_timeout_s), names, wave.max_concurrent)
-        self.store.set_rollout(self.id, state=HALTED, requested="", detail=why[:1000])
-        self.say(f"rollout {self.id}: halted" + (" and the wave rolled back" if wave.on_gate_failure == "rollback" else ""))
+        self.store.move_rollout(self.id, policy.HALT_DONE, requested="", detail=why[:1000])
+        self.say(f"rollout {self.id}: halted" + (" and the wave rolled back" if policy.rolls_back(wave) else ""))
         return HALTED
 
-    def _abort(self) -> str:
-        self.store.set_rollout(self.id, state=ABORTING, detail="abort requested")
+    def _abort(self, event: str) -> str:
+        """Abort (`event`: asked now, or `resume` an abort a killed controller began)."""
+        self.store.move_rollout(self.id, event, detail="abort requested")
         self.say(f"rollout {self.id}: aborting; rolling back the devices it updated")
         self._finish_in_flight([d["device"] for d in self.store.devices(self.id) if d["state"] in IN_FLIGHT])
         names = [d["device"] for d in self.store.devices(self.id) if d["state"] in CHANGED]
         timeout = max(w.device_timeout_s for w in self.plan.waves)
         map_devices(lambda name: self._roll_back(name, timeout), names, max(w.max_concurrent for w in self.plan.waves))
-        self.store.set_rollout(self.id, state=ABORTED, requested="", detail="aborted")
+        self.store.move_rollout(self.id, policy.ABORT_DONE, requested="", detail="aborted")
         self.say(f"rollout {self.id}: aborted")
         return ABORTED
-
-
-def _fmt(value: float | None) -> str:
-    return "none" if value is None else f"{value:.1f}"
 
 
 # ---- the library API (one call per command) -------------------------------------------------------
@@ -669,7 +489,7 @@ def run_rollout(workspace: Workspace, rollout_id: int, config: RolloutConfig = R
                            "use `stctl rollout status`, `pause` or `abort`")
     store = RolloutStore(workspace.fleet_db)
     try:
-        if store.rollout(rollout_id)["state"] in FINAL:
+        if store.rollout(rollout_id)["state"] in ROLLOUT_FINAL:
             raise RolloutError(f"rollout {rollout_id} is {store.rollout(rollout_id)['state']}; start a new one")
         Controller(workspace, store, rollout_id, config, say).run()
     finally:
@@ -702,7 +522,7 @@ def resume_rollout(workspace: Workspace, rollout_id: int | None = None, config: 
         row = _pick(store, rollout_id)
     finally:
         store.close()
-    if row["state"] in FINAL:
+    if row["state"] in ROLLOUT_FINAL:
         raise RolloutError(f"rollout {row['id']} is {row['state']}; start a new one")
     say(f"rollout {row['id']}: resuming ({row['state']}, wave {row['wave'] + 1})")
     return run_rollout(workspace, row["id"], config, say)
@@ -714,16 +534,16 @@ def pause_rollout(workspace: Workspace, rollout_id: int | None = None) -> dict:
     store = RolloutStore(workspace.fleet_db)
     try:
         row = _pick(store, rollout_id)
-        if row["state"] != RUNNING:
+        if not policy.rollout_allows(row["state"], PAUSE):
             raise RolloutError(f"rollout {row['id']} is {row['state']}; only a running rollout pauses")
         lock = ControllerLock(workspace)
         if lock.acquire():
             try:
-                store.set_rollout(row["id"], state=PAUSED, detail="paused (no controller was running)")
+                store.move_rollout(row["id"], PAUSE, detail="paused (no controller was running)")
             finally:
                 lock.release()
         else:
-            store.set_rollout(row["id"], requested="pause")
+            store.set_rollout(row["id"], requested=PAUSE)
         return {"id": row["id"], **{k: store.rollout(row["id"])[k] for k in ("state", "requested")}}
     finally:
         store.close()
@@ -736,9 +556,9 @@ def abort_rollout(workspace: Workspace, rollout_id: int | None = None, config: R
     store = RolloutStore(workspace.fleet_db)
     try:
         row = _pick(store, rollout_id)
-        if row["state"] in FINAL:
+        if row["state"] in ROLLOUT_FINAL:
             raise RolloutError(f"rollout {row['id']} is {row['state']}; nothing to abort")
-        store.set_rollout(row["id"], requested="abort")
+        store.set_rollout(row["id"], requested=ABORT)
         lock = ControllerLock(workspace)
         if lock.acquire():
             try:

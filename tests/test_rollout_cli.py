@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from stctl.cli import app
 from stctl.enroll import enroll_device
 from stctl.fleetdb import open_fleet_db
-from stctl.rollout import UNREACHABLE_MIGRATION, create_rollout, pause_rollout, rollout_events, rollout_status
+from stctl.rollout import create_rollout, pause_rollout, rollout_events, rollout_status
+from stctl.rollout_store import UNREACHABLE_MIGRATION
 
 pytest_plugins = ["release_fixtures"]
 
