@@ -4,16 +4,15 @@ that fails a gate (an unreachable tokens/s threshold; an unreachable device) hal
 returns to 1.0.0 and no other device changes; devices that do not answer are named unreachable
 (status and live output) with the time left until their timeout fails them, and one that comes
 back in time is cleared and passes; abort mid-wave rolls back; stctl SIGKILLed mid-rollout and
-resumed updates every device exactly once (also when it died between the POST and recording its
-job id). Then the fleet commands on the same agents: device list, health,
-telemetry pull (incremental, idempotent) and show.
+resumed updates every device exactly once (each state it can die in: test_rollout_resume.py).
+Then the fleet commands on the same agents: device list, health, telemetry pull (incremental,
+idempotent) and show.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,27 +21,17 @@ import time
 from pathlib import Path
 
 import pytest
-import sqlite_utils
 from typer.testing import CliRunner
 
 import agent_helpers
-from agent_helpers import Agent, enrolled_agent
-from release_helpers import serve
+from rollout_helpers import DEVICES, V1, V2, WAIT_S, latest_unfinished
 from stctl.cli import app
 from stctl.fleetdb import open_fleet_db
-from stctl.rollout import (
-    RolloutConfig, abort_rollout, create_rollout, rollout_events, rollout_status, run_rollout, start_rollout,
-)
-from stctl.workspace import open_workspace
+from stctl.rollout import RolloutConfig, abort_rollout, rollout_events, rollout_status, start_rollout
 
-pytest_plugins = ["release_fixtures", "agent_fixtures"]
+pytest_plugins = ["release_fixtures", "agent_fixtures", "rollout_fixtures"]
 
 pytestmark = pytest.mark.slow
-
-DEVICES = {"d1": ["ring=canary", "line=4"], "d2": ["ring=main", "line=4"], "d3": ["ring=main", "line=5"]}
-V1 = {"model": "st-demo", "version": "1.0.0"}
-V2 = {"model": "st-demo", "version": "2.0.0"}
-WAIT_S = 240.0
 
 CANARY_PLAN = """
 max_concurrent = 2
@@ -97,68 +86,6 @@ name = "canary"
 tags = { ring = "canary" }
 count = 1
 """
-
-
-class Fleet3:
-    def __init__(self, ws, agents: dict[str, Agent]):
-        self.ws, self.agents = ws, agents
-
-    def set_url(self, name: str, url: str) -> None:
-        db = open_fleet_db(self.ws.fleet_db)
-        db["devices"].update(name, {"url": url})
-        db.close()
-
-    def active(self) -> dict[str, dict]:
-        return {name: a.status()["active"] for name, a in self.agents.items()}
-
-    def jobs_since(self, marks: dict[str, float], version: str = "2.0.0") -> dict[str, set[str]]:
-        """Update jobs to `version` created on each device since its mark (device clock)."""
-        out = {}
-        for name, a in self.agents.items():
-            rows = a.get("/v1/telemetry", params={"table": "updates", "since": marks[name], "limit": 1000}).json()["rows"]
-            out[name] = {r["job_id"] for r in rows if r["to_version"] == version and r["state"] == "idle"}
-        return out
-
-    def plan(self, tmp_path: Path, text: str) -> Path:
-        path = tmp_path / "plan.toml"
-        path.write_text(text)
-        return path
-
-
-@pytest.fixture(scope="module")
-def fleet3(published_template, v1_template, tmp_path_factory):
-    """Workspace with d1 (ring=canary), d2, d3 enrolled; each a real agent with st-demo 1.0.0 active."""
-    root = tmp_path_factory.mktemp("fleet3")
-    shutil.copytree(published_template, root / "ws")
-    ws = open_workspace(root / "ws")
-    agents: dict[str, Agent] = {}
-    with serve(ws.repository) as url:
-        try:
-            for name, tags in DEVICES.items():
-                agents[name] = enrolled_agent(ws, name, tags, url, v1_template, root).start(wait=False)
-            fleet = Fleet3(ws, agents)
-            for name, agent in agents.items():
-                agent.wait_ready()
-                fleet.set_url(name, agent.url("").rstrip("/"))
-            yield fleet
-        finally:
-            for agent in agents.values():
-                if agent.process is not None and agent.process.poll() is None:
-                    agent.kill()
-
-
-@pytest.fixture
-def on_v1(fleet3) -> dict[str, float]:
-    """No rollout unfinished, every device on 1.0.0 (a device on 2.0.0 is rolled back); returns each
-    device's clock (the agents run on this host: its clock)."""
-    if _latest(fleet3.ws) is not None:  # a failed test left one behind
-        abort_rollout(fleet3.ws)
-    for name, agent in fleet3.agents.items():
-        if agent.status()["active"] == V2:
-            assert agent.post("/v1/rollback").status_code == 200
-    assert all(v == V1 for v in fleet3.active().values()), fleet3.active()
-    now = time.time()
-    return {name: now for name in fleet3.agents}
 
 
 def replace_file(path: Path, data: bytes) -> None:
@@ -238,7 +165,7 @@ def test_canary_failing_its_health_check_halts_and_nobody_else_moves(fleet3, on_
     runner = threading.Thread(target=lambda: results.append(start_rollout(fleet3.ws, "st-demo", "2.0.0", plan)))
     runner.start()
     try:
-        rollout_id = wait_for(lambda: (r := _latest(fleet3.ws)) and r["id"], "the rollout to be recorded")
+        rollout_id = wait_for(lambda: (r := latest_unfinished(fleet3.ws)) and r["id"], "the rollout to be recorded")
         wait_for(lambda: device_states(fleet3.ws, rollout_id)["d1"] == "updated", "the canary on 2.0.0")
         shard = fleet3.agents["d1"].data_dir / "releases" / "st-demo" / "2.0.0" / "shards" / "head.safetensors"
         good = shard.read_bytes()
@@ -340,7 +267,7 @@ def test_device_down_then_back_before_its_timeout_is_cleared_and_passes(fleet3, 
         start_rollout(ws, "st-demo", "2.0.0", plan, config=RolloutConfig(poll_s=0.2), say=said.append)))
     runner.start()
     try:
-        rollout_id = wait_for(lambda: (r := _latest(ws)) and r["id"], "the rollout to be recorded")
+        rollout_id = wait_for(lambda: (r := latest_unfinished(ws)) and r["id"], "the rollout to be recorded")
         outage = wait_for(lambda: rollout_status(ws, rollout_id)["devices"][0]["unreachable"], "d1 shown unreachable")
         assert outage["last_error"] == "connection refused" and outage["time_left_s"] > 0
         monkeypatch.setattr(agent_helpers, "free_port", lambda: port)  # back at the address it is enrolled with
@@ -369,7 +296,7 @@ def test_abort_mid_wave_rolls_back(fleet3, on_v1, tmp_path):
     controller = stctl(fleet3.ws, "rollout", "start", "--model", "st-demo", "--version", "2.0.0", "--plan", str(plan))
     try:
         ws = fleet3.ws
-        rollout_id = wait_for(lambda: (r := _latest(ws)) and r["id"], "the rollout to be recorded")
+        rollout_id = wait_for(lambda: (r := latest_unfinished(ws)) and r["id"], "the rollout to be recorded")
         wait_for(lambda: "updated" in device_states(ws, rollout_id).values(), "a first device on 2.0.0")
         result = abort_rollout(ws, rollout_id)  # the controller is alive: asks it, waits until aborted
         assert result["state"] == "aborted", result
@@ -388,7 +315,7 @@ def test_pause_lets_the_update_in_flight_finish_and_resume_completes(fleet3, on_
     controller = stctl(fleet3.ws, "rollout", "start", "--model", "st-demo", "--version", "2.0.0", "--plan", str(plan))
     ws = fleet3.ws
     try:
-        rollout_id = wait_for(lambda: (r := _latest(ws)) and r["id"], "the rollout to be recorded")
+        rollout_id = wait_for(lambda: (r := latest_unfinished(ws)) and r["id"], "the rollout to be recorded")
         wait_for(lambda: device_states(ws, rollout_id)["d1"] != "pending", "d1 started")
         paused = cli(ws, "rollout", "pause", "--json")
         assert paused.exit_code == 0, paused.output
@@ -412,7 +339,7 @@ def test_killed_stctl_resumes_and_updates_every_device_exactly_once(fleet3, on_v
     controller = stctl(fleet3.ws, "rollout", "start", "--model", "st-demo", "--version", "2.0.0", "--plan", str(plan))
     ws = fleet3.ws
     try:
-        rollout_id = wait_for(lambda: (r := _latest(ws)) and r["id"], "the rollout to be recorded")
+        rollout_id = wait_for(lambda: (r := latest_unfinished(ws)) and r["id"], "the rollout to be recorded")
         # kill while the second device's update is in flight (the first is done, the third pending)
         wait_for(lambda: device_states(ws, rollout_id).get("d2") == "updating", "d2 updating")
     finally:
@@ -432,36 +359,9 @@ def test_killed_stctl_resumes_and_updates_every_device_exactly_once(fleet3, on_v
     assert {n: len(j) for n, j in fleet3.jobs_since(on_v1).items()} == {"d1": 1, "d2": 1, "d3": 1}
 
 
-def test_died_between_post_and_record_adopts_the_job(fleet3, on_v1, tmp_path):
-    """The narrowest window: the device received the POST, stctl died before writing the job id."""
-    ws = fleet3.ws
-    plan = fleet3.plan(tmp_path, ONE_WAVE_PLAN.format(soak="0s"))
-    rollout_id = create_rollout(ws, "st-demo", "2.0.0", plan)
-    db = open_fleet_db(ws.fleet_db)
-    db["rollout_devices"].update((rollout_id, "d1"), {"state": "requesting", "mark": on_v1["d1"],
-                                                      "from_model": "st-demo", "from_version": "1.0.0"})
-    db.close()
-    lost = fleet3.agents["d1"].update("2.0.0")  # the POST whose answer never got recorded
-    result = run_rollout(ws, rollout_id)
-    assert result["state"] == "completed", (result["detail"], brief(result))
-    d1 = next(d for d in result["devices"] if d["device"] == "d1")
-    assert d1["job_id"] == lost and d1["requests"] == 0  # adopted, not sent again
-    assert {n: len(j) for n, j in fleet3.jobs_since(on_v1).items()} == {"d1": 1, "d2": 1, "d3": 1}
-
-
 def brief(result: dict) -> list:
     return [(d["device"], d["state"], d["failure"], d["detail"]) for d in result["devices"]]
 
-
-def _latest(ws) -> dict | None:
-    db = sqlite_utils.Database(ws.fleet_db)
-    try:
-        if "rollouts" not in db.table_names():
-            return None
-        rows = list(db.query("SELECT * FROM rollouts ORDER BY id DESC LIMIT 1"))
-        return rows[0] if rows and rows[0]["state"] not in ("completed", "halted", "aborted") else None
-    finally:
-        db.close()
 
 
 # ---- fleet commands on the same agents ------------------------------------------------------------
