@@ -2,8 +2,9 @@
 transitions listed here (each allowed one walks, a sample of others is refused as a bug), a
 device's update job state means one device event, and gate verdicts follow from the plan's
 gates and a device's figures (tokens/s below the threshold, peak RSS above it, a failed health
-check, the failure fraction over its maximum once `min_devices` have finished). The store
-applies the tables to the records: a refused event writes nothing."""
+check, the failure fraction over its maximum once `min_devices` have finished), importing
+nothing that does I/O. The store applies the tables to the records: a refused event writes
+nothing; and the controller names states, never spells them."""
 from __future__ import annotations
 
 import ast
@@ -255,3 +256,11 @@ def test_states_are_compared_and_set_by_name_not_by_literal(module):
         elif isinstance(node, ast.keyword) and node.arg == "state":
             found += [(node.value.lineno, v) for v in _literals(node.value)]
     assert [(line, v) for line, v in found if v in STATE_NAMES] == []
+
+
+def test_the_policy_imports_nothing_that_does_io():
+    tree = ast.parse((ROOT / "stctl" / "rollout_policy.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names} | \
+        {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "collections.abc", "dataclasses", "manifests", "manifests.rollout_plan",
+                        "stctl.errors"}, imported
