@@ -28,11 +28,3 @@ def open_fleet_db(path: str | os.PathLike) -> sqlite_utils.Database:
     db.enable_wal()
     migrate(db, MIGRATIONS, _utc_now, "TEXT")
     return db
-
-
-def register_migration(migration) -> None:
-    """Transitional: the schema is `stctl.schema.MIGRATIONS`; a module may only name a migration
-    that is already there (removed once no module calls it)."""
-    version, name = migration[0], migration[1]
-    if not any(m.version == version and m.name == name for m in MIGRATIONS):
-        raise ValueError(f"fleet.db migration {version} ({name}) is not in stctl.schema.MIGRATIONS")

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from common.locks import FileLock
 from manifests import ManifestError
 from manifests.rollout_plan import RolloutPlan, Wave, parse_plan, select_devices
 from stctl import rollout_policy as policy
@@ -64,7 +65,6 @@ from stctl.rollout_policy import (
 )
 from stctl.rollout_store import NO_OUTAGE, RolloutStore
 from stctl.telemetry_pull import pull_device
-from common.locks import FileLock
 from stctl.workspace import Workspace
 
 # what one step of an update does: finished the device, moved it to its next state, or found it still working
@@ -483,18 +483,16 @@ def create_rollout(workspace: Workspace, model: str, version: str, plan_file: st
 def run_rollout(workspace: Workspace, rollout_id: int, config: RolloutConfig = RolloutConfig(),
                 say: Callable[[str], None] = lambda _m: None) -> dict:
     """Drive the rollout (this process becomes its controller) until it pauses or ends."""
-    lock = ControllerLock(workspace)
-    if not lock.acquire():
-        raise RolloutError("another stctl process is driving a rollout in this workspace; "
-                           "use `stctl rollout status`, `pause` or `abort`")
-    store = RolloutStore(workspace.fleet_db)
-    try:
-        if store.rollout(rollout_id)["state"] in ROLLOUT_FINAL:
-            raise RolloutError(f"rollout {rollout_id} is {store.rollout(rollout_id)['state']}; start a new one")
-        Controller(workspace, store, rollout_id, config, say).run()
-    finally:
-        store.close()
-        lock.release()
+    busy = RolloutError("another stctl process is driving a rollout in this workspace; "
+                        "use `stctl rollout status`, `pause` or `abort`")
+    with ControllerLock(workspace).held(busy):
+        store = RolloutStore(workspace.fleet_db)
+        try:
+            if store.rollout(rollout_id)["state"] in ROLLOUT_FINAL:
+                raise RolloutError(f"rollout {rollout_id} is {store.rollout(rollout_id)['state']}; start a new one")
+            Controller(workspace, store, rollout_id, config, say).run()
+        finally:
+            store.close()
     return rollout_status(workspace, rollout_id)
 
 

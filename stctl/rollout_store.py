@@ -1,6 +1,6 @@
 """The rollout tables of `fleet.db` (`rollouts`, `rollout_waves`, `rollout_devices`,
-`rollout_events`): their schema and `RolloutStore`, the one way the controller and the library
-API read and write them.
+`rollout_events`; their schema is in `stctl.schema`): `RolloutStore`, the one way the controller
+and the library API read and write them.
 
 Rules: every change of a row is one transaction; a change of state is asked for as an event
 (`move_rollout`, `move_wave`, `move_device`), checked against `stctl.rollout_policy`'s tables on
@@ -17,46 +17,17 @@ from pathlib import Path
 
 import sqlite_utils
 
-from stctl.fleetdb import open_fleet_db, register_migration
+from stctl.fleetdb import open_fleet_db
 from stctl.registry import write_transaction
 from stctl.rollout_policy import (
     PENDING, REACHABLE, ROLLOUT_FINAL, UNREACHABLE, RolloutError, TransitionError, next_device_state,
     next_rollout_state, next_wave_state,
 )
+from stctl.schema import OUTAGE_COLUMNS
 
 
-# ---- schema -------------------------------------------------------------------------------------
-def _create_rollouts(db: sqlite_utils.Database) -> None:
-    db["rollouts"].create({"id": int, "model": str, "version": str, "plan": str, "plan_file": str,
-                           "repository_url": str, "allow_downgrade": int, "state": str, "wave": int,
-                           "requested": str, "detail": str, "created_at": str, "updated_at": str}, pk="id")
-    db["rollout_waves"].create({"rollout_id": int, "idx": int, "name": str, "state": str, "soak_until": float,
-                                "detail": str, "updated_at": str}, pk=("rollout_id", "idx"))
-    db["rollout_devices"].create({"rollout_id": int, "device": str, "wave": int, "state": str, "from_model": str,
-                                  "from_version": str, "mark": float, "job_id": str, "requests": int,
-                                  "decode_tokens_per_s": float, "peak_rss_bytes": int, "health": str,
-                                  "failure": str, "detail": str, "updated_at": str}, pk=("rollout_id", "device"))
-    db["rollout_events"].create({"rollout_id": int, "ts": str, "wave": int, "device": str, "state": str,
-                                 "detail": str})
-    db["rollout_events"].create_index(["rollout_id"])
-
-
-ROLLOUT_MIGRATION = (22, "rollouts, rollout_waves, rollout_devices, rollout_events", _create_rollouts)
-register_migration(ROLLOUT_MIGRATION)
-
-# a device's outage (it does not answer): all NULL while it answers
-OUTAGE_COLUMNS = {"unreachable_since": "TEXT", "unreachable_error": "TEXT", "unreachable_attempts": "INTEGER",
-                  "fails_at": "REAL"}
+# a device's outage (it does not answer): all NULL while it answers (the columns: stctl.schema)
 NO_OUTAGE = dict.fromkeys(OUTAGE_COLUMNS)
-
-
-def _add_outage_columns(db: sqlite_utils.Database) -> None:
-    for column, kind in OUTAGE_COLUMNS.items():
-        db.execute(f"ALTER TABLE rollout_devices ADD COLUMN {column} {kind}")
-
-
-UNREACHABLE_MIGRATION = (23, "rollout_devices: unreachable since, last error, attempts, fails_at", _add_outage_columns)
-register_migration(UNREACHABLE_MIGRATION)
 
 
 def _now() -> str:

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from stctl.cli import app
 from stctl.enroll import enroll_device
 from stctl.fleetdb import open_fleet_db
+from stctl.schema import MIGRATIONS
 from stctl.rollout import create_rollout, pause_rollout, rollout_events, rollout_status
-from stctl.rollout_store import UNREACHABLE_MIGRATION
 
 pytest_plugins = ["release_fixtures"]
 
@@ -109,6 +109,9 @@ def test_devices_nothing_answers_are_named_unreachable_and_failed_after_their_ti
         [("pc1", "unreachable"), ("pc2", "unreachable")]
 
 
+UNREACHABLE_VERSION = next(m.version for m in MIGRATIONS if m.name.startswith("rollout_devices: unreachable"))
+
+
 def test_fleet_db_from_before_the_unreachable_record_is_migrated_in_place(fleet_ws, tmp_path):
     plan = tmp_path / "good.toml"
     plan.write_text(GOOD)
@@ -116,7 +119,7 @@ def test_fleet_db_from_before_the_unreachable_record_is_migrated_in_place(fleet_
     db = open_fleet_db(fleet_ws.fleet_db)  # back to the schema before the migration
     for column in ("unreachable_since", "unreachable_error", "unreachable_attempts", "fails_at"):
         db.execute(f"ALTER TABLE rollout_devices DROP COLUMN {column}")
-    db.execute("DELETE FROM _migrations WHERE version = ?", [UNREACHABLE_MIGRATION[0]])
+    db.execute("DELETE FROM _migrations WHERE version = ?", [UNREACHABLE_VERSION])
     db.conn.commit()
     db.close()
     status = rollout_status(fleet_ws, rollout_id)
@@ -125,6 +128,6 @@ def test_fleet_db_from_before_the_unreachable_record_is_migrated_in_place(fleet_
     db = open_fleet_db(fleet_ws.fleet_db)
     try:
         assert {"unreachable_since", "fails_at"} <= set(db["rollout_devices"].columns_dict)
-        assert db.execute("SELECT 1 FROM _migrations WHERE version = ?", [UNREACHABLE_MIGRATION[0]]).fetchone()
+        assert db.execute("SELECT 1 FROM _migrations WHERE version = ?", [UNREACHABLE_VERSION]).fetchone()
     finally:
         db.close()
