@@ -45,7 +45,7 @@ def test_migrations_apply_once(tmp_path):
     for _ in range(2):
         Telemetry(tmp_path / "t.db", 10).close()
     with sqlite3.connect(tmp_path / "t.db") as db:
-        assert [row[0] for row in db.execute("SELECT version FROM _migrations")] == [m[0] for m in MIGRATIONS]
+        assert [row[0] for row in db.execute("SELECT version FROM _migrations")] == [m.version for m in MIGRATIONS]
 
 
 def test_retention_keeps_the_newest_rows_and_queries_page(tmp_path):
