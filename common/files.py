@@ -5,7 +5,10 @@ Rule: temp file in the same folder, fsync, `replace`, fsync the folder (where th
 opening a folder; Windows does not, and its `MoveFileEx` replace is already atomic). Readers
 never see a torn file: they see the old content or the new. `replace` is `os.replace`, retried
 briefly on Windows, where a reader holding the target open makes it fail for a moment.
-`writing(path)` is the same rule for a file written in pieces (a bundle, a GGUF file).
+`writing(path)` is the same rule for a file written in pieces (a bundle, a packed cache file);
+`put_in_place(tmp, path)` for a file another program wrote at a temporary path (a compiler's
+output, a GGUF writer's). `durable=False` skips the fsyncs, for caches whose files are
+verified when read (a torn one is rebuilt, never used).
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ def replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 @contextmanager
-def writing(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+def writing(path: Path, mode: int = 0o644, durable: bool = True) -> Iterator[BinaryIO]:
     """A binary file to write `path`'s new content into; on a clean exit it is synced and put in
     place, on an exception it is removed and `path` keeps its old content (or stays absent)."""
     path = Path(path)
@@ -56,12 +59,27 @@ def writing(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
             os.chmod(tmp, mode)
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def put_in_place(tmp: Path, path: Path, durable: bool = True) -> None:
+    """Move the finished file `tmp` (in `path`'s folder) to `path`, synced first."""
+    if durable:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    replace(tmp, path)
+    if durable:
+        fsync_dir(Path(path).parent)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:

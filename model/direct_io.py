@@ -2,7 +2,8 @@
 
 Rules:
 - A file is read with one `preadv` into a buffer the caller allocated once (`aligned_bytes`):
-  nothing is allocated per read.
+  nothing is allocated per read (where the OS lacks `preadv`, Windows, a loop of reads into the
+  same buffer: `read_into`).
 - O_DIRECT is used while the file system accepts it: dropped for good, per reader, when an
   open or a read is refused with EINVAL (tmpfs refuses it at open, some file systems only at
   read). Without it the read is buffered and the bytes are the same.
@@ -34,6 +35,22 @@ def aligned_bytes(n: int) -> torch.Tensor:
     return raw[shift:shift + n]
 
 
+def read_into(fd: int, buffer: memoryview) -> int:
+    """Read from offset 0 of `fd` into `buffer`: one `preadv` where the OS has it; elsewhere
+    (Windows) seek and read until the buffer is full or the file ends."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buffer], 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    done = 0
+    with open(fd, "rb", buffering=0, closefd=False) as f:
+        while done < len(buffer):
+            n = f.readinto(buffer[done:])
+            if not n:
+                break
+            done += n
+    return done
+
+
 class WholeFileReader:
     """Reads whole files of known size into aligned buffers (one reader per file system)."""
 
@@ -61,7 +78,7 @@ class WholeFileReader:
             if actual != size:
                 return actual
             try:  # O_DIRECT: whole blocks, reading past the end is fine
-                return os.preadv(fd, [memoryview(image[:align_up(size) if direct else size].numpy())], 0)
+                return read_into(fd, memoryview(image[:align_up(size) if direct else size].numpy()))
             except OSError as e:
                 if not (direct and e.errno == errno.EINVAL):
                     raise

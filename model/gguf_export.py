@@ -30,6 +30,7 @@ import torch
 from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 from gguf.constants import GGML_QUANT_VERSION
 
+from common.files import put_in_place
 from manifests import ManifestError, ModelManifest
 from model.config import ModelConfig
 from model.errors import ConfigError, PackageError
@@ -94,7 +95,7 @@ def export_gguf(package_dir: str | os.PathLike, out_path: str | os.PathLike,
         os.chmod(tmp, 0o644)  # mkstemp made it private; a model file is for other users' runtimes too
         if out.exists():
             raise PackageError(f"{out}: appeared while exporting; refusing to overwrite")
-        os.replace(tmp, out)
+        put_in_place(tmp, out)
     except OSError as e:
         raise PackageError(f"{out}: writing failed ({e.strerror or e})") from None
     finally:

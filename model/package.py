@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.files import atomic_write, fsync_dir
 from manifests import ManifestError, ModelManifest, ShardEntry
 from model.errors import IntegrityError, PackageError
 
@@ -364,7 +365,7 @@ class PackageWriter:
 
         data = save_safetensors_bytes({k: v.contiguous() for k, v in tensors.items()})
         file = shard_file(name)
-        (self.tmp / file).write_bytes(data)
+        atomic_write(self.tmp / file, data)
         entry = ShardEntry(name=name, file=file, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
                            kind=kind, layer=layer, expert=expert)
         self.shards.append(entry)
@@ -372,18 +373,21 @@ class PackageWriter:
 
     def add_file(self, src: Path, name: str) -> tuple[str, int]:
         dst = self.tmp / name
-        shutil.copyfile(src, dst)
+        atomic_write(dst, Path(src).read_bytes())  # tokenizer and config files: small
         return sha256_file(dst), dst.stat().st_size
 
     def write_manifest(self, manifest: ModelManifest) -> None:
-        tmp = self.tmp / (MANIFEST_FILE + ".tmp")
-        tmp.write_bytes(manifest.to_bytes())
-        os.replace(tmp, self.tmp / MANIFEST_FILE)
+        atomic_write(self.tmp / MANIFEST_FILE, manifest.to_bytes())
 
     def commit(self) -> Path:
+        """The package appears whole: every file was synced as it was written, the folder's
+        entries are synced, then the folder is renamed into place."""
         if self.out.exists():
             raise PackageError(f"{self.out}: appeared while building; refusing to overwrite")
+        for folder in (self.tmp / SHARDS_DIR, self.tmp):
+            fsync_dir(folder)
         os.rename(self.tmp, self.out)
+        fsync_dir(self.out.parent)
         return self.out
 
     def abort(self) -> None:

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from common.files import writing
 from model.direct_io import WholeFileReader, align_up
 
 MAGIC = b"STPACK1\n"
@@ -155,26 +155,15 @@ class PackedExpertCache:
             self.packs += 1
         if not self.writable:
             return
-        tmp = None
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
+            with writing(self.path(source_sha256), durable=False) as f:  # verified when read: never fsynced
                 f.write(memoryview(image[:layout.file_bytes].numpy()))
-            os.replace(tmp, self.path(source_sha256))
-            tmp = None
             with self._lock:
                 self.verified.add(source_sha256)
         except OSError:
             with self._lock:
                 self.write_errors += 1
             self.writable = False
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
 
 
 

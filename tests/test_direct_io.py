@@ -86,3 +86,15 @@ def test_a_file_system_refusing_o_direct_at_open_falls_back_to_buffered_reads(tm
     assert reader.read(path, len(data), image) == len(data)
     assert reader.direct is False
     assert bytes(image[:len(data)].numpy()) == data
+
+
+def test_the_fallback_without_preadv_reads_the_same_bytes(tmp_path, monkeypatch):
+    """Windows has no os.preadv: the seek-and-read loop fills the buffer with the same bytes."""
+    import model.direct_io as direct_io
+
+    data = bytes(range(256)) * 40 + b"tail"
+    (tmp_path / "f").write_bytes(data)
+    monkeypatch.delattr(direct_io.os, "preadv")
+    image = direct_io.aligned_bytes(direct_io.align_up(len(data)))
+    assert direct_io.WholeFileReader().read(tmp_path / "f", len(data), image) == len(data)
+    assert bytes(image[:len(data)].numpy()) == data

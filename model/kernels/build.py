@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from common.files import put_in_place
 from model.errors import KernelError
 from model.kernels.bindings import bind
 from model.kernels.isa import chosen_isa, cpu_features, known_isas
@@ -72,7 +73,7 @@ def _compile(cc: str, out: Path, cflags: tuple[str, ...]) -> None:
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no compiler output"])[-1]
             raise KernelError(f"compiling the native kernels failed: {last}")
-        os.replace(tmp, out)
+        put_in_place(Path(tmp), out, durable=False)  # a cache: rebuilt if a crash leaves it torn (ABI check)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
