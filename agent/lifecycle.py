@@ -22,13 +22,10 @@ from pathlib import Path
 
 from agent.errors import AgentError
 from common.files import atomic_write_json, read_json
-
-IDLE, FETCHING, VERIFYING, STAGED = "idle", "fetching", "verifying", "staged"
-HEALTH_CHECKING, ACTIVATING, ACTIVE = "health-checking", "activating", "active"
-FAILED, ROLLED_BACK = "failed", "rolled_back"
-STATES = (IDLE, FETCHING, VERIFYING, STAGED, HEALTH_CHECKING, ACTIVATING, ACTIVE, FAILED, ROLLED_BACK)
-FINAL = frozenset({ACTIVE, FAILED, ROLLED_BACK})
-UNFINISHED = tuple(s for s in STATES if s not in FINAL)
+from manifests.job_states import (  # the state names are the API's: one list, shared with stctl
+    ACTIVATING, ACTIVE, FAILED, FETCHING, FINAL, HEALTH_CHECKING, IDLE, ROLLED_BACK, STAGED, STATES, UNFINISHED,
+    VERIFYING,
+)
 
 TRANSITIONS: dict[tuple[str, str], str] = {
     (IDLE, "start"): FETCHING,
@@ -43,6 +40,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (ACTIVE, "rolled_back"): ROLLED_BACK,
     **{(state, "error"): FAILED for state in UNFINISHED},
 }
+assert {s for pair in TRANSITIONS for s in (pair[0], TRANSITIONS[pair])} <= set(STATES), "a state outside the API's list"
 # the event that ends a job stuck in a state (entered too often)
 LOOP_EXIT = {state: ("gave_up" if state == ACTIVATING else "error") for state in UNFINISHED}
 
