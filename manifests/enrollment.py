@@ -24,7 +24,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from cryptography import x509
 
-from manifests.errors import ManifestError
+from manifests.errors import ManifestError, json_document
 from manifests.names import LABEL_RULE, check_name, is_label
 
 ENROLLMENT_FORMAT = "smallthinker-fleet/enrollment@1"
@@ -132,11 +132,7 @@ class Enrollment:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Enrollment:
-        try:
-            d = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ManifestError(f"enrollment: not valid JSON ({e})") from None
-        return cls.from_dict(d)
+        return cls.from_dict(json_document(data, "enrollment"))
 
     def to_bytes(self) -> bytes:
         d = {"format": ENROLLMENT_FORMAT, **{k: v for k, v in self.__dict__.items() if v is not None}}

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from manifests.errors import ManifestError
+from manifests.errors import ManifestError, json_document
 from manifests.names import check_name
 
 MANIFEST_FORMAT = "smallthinker-fleet/model@1"
@@ -323,11 +323,7 @@ class ModelManifest:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ModelManifest:
-        try:
-            d = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ManifestError(f"manifest: not valid JSON ({e})") from None
-        return cls.from_dict(d)
+        return cls.from_dict(json_document(data, "manifest"))
 
     def to_dict(self) -> dict:
         d = {
