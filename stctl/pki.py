@@ -8,7 +8,9 @@ Role marker (the device API authorises by it): every leaf certificate carries ex
 SAN URI `urn:st:role:<role>` (the constants and `certificate_role` live in `manifests.enrollment`, which the agent shares) and the same role as its subject OU:
 - `urn:st:role:operator` (OU=operator): the operator's client certificate, EKU clientAuth;
 - `urn:st:role:device` (OU=device): a device's server certificate, EKU serverAuth and
-  clientAuth, with the device's DNS names and IP addresses as SANs so HTTPS to them verifies.
+  clientAuth, with the device's DNS names and IP addresses as SANs so HTTPS to them verifies;
+- `urn:st:role:server` (OU=server): the fleet server's certificate (`stctl server serve`, devices
+  call home to it), EKU serverAuth only, with the server's host names and IPs as SANs.
 A device accepts management requests only from a client certificate of the fleet CA whose SAN
 URI is `urn:st:role:operator`.
 
@@ -38,6 +40,8 @@ from stctl.workspace import ENV_PASSPHRASE, Workspace
 
 CA_VALIDITY = timedelta(days=3650)
 DEVICE_VALIDITY = timedelta(days=825)
+SERVER_VALIDITY = timedelta(days=825)
+ROLE_SERVER = "server"  # only stctl issues it; the agent will check it through manifests.enrollment
 OPERATOR_VALIDITY = timedelta(days=90)
 MAX_OPERATOR_DAYS = 825  # `renew-operator --days` at most this
 
@@ -96,7 +100,8 @@ def _issue(ca_key, ca_cert: x509.Certificate, name: str, role: str, hosts: list[
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             sans.append(x509.DNSName(host))
-    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if role == ROLE_DEVICE else [])
+    usages = {ROLE_DEVICE: [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH],
+              ROLE_SERVER: [ExtendedKeyUsageOID.SERVER_AUTH]}.get(role, [ExtendedKeyUsageOID.CLIENT_AUTH])
     cert = (_builder(_name(name, role), ca_cert.subject, key.public_key(), validity)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_agreement=True, content_commitment=False,
@@ -143,3 +148,11 @@ def issue_operator_cert(workspace: Workspace, validity: timedelta = OPERATOR_VAL
     """(key PEM, certificate PEM) of a new operator certificate (written by the caller)."""
     ca_key, ca_cert = load_ca(workspace)
     return _issue(ca_key, ca_cert, "operator", ROLE_OPERATOR, [], validity)
+
+
+def issue_server_cert(workspace: Workspace, hosts: list[str]) -> tuple[bytes, bytes]:
+    """(key PEM, certificate PEM) of the fleet server, valid for TLS to each of `hosts` (DNS names or IPs)."""
+    if not hosts:
+        raise WorkspaceError("a server certificate needs at least one host name or IP address")
+    ca_key, ca_cert = load_ca(workspace)
+    return _issue(ca_key, ca_cert, "fleet-server", ROLE_SERVER, hosts, SERVER_VALIDITY)

@@ -77,6 +77,25 @@ def _create_app_keys(db: sqlite_utils.Database) -> None:
     db["app_keys"].create_index(["device", "name"])
 
 
+def _create_call_home(db: sqlite_utils.Database) -> None:
+    db["call_home"].create({"device": str, "cert_sha256": str, "seq": int, "polled_at": str}, pk="device")
+    db["device_jobs"].create({"device": str, "id": str, "state": str, "model": str, "version": str,
+                              "assignment_id": str, "bytes_downloaded": int, "bytes_total": int, "detail": str,
+                              "reported_at": str}, pk="device")
+
+
+def _create_call_home_refusals(db: sqlite_utils.Database) -> None:
+    db["call_home_refusals"].create({"id": int, "at": str, "peer": str, "device": str, "status": int,
+                                     "reason": str}, pk="id")
+
+
+def _create_assignments(db: sqlite_utils.Database) -> None:
+    db["assignments"].create({"device": str, "id": str, "action": str, "model": str, "version": str,
+                              "repository_url": str, "allow_downgrade": int, "window_start_minute": int,
+                              "window_end_minute": int, "window_tz": str, "download_now": int,
+                              "max_bytes_per_s": int, "assigned_at": str}, pk="device")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "releases: one row per published model version", _create_releases),
     Migration(2, "devices: one row per enrolled device", _create_devices),
@@ -90,4 +109,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(25, "app_keys: application keys put on devices (name, digest prefix, created, revoked; "
                   "never the key)", _create_app_keys),
     Migration(26, "requests: the devices' completions by application key and outcome", _create_telemetry("requests")),
+    Migration(27, "call_home, device_jobs: each calling-home device's last accepted report (certificate, seq) "
+                  "and the update job it reported", _create_call_home),
+    Migration(28, "call_home_refusals: reports the fleet server refused (who, why, when)", _create_call_home_refusals),
+    Migration(29, "assignments: the release each device should run, with window, download-now and bandwidth cap",
+              _create_assignments),
 )

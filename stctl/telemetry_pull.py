@@ -4,7 +4,8 @@ Rules: `fleet.db` holds the three DESIGN.md tables (`generations`, `updates`, `h
 with the same columns plus `device` and `row_key` (sha256 of the device and the row); a pull asks
 each device only for rows newer than the newest it already holds (minus a millisecond, so rows
 sharing a timestamp across a page boundary are not lost) and inserts with the key as primary key,
-so pulling twice, or a pull interrupted at any row, never duplicates nor loses a row. Pages and
+so pulling twice, or a pull interrupted at any row, never duplicates nor loses a row (rows a
+device reports when it calls home go through the same `insert_rows`). Pages and
 devices are bounded (`PullConfig`). The summary is per device and version: median decode
 tokens/s, p95 peak RSS, completions, failures (failed update jobs + failed health checks).
 """
@@ -42,13 +43,20 @@ def newest_ts(db: sqlite_utils.Database, table: str, device: str) -> float | Non
     return db.execute(f"SELECT MAX(ts) FROM [{table}] WHERE device = ?", [device]).fetchone()[0]
 
 
-def store_rows(db: sqlite_utils.Database, table: str, device: str, rows: list[dict]) -> int:
-    """Insert the device's rows (restricted to the table's columns); returns how many were new."""
+def insert_rows(db: sqlite_utils.Database, table: str, device: str, rows: list[dict]) -> int:
+    """Insert the device's rows (restricted to the table's columns) in the caller's transaction;
+    returns how many were new. The one way a telemetry row enters fleet.db: pulled here, or
+    reported by a device that calls home (`stctl.call_home_store`), a row has the same key."""
     clean = [{"row_key": row_key(device, r), "device": device, **r} for r in (telemetry_row(table, x) for x in rows)]
+    before = db.conn.total_changes
+    db[table].insert_all(clean, ignore=True)
+    return db.conn.total_changes - before
+
+
+def store_rows(db: sqlite_utils.Database, table: str, device: str, rows: list[dict]) -> int:
+    """`insert_rows` in a transaction of its own."""
     with write_transaction(db):
-        before = db.conn.total_changes
-        db[table].insert_all(clean, ignore=True)
-        return db.conn.total_changes - before
+        return insert_rows(db, table, device, rows)
 
 
 def pull_device(db: sqlite_utils.Database, client: DeviceClient, config: PullConfig = PullConfig(),
