@@ -46,6 +46,10 @@ from stctl.cli_pki import pki_app  # noqa: E402
 
 app.add_typer(pki_app, name="pki")
 
+from stctl.cli_server import server_app  # noqa: E402
+
+app.add_typer(server_app, name="server")
+
 # Fleet commands: `device list`, `rollout ...`, `health`, `telemetry ...` (stctl/cli_fleet.py).
 from stctl import cli_fleet  # noqa: E402
 

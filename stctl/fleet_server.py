@@ -27,6 +27,7 @@ Rules:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 import socket
 import ssl
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not MIN_POLL_S <= self.poll_after_s <= MAX_POLL_S:
             raise ServerError(f"poll interval {self.poll_after_s:g} s: expected {MIN_POLL_S:g} .. {MAX_POLL_S:g}")
+        if not 0 <= self.shutdown_grace_s <= 3600:
+            raise ServerError(f"shutdown grace {self.shutdown_grace_s:g} s: expected 0 .. 3600")
 
 
 @dataclass(frozen=True)
@@ -298,7 +301,7 @@ def build_server(workspace: Workspace, host: str, names: list[str] = (),
     return uvicorn.Server(uvicorn.Config(
         create_app(workspace, config), http=PeerCertProtocol, ws="none", lifespan="off", log_level="warning",
         access_log=False, ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=str(workspace.pki_dir / "ca.crt"),
-        ssl_cert_reqs=ssl.CERT_OPTIONAL, timeout_graceful_shutdown=int(config.shutdown_grace_s)))
+        ssl_cert_reqs=ssl.CERT_OPTIONAL, timeout_graceful_shutdown=config.shutdown_grace_s))
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -316,12 +319,14 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(workspace: Workspace, listen: str, names: list[str] = (), config: ServerConfig = ServerConfig()) -> None:
-    """Run the fleet server until SIGTERM/SIGINT."""
+def serve(workspace: Workspace, listen: str, names: list[str] = (), config: ServerConfig = ServerConfig(),
+          announce: Callable[[str], None] = lambda url: None) -> None:
+    """Run the fleet server until SIGTERM/SIGINT; `announce(url)` once it listens."""
     host, port = parse_listen(listen)
     server = build_server(workspace, host, names, config)
     sock = bind(host, port)
     try:
+        announce(f"https://{listen}")
         server.run(sockets=[sock])
     finally:
         sock.close()
