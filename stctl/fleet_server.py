@@ -27,9 +27,9 @@ Rules:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
