@@ -41,7 +41,8 @@ from agent.config import DeviceConfig
 from agent.errors import (
     AgentError, BadRequestError, InstallError, QueueFullError, UnauthorizedError, UpdateError, UpdateRefusedError,
 )
-from agent.http_common import STRICT, ApiError, error
+from agent.request_bodies import STRICT
+from common.http import ApiError, error, peer_chain
 from agent.lifecycle import JobStore
 from agent.openai_api import router as openai_router
 from agent.serving import NoModelError, Serving
@@ -169,8 +170,7 @@ class BodyLimit:
 
 def require_operator(request: Request) -> None:
     """Management endpoints: a verified client certificate with the operator role."""
-    tls = request.scope.get("extensions", {}).get("tls", {})
-    chain = tls.get("client_cert_chain") or []
+    chain = peer_chain(request.scope)
     if not chain:
         raise ApiError(401, "this endpoint needs a client certificate of the fleet CA (operator role)", "unauthorized")
     if certificate_role(chain[0].encode()) != ROLE_OPERATOR:
@@ -270,7 +270,7 @@ def create_app(config: DeviceConfig, on_fatal: Callable[[], None] | None = None)
 
     @app.exception_handler(ApiError)
     async def _plain_error(request: Request, e: ApiError):
-        return error(e.status, str(e), e.kind)
+        return error(e.status, str(e), e.kind, e.param)
 
     @app.exception_handler(AgentError)
     @app.exception_handler(InputError)

@@ -31,7 +31,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent.http_common import STRICT, ApiError, TokenId, envelope, error, valid_unicode
+from agent.request_bodies import STRICT, TokenId, valid_unicode
+from common.http import ApiError, envelope, error
 from agent.serving import Completion, CompletionRequest, Serving
 from model.chat import ROLES, message_text
 from model.errors import InputError

@@ -40,6 +40,7 @@ from agent.config import DeviceConfig, Limits, parse_listen
 from agent.connections import IdleConnections
 from agent.errors import AgentError
 from agent.revocation import CrlRefresher, RevocationError, crl_file, load_ca, read_crl_file
+from common.http import with_peer_certificate
 from manifests.crl import enforce_crl
 
 log = logging.getLogger("st-agent.server")
@@ -91,18 +92,6 @@ def tls_context(config: DeviceConfig) -> RevokingContext:
     return ctx
 
 
-class _WithPeerCert:
-    """ASGI wrapper adding the connection's verified client certificate as the TLS extension."""
-
-    def __init__(self, app, chain: list[str]):
-        self.app, self.chain = app, chain
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            scope = {**scope, "extensions": {**scope.get("extensions", {}), "tls": {"client_cert_chain": self.chain}}}
-        return await self.app(scope, receive, send)
-
-
 class DeviceProtocol(H11Protocol):
     """h11 connections whose app sees the peer certificate (the handshake is done when this runs)
     and whose idle time is bounded by `IdleConnections`."""
@@ -113,9 +102,7 @@ class DeviceProtocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
-        ssl_object = transport.get_extra_info("ssl_object")
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        self.app = _WithPeerCert(self.app, [ssl.DER_cert_to_PEM_cert(der)] if der else [])
+        self.app = with_peer_certificate(self.app, transport.get_extra_info("ssl_object"))
         self._track()
 
     def data_received(self, data: bytes) -> None:

@@ -38,11 +38,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from common.http import ApiError, AsciiJSONResponse, error, peer_chain, with_peer_certificate
 from manifests import ManifestError
 from manifests.call_home import MAX_POLL_S, MAX_REPORT_BYTES, MIN_POLL_S, PollReport
 from manifests.enrollment import ROLE_DEVICE, ROLE_OPERATOR, certificate_role
@@ -82,25 +82,8 @@ class Peer:
     serial: str  # hex, as fleet.db `certificates` keeps it
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.param = status, kind, param
-
-
-class Answer(JSONResponse):
-    """Every answer of this app: ASCII JSON, so text from a request (a lone surrogate) always serialises."""
-
-    def render(self, content) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
-def error(status: int, message: str, kind: str, param: str | None = None) -> Answer:
-    return Answer({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
-
-
 def peer_of(request: Request) -> Peer | None:
-    chain = request.scope.get("extensions", {}).get("tls", {}).get("client_cert_chain") or []
+    chain = peer_chain(request.scope)
     if not chain:
         return None
     cert = x509.load_pem_x509_certificate(chain[0].encode())
@@ -135,7 +118,7 @@ def parse_json(body: bytes):
 def create_app(workspace: Workspace, config: ServerConfig = ServerConfig()) -> FastAPI:
     """The fleet server's app on `workspace`'s fleet.db (see the module's rules)."""
     app = FastAPI(title="SmallThinker fleet server", docs_url=None, redoc_url=None, openapi_url=None,
-                  default_response_class=Answer)
+                  default_response_class=AsciiJSONResponse)
 
     def db():
         return open_fleet_db(workspace.fleet_db)
@@ -211,7 +194,7 @@ def create_app(workspace: Workspace, config: ServerConfig = ServerConfig()) -> F
             except ManifestError as e:
                 head = str(e).split(":", 1)[0]
                 raise ApiError(400, str(e), "invalid_request", head.removeprefix("report.")) from None
-            return Answer(await run_in_threadpool(accept, peer, report))
+            return AsciiJSONResponse(await run_in_threadpool(accept, peer, report))
         except ApiError as e:
             await run_in_threadpool(refuse, peer, report.device if report else None, e)
             raise
@@ -227,7 +210,7 @@ def create_app(workspace: Workspace, config: ServerConfig = ServerConfig()) -> F
             finally:
                 conn.close()
 
-        return Answer({"assignments": await run_in_threadpool(read)})
+        return AsciiJSONResponse({"assignments": await run_in_threadpool(read)})
 
     @app.put("/v1/assignments/{device}")
     async def put(device: str, request: Request):
@@ -241,7 +224,7 @@ def create_app(workspace: Workspace, config: ServerConfig = ServerConfig()) -> F
             finally:
                 conn.close()
 
-        return Answer(await run_in_threadpool(write))
+        return AsciiJSONResponse(await run_in_threadpool(write))
 
     @app.delete("/v1/assignments/{device}")
     async def delete(device: str, request: Request):
@@ -254,7 +237,7 @@ def create_app(workspace: Workspace, config: ServerConfig = ServerConfig()) -> F
             finally:
                 conn.close()
 
-        return Answer(await run_in_threadpool(remove))
+        return AsciiJSONResponse(await run_in_threadpool(remove))
 
     return app
 
@@ -265,17 +248,7 @@ class PeerCertProtocol(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        tls = transport.get_extra_info("ssl_object")
-        der = tls.getpeercert(binary_form=True) if tls is not None else None
-        chain = [ssl.DER_cert_to_PEM_cert(der)] if der else []
-        inner = self.app
-
-        async def with_cert(scope, receive, send):
-            if scope["type"] == "http":
-                scope["extensions"] = {**scope.get("extensions", {}), "tls": {"client_cert_chain": chain}}
-            await inner(scope, receive, send)
-
-        self.app = with_cert
+        self.app = with_peer_certificate(self.app, transport.get_extra_info("ssl_object"))
 
 
 def parse_listen(text: str) -> tuple[str, int]:
