@@ -65,6 +65,15 @@ def parse_device_url(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port
 
 
+def check_server_url(url: str) -> str:
+    """`url` if it is the fleet server's `https://HOST[:PORT]` (the device calls home there), else ManifestError."""
+    parts = _split_url(url)
+    if not parts or parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/") or parts.query \
+            or parts.fragment:
+        raise ManifestError(f"server url {url!r}: expected https://HOST[:PORT], e.g. https://fleet.plant.lan:8444")
+    return url.rstrip("/")
+
+
 def check_repository_url(url: str) -> str:
     """`url` if it is an http(s) URL of a repository folder (no query, no fragment), else ManifestError."""
     if not url:
@@ -104,6 +113,7 @@ class Enrollment:
     trusted_root: str  # root.json text, byte for byte as the repository signed it
     tags: dict[str, str] = field(default_factory=dict)
     crl_pem: str | None = None  # the fleet CA's CRL at enrollment (None: nothing revoked yet)
+    server_url: str | None = None  # the fleet server the device calls home to (None: push only)
 
     @classmethod
     def from_dict(cls, d) -> Enrollment:
@@ -128,6 +138,7 @@ class Enrollment:
             trusted_root=_check_root(d.get("trusted_root")),
             tags=dict(tags),
             crl_pem=None if d.get("crl_pem") is None else _check_pem(d["crl_pem"], "X509 CRL", "crl_pem"),
+            server_url=None if d.get("server_url") is None else check_server_url(d["server_url"]),
         )
 
     @classmethod

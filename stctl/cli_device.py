@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stctl.cli_common import console, err_console, escape, handles_errors, print_json, workspace_option
-from stctl.enroll import ENV_REPOSITORY_URL
+from stctl.enroll import ENV_REPOSITORY_URL, ENV_SERVER_URL
 from stctl.workspace import open_workspace
 
 device_app = typer.Typer(help="Enroll devices and list the fleet's devices.\n\n"
@@ -36,6 +36,9 @@ def enroll(
     tag: list[str] = typer.Option([], "--tag", help="KEY=VALUE label, repeatable (e.g. line=4)."),
     repository_url: Optional[str] = typer.Option(None, "--repository-url", envvar=ENV_REPOSITORY_URL,
                                                  help="Where devices fetch releases (the served repository folder)."),
+    server_url: Optional[str] = typer.Option(None, "--server-url", envvar=ENV_SERVER_URL,
+                                             help="The fleet server the device calls home to (https://HOST:PORT; "
+                                                  "`stctl server serve`); omitted: push only."),
     workspace: Optional[Path] = workspace_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -45,7 +48,7 @@ def enroll(
     """
     from stctl.enroll import enroll_device
 
-    result = enroll_device(open_workspace(workspace), name, url, out, repository_url, tag)
+    result = enroll_device(open_workspace(workspace), name, url, out, repository_url, tag, server_url)
     if as_json:
         print_json(result)
     else:

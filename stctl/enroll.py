@@ -23,7 +23,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from manifests import ManifestError
-from manifests.enrollment import ROLE_DEVICE, Enrollment, check_repository_url, parse_device_url, parse_tag
+from manifests.enrollment import (
+    ROLE_DEVICE, Enrollment, check_repository_url, check_server_url, parse_device_url, parse_tag,
+)
 from manifests.model_manifest import check_name
 from stctl.errors import StctlError, WorkspaceError
 from stctl.fleetdb import open_fleet_db
@@ -34,6 +36,7 @@ from common.files import atomic_write
 from stctl.workspace import Workspace
 
 ENV_REPOSITORY_URL = "STCTL_REPOSITORY_URL"
+ENV_SERVER_URL = "STCTL_SERVER_URL"
 
 
 class EnrollmentError(StctlError):
@@ -43,14 +46,17 @@ class EnrollmentError(StctlError):
 
 
 def enroll_device(workspace: Workspace, name: str, url: str, out: str | os.PathLike,
-                  repository_url: str | None, tags: list[str] = ()) -> dict:
-    """Write the enrollment file of device `name` serving at `url` and register the device."""
+                  repository_url: str | None, tags: list[str] = (), server_url: str | None = None) -> dict:
+    """Write the enrollment file of device `name` serving at `url` and register the device;
+    `server_url`: the fleet server it calls home to (`$STCTL_SERVER_URL`; none: push only)."""
     out = Path(out)
     try:
         check_name(name, "device name")
         host, _ = parse_device_url(url)
         tag_map = dict(parse_tag(t) for t in tags)
         repository_url = check_repository_url(repository_url or os.environ.get(ENV_REPOSITORY_URL) or "")
+        server_url = server_url or os.environ.get(ENV_SERVER_URL) or None
+        server_url = None if server_url is None else check_server_url(server_url)
     except ManifestError as e:
         raise EnrollmentError(str(e)) from None
     if out.exists():
@@ -66,7 +72,8 @@ def enroll_device(workspace: Workspace, name: str, url: str, out: str | os.PathL
         enrollment = Enrollment(name=name, url=url, repository_url=repository_url,
                                 ca_cert_pem=(workspace.pki_dir / "ca.crt").read_text(),
                                 device_cert_pem=cert_pem.decode(), device_key_pem=key_pem.decode(),
-                                trusted_root=root, tags=tag_map, crl_pem=crl.pem.decode() if crl else None)
+                                trusted_root=root, tags=tag_map, crl_pem=crl.pem.decode() if crl else None,
+                                server_url=server_url)
         cert = x509.load_pem_x509_certificate(cert_pem)
         row = {"name": name, "url": url, "tags": json.dumps(tag_map, sort_keys=True),
                "cert_sha256": hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest(),
@@ -78,8 +85,8 @@ def enroll_device(workspace: Workspace, name: str, url: str, out: str | os.PathL
             atomic_write(out, enrollment.to_bytes(), mode=0o600)  # the commit point is this write
     finally:
         db.close()
-    return {"device": name, "url": url, "tags": tag_map, "repository_url": repository_url, "enrollment": str(out),
-            "cert_not_after": row["cert_not_after"]}
+    return {"device": name, "url": url, "tags": tag_map, "repository_url": repository_url, "server_url": server_url,
+            "enrollment": str(out), "cert_not_after": row["cert_not_after"]}
 
 
 def list_devices(workspace: Workspace) -> list[dict]:

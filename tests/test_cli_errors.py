@@ -62,6 +62,25 @@ def test_enroll_with_a_bad_repository_url_prints_one_line(workspace, tmp_path, r
     assert not out.exists()
 
 
+@pytest.mark.parametrize("server_url", ["http://fleet:8444", "https://fleet:8444/api", "fleet:8444", "https://"])
+def test_enroll_with_a_bad_server_url_prints_one_line(workspace, tmp_path, server_url):
+    out = tmp_path / "pc9.enroll"
+    result = enroll(workspace, "pc9", "--url", DEVICE_URL, "--repository-url", REPO_URL, "--server-url", server_url,
+                    "-o", str(out))
+    assert_one_error_line(result, "server url", "https://HOST[:PORT]")
+    assert not out.exists()
+
+
+def test_enroll_with_a_server_url_puts_it_in_the_enrollment_file(workspace, tmp_path):
+    from manifests.enrollment import Enrollment
+
+    out = tmp_path / "pc9.enroll"
+    result = enroll(workspace, "pc9", "--url", DEVICE_URL, "--repository-url", REPO_URL, "--server-url",
+                    "https://fleet.plant.lan:8444/", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert Enrollment.from_bytes(out.read_bytes()).server_url == "https://fleet.plant.lan:8444"
+
+
 def test_error_messages_with_markup_are_printed_as_text(workspace, tmp_path):
     result = enroll(workspace, "pc9", "--url", "https://[bold]red[/bold]:8443", "--repository-url", REPO_URL,
                     "-o", str(tmp_path / "pc9.enroll"))
