@@ -11,9 +11,11 @@ Data dir layout (every path the agent touches is derived here, relative to the d
     current.json            the pointer: active and previous release (one atomic replace)
     jobs/<id>.json          update jobs and their lifecycle state
     telemetry.db            generations, updates, health_checks (SQLite, WAL)
+    call_home.json          call-home state: report seq, telemetry acked, assignments acted on
 
 Rule: every limit lives in `Limits`; `agent.json` may override any of them by name, and an
-unknown name is an error, not silently ignored.
+unknown name is an error, not silently ignored. The same holds for the optional `call_home`
+section (`CallHomeConfig`): absent, the device is push-only (managed over its own API).
 """
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
 from common.files import atomic_write_json
 from manifests import ManifestError
+from manifests.call_home import MAX_POLL_S, MAX_ROWS_PER_REPORT
 from manifests.enrollment import check_repository_url, parse_device_url, parse_tag
 from manifests.model_manifest import check_name
 
@@ -83,6 +87,39 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class CallHomeConfig:
+    """Where and how often the device calls home (`agent.call_home`)."""
+
+    server_url: str  # https://HOST:PORT of `stctl server serve`
+    poll_s: float = 60.0  # interval until the server first answers, and the first backoff delay
+    jitter: float = 0.1  # every delay is stretched by a random fraction in [0, jitter]
+    max_backoff_s: float = 900.0  # the longest delay while the server fails
+    max_report_rows: int = MAX_ROWS_PER_REPORT  # telemetry rows in one report (the backlog goes in batches)
+    timeout_s: float = 30.0  # connect, and the longest wait for the answer
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CallHomeConfig:
+        if not isinstance(d, dict):
+            raise ConfigError("call_home: expected an object")
+        known = {f.name for f in fields(cls)}
+        if unknown := set(d) - known:
+            raise ConfigError(f"call_home: unknown {sorted(unknown)}; known: {sorted(known)}")
+        url = d.get("server_url")
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/") \
+                or parts.query or parts.fragment:
+            raise ConfigError(f"call_home.server_url {url!r}: expected https://HOST:PORT")
+        bounds = {"poll_s": (0.1, MAX_POLL_S), "jitter": (0.0, 1.0), "max_backoff_s": (0.1, MAX_POLL_S),
+                  "max_report_rows": (1, MAX_ROWS_PER_REPORT), "timeout_s": (0.1, 600.0)}
+        for name, (low, high) in bounds.items():
+            value = d.get(name, getattr(cls, name))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+                    or (name == "max_report_rows" and not isinstance(value, int)):
+                raise ConfigError(f"call_home.{name}: expected a number in {low:g} .. {high:g}")
+        return cls(**{**d, "server_url": url.rstrip("/")})
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     """A device's identity and limits, and the paths of its data dir."""
 
@@ -95,6 +132,7 @@ class DeviceConfig:
     # completions need an application key (`Authorization: Bearer`); false opens them to any
     # client that reaches the port (a trusted LAN, or loopback only)
     app_keys_required: bool = True
+    call_home: CallHomeConfig | None = None  # None: push-only, no calling home
 
     # ---- paths -------------------------------------------------------------------------
     @property
@@ -159,11 +197,18 @@ class DeviceConfig:
         """The application keys' names and sha256 digests (never the keys)."""
         return self.data_dir / "app_keys.json"
 
+    @property
+    def call_home_state(self) -> Path:
+        return self.data_dir / "call_home.json"
+
     # ---- file --------------------------------------------------------------------------
     def to_dict(self) -> dict:
         limits = {k: v for k, v in asdict(self.limits).items() if v != getattr(Limits(), k)}
-        return {"name": self.name, "url": self.url, "repository_url": self.repository_url, "tags": self.tags,
-                "limits": limits, "app_keys_required": self.app_keys_required}
+        d = {"name": self.name, "url": self.url, "repository_url": self.repository_url, "tags": self.tags,
+             "limits": limits, "app_keys_required": self.app_keys_required}
+        if self.call_home is not None:
+            d["call_home"] = asdict(self.call_home)
+        return d
 
     def save(self) -> None:
         atomic_write_json(self.data_dir / CONFIG_FILE, self.to_dict())
@@ -201,8 +246,13 @@ def load_config(data_dir: str | os.PathLike) -> DeviceConfig:
     required = d.get("app_keys_required", True)
     if not isinstance(required, bool):
         raise ConfigError(f"{path}: app_keys_required: expected true or false")
+    call_home = d.get("call_home")
+    try:
+        call_home = None if call_home is None else CallHomeConfig.from_dict(call_home)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return DeviceConfig(root, d["name"], d["url"], d["repository_url"], dict(d.get("tags", {})),
-                        Limits.from_dict(d.get("limits", {})), required)
+                        Limits.from_dict(d.get("limits", {})), required, call_home)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
