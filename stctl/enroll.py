@@ -78,7 +78,7 @@ def enroll_device(workspace: Workspace, name: str, url: str, out: str | os.PathL
         row = {"name": name, "url": url, "tags": json.dumps(tag_map, sort_keys=True),
                "cert_sha256": hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest(),
                "cert_not_after": cert.not_valid_after_utc.isoformat(),
-               "enrolled_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+               "enrolled_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "server_url": server_url}
         with db.atomic():
             db["devices"].insert(row, replace=True)  # replaces only a revoked device (checked above)
             db["certificates"].insert(certificate_row(cert_pem, ROLE_DEVICE, name))

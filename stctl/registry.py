@@ -22,6 +22,9 @@ from stctl.fleetdb import open_fleet_db
 from stctl.workspace import Workspace
 
 
+CALL_HOME_SILENT_S = 600.0  # a call-home device silent this long counts as unreachable (10 polls at 60 s)
+
+
 class RegistryError(StctlError):
     """A device named on the command line is not enrolled, or the fleet is empty."""
 
@@ -67,7 +70,9 @@ def record_status(db: sqlite_utils.Database, name: str, status: dict | None, err
 
 def probe(workspace: Workspace, devices: list[dict], concurrency: int = 16,
           client_config: ClientConfig = ClientConfig(connect_timeout_s=3.0, read_timeout_s=10.0)) -> dict[str, dict]:
-    """GET /v1/status of each device; records and returns name -> status row."""
+    """GET /v1/status of each push device and record it; returns name -> status row. A device that
+    calls home (`server_url` set) is not asked: its row is what its last report said, and it counts
+    as unreachable once no report came for `CALL_HOME_SILENT_S`."""
     def ask(device: dict) -> tuple[str, dict | None, str]:
         client = DeviceClient.for_device(workspace, device, client_config)
         try:
@@ -77,14 +82,29 @@ def probe(workspace: Workspace, devices: list[dict], concurrency: int = 16,
         finally:
             client.close()
 
-    answers = map_devices(ask, devices, concurrency)
+    answers = map_devices(ask, [d for d in devices if not d.get("server_url")], concurrency)
     db = open_fleet_db(workspace.fleet_db)
     try:
         for name, status, error in answers:
             record_status(db, name, status, error)
-        return {row["name"]: row for row in db["device_status"].rows}
+        rows = {row["name"]: row for row in db["device_status"].rows}
     finally:
         db.close()
+    for device in devices:
+        if device.get("server_url"):
+            rows[device["name"]] = called_home(device["name"], rows.get(device["name"]))
+    return rows
+
+
+def called_home(name: str, row: dict | None, now: datetime | None = None) -> dict:
+    """The status row of a call-home device as the fleet reads it: reachable while its last report
+    is at most CALL_HOME_SILENT_S old."""
+    if row is None:
+        return {"name": name, "reachable": 0, "detail": "has not called home yet", "checked_at": None}
+    age = ((now or datetime.now(timezone.utc)) - datetime.fromisoformat(row["checked_at"])).total_seconds()
+    if age <= CALL_HOME_SILENT_S:
+        return row
+    return {**row, "reachable": 0, "detail": f"silent: last called home {row['checked_at']}"}
 
 
 def _last_figures(db: sqlite_utils.Database, name: str, version: str | None) -> dict:

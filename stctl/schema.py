@@ -96,6 +96,10 @@ def _create_assignments(db: sqlite_utils.Database) -> None:
                               "max_bytes_per_s": int, "assigned_at": str}, pk="device")
 
 
+def _add_device_server_url(db: sqlite_utils.Database) -> None:
+    db.execute("ALTER TABLE devices ADD COLUMN server_url TEXT")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "releases: one row per published model version", _create_releases),
     Migration(2, "devices: one row per enrolled device", _create_devices),
@@ -114,4 +118,5 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(28, "call_home_refusals: reports the fleet server refused (who, why, when)", _create_call_home_refusals),
     Migration(29, "assignments: the release each device should run, with window, download-now and bandwidth cap",
               _create_assignments),
+    Migration(30, "devices: the fleet server a device calls home to (NULL: push only)", _add_device_server_url),
 )

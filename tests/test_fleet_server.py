@@ -45,9 +45,9 @@ class Fleet:
         self.thread.join(15)
         self.sock.close()
 
-    def enroll(self, name: str) -> tuple[str, str]:
+    def enroll(self, name: str, server_url: str | None = None) -> tuple[str, str]:
         out = self.root / f"{name}.enrollment.json"
-        enroll_device(self.ws, name, "https://127.0.0.1:8443", out, "http://127.0.0.1:8080")
+        enroll_device(self.ws, name, "https://127.0.0.1:8443", out, "http://127.0.0.1:8080", server_url=server_url)
         e = Enrollment.from_bytes(out.read_bytes())
         (self.root / f"{name}.crt").write_text(e.device_cert_pem)
         (self.root / f"{name}.key").write_text(e.device_key_pem)
@@ -240,3 +240,22 @@ def test_bad_assignments_are_refused(fleet, path, body, status, param):
     r = fleet.session(fleet.operator()).put(f"{fleet.base}/v1/assignments/{path}", json=body, timeout=30)
     assert assert_envelope(r, status)["param"] == param
     assert fleet.count("assignments") == 0
+
+
+def test_the_fleet_table_shows_a_call_home_device_from_its_reports_without_probing_it(fleet):
+    from datetime import datetime, timedelta, timezone
+
+    from stctl.registry import CALL_HOME_SILENT_S, called_home, fleet_table
+
+    pc1 = fleet.enroll("pc1", server_url=fleet.base)
+    fleet.enroll("pc2", server_url=fleet.base)  # never calls home
+    assert fleet.poll(pc1, report("pc1", 1)).status_code == 200
+    rows = {r["name"]: r for r in fleet_table(fleet.ws, probe_devices=True)}  # nothing listens at their URLs
+    assert (rows["pc1"]["reachable"], rows["pc1"]["version"]) == (True, "1.0.0"), rows["pc1"]
+    assert not rows["pc2"]["reachable"]
+    row = fleet.rows("SELECT checked_at FROM device_status WHERE name = 'pc1'")[0]
+    later = datetime.fromisoformat(row[0]) + timedelta(seconds=CALL_HOME_SILENT_S + 1)
+    silent = called_home("pc1", {"name": "pc1", "reachable": 1, "checked_at": row[0]}, now=later)
+    assert silent["reachable"] == 0 and "silent" in silent["detail"]
+    assert called_home("pc1", {"name": "pc1", "reachable": 1, "checked_at": row[0]},
+                       now=datetime.now(timezone.utc))["reachable"] == 1
