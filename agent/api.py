@@ -251,12 +251,17 @@ def create_app(config: DeviceConfig, on_fatal: Callable[[], None] | None = None)
 
         watcher = threading.Thread(target=watch_pointer, name="pointer-watch", daemon=True)
         watcher.start()
+        from agent.call_home import start_call_home  # the lifespan's one addition: polls only with a call_home section
+
+        caller = start_call_home(config, updater, telemetry, stop, app.state.started)
         try:
             yield
         finally:
             stop.set()
             booter.join(limits.shutdown_grace_s)
             watcher.join(limits.shutdown_grace_s)
+            if caller is not None:
+                caller.join(limits.shutdown_grace_s)
             updater.shutdown(limits.shutdown_grace_s)  # an unfinished job stops where it is and resumes at the next start
             serving.close()
             telemetry.close()

@@ -45,17 +45,35 @@ def _open(data_dir: Optional[Path]):
 def init(
     enroll: Path = typer.Option(..., "--enroll", help="Enrollment file from `stctl device enroll`."),
     data_dir: Optional[Path] = _data_dir_option(),
+    call_home_server: Optional[str] = typer.Option(
+        None, "--call-home-server", metavar="URL",
+        help="Call home to this fleet server (`stctl server serve`, https://HOST:PORT): the device polls it for "
+             "its assignment and reports status and telemetry. Without it the device is push-only."),
+    call_home_poll_s: float = typer.Option(60.0, "--call-home-poll-s", help="Seconds between polls until the "
+                                           "server sets the interval; also the first backoff delay."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Set up a data directory from an enrollment file (TLS identity, TUF root, repository URL).
 
     Example: st-agent init --enroll line4-pc1.enroll --data-dir /var/lib/st-agent
+
+    Example (a device that calls home): st-agent init --enroll line4-pc1.enroll --data-dir /var/lib/st-agent
+    --call-home-server https://fleet.example:8444
     """
+    from dataclasses import replace
+
+    from agent.config import CallHomeConfig
     from agent.enrollment import init_data_dir
 
+    call_home = None if call_home_server is None else CallHomeConfig.from_dict(
+        {"server_url": call_home_server, "poll_s": call_home_poll_s})  # checked before anything is written
     config = init_data_dir(enroll, resolve_data_dir(data_dir))
+    if call_home is not None:
+        config = replace(config, call_home=call_home)
+        config.save()
     result = {"data_dir": str(config.data_dir), "name": config.name, "url": config.url,
-              "repository_url": config.repository_url, "tags": config.tags}
+              "repository_url": config.repository_url, "tags": config.tags,
+              "call_home": config.call_home and config.call_home.server_url}
     if as_json:
         print_json(result)
     else:

@@ -71,6 +71,16 @@ def free_port() -> int:
     return free_ports()[0]
 
 
+def wait_for(condition, what: str, timeout: float = START_TIMEOUT_S, poll_s: float = 0.1):
+    """`condition()`'s first true value, checked every `poll_s` (AssertionError after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 class Agent:
     """A real `st-agent serve` process on 127.0.0.1; `session` is the operator's mTLS client."""
 
