@@ -48,8 +48,9 @@ def init(
     call_home_server: Optional[str] = typer.Option(
         None, "--call-home-server", metavar="URL",
         help="Call home to this fleet server (`stctl server serve`, https://HOST:PORT): the device polls it for "
-             "its assignment and reports status and telemetry. Without it the device is push-only."),
-    call_home_poll_s: float = typer.Option(60.0, "--call-home-poll-s", help="Seconds between polls until the "
+             "its assignment and reports status and telemetry. Default: the enrollment file's server, if it "
+             "names one (`stctl device enroll --server-url`); without either the device is push-only."),
+    call_home_poll_s: float = typer.Option(60.0, "--call-home-poll-s", min=0.1, max=86400.0, help="Seconds between polls until the "
                                            "server sets the interval; also the first backoff delay."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -68,6 +69,8 @@ def init(
     call_home = None if call_home_server is None else CallHomeConfig.from_dict(
         {"server_url": call_home_server, "poll_s": call_home_poll_s})  # checked before anything is written
     config = init_data_dir(enroll, resolve_data_dir(data_dir))
+    if call_home is None and config.call_home is not None:  # the enrollment named the server
+        call_home = CallHomeConfig.from_dict({"server_url": config.call_home.server_url, "poll_s": call_home_poll_s})
     if call_home is not None:
         config = replace(config, call_home=call_home)
         config.save()

@@ -23,13 +23,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
 from common.files import atomic_write_json
 from manifests import ManifestError
 from manifests.call_home import MAX_POLL_S, MAX_ROWS_PER_REPORT
-from manifests.enrollment import check_repository_url, parse_device_url, parse_tag
+from manifests.enrollment import check_repository_url, check_server_url, parse_device_url, parse_tag
 from manifests.model_manifest import check_name
 
 CONFIG_FILE = "agent.json"
@@ -104,11 +103,10 @@ class CallHomeConfig:
         known = {f.name for f in fields(cls)}
         if unknown := set(d) - known:
             raise ConfigError(f"call_home: unknown {sorted(unknown)}; known: {sorted(known)}")
-        url = d.get("server_url")
-        parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/") \
-                or parts.query or parts.fragment:
-            raise ConfigError(f"call_home.server_url {url!r}: expected https://HOST:PORT")
+        try:
+            url = check_server_url(d.get("server_url"))
+        except ManifestError as e:
+            raise ConfigError(f"call_home.server_url: {e}") from None
         bounds = {"poll_s": (0.1, MAX_POLL_S), "jitter": (0.0, 1.0), "max_backoff_s": (0.1, MAX_POLL_S),
                   "max_report_rows": (1, MAX_ROWS_PER_REPORT), "timeout_s": (0.1, 600.0)}
         for name, (low, high) in bounds.items():
@@ -116,7 +114,7 @@ class CallHomeConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
                     or (name == "max_report_rows" and not isinstance(value, int)):
                 raise ConfigError(f"call_home.{name}: expected a number in {low:g} .. {high:g}")
-        return cls(**{**d, "server_url": url.rstrip("/")})
+        return cls(**{**d, "server_url": url})
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
 
-from agent.config import CONFIG_FILE, DeviceConfig
+from agent.config import CONFIG_FILE, CallHomeConfig, DeviceConfig
 from agent.errors import ConfigError
 from common.files import atomic_write
 from agent.revocation import DeviceCrl, RevocationError
@@ -73,7 +73,9 @@ def init_data_dir(enrollment_file: str | os.PathLike, data_dir: str | os.PathLik
     root = Path(data_dir).resolve()
     if (root / CONFIG_FILE).exists():
         raise ConfigError(f"{root}: already initialized ({CONFIG_FILE} exists); refusing to overwrite")
-    config = DeviceConfig(root, enrollment.name, enrollment.url, enrollment.repository_url, enrollment.tags)
+    call_home = None if enrollment.server_url is None else CallHomeConfig(enrollment.server_url)
+    config = DeviceConfig(root, enrollment.name, enrollment.url, enrollment.repository_url, enrollment.tags,
+                          call_home=call_home)
     atomic_write(config.ca_cert, enrollment.ca_cert_pem.encode())
     atomic_write(config.device_cert, enrollment.device_cert_pem.encode())
     atomic_write(config.device_key, enrollment.device_key_pem.encode(), mode=0o600)

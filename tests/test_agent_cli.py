@@ -61,6 +61,24 @@ def test_enroll_writes_a_private_file_and_registers_the_device(fleet, tmp_path):
     assert not (tmp_path / "x.enroll").exists()
 
 
+def test_an_enrollment_naming_a_fleet_server_sets_up_call_home(fleet, tmp_path):
+    from agent.config import load_config
+
+    out = tmp_path / "pc5.enroll"
+    result = runner.invoke(stctl_app, ["device", "enroll", "pc5", "--url", "https://10.0.4.17:8443", "--repository-url",
+                                       fleet.repository_url, "--server-url", "https://fleet.plant.lan:8444", "-o",
+                                       str(out), "--workspace", str(fleet.workspace.root)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(agent_app, ["init", "--enroll", str(out), "--data-dir", str(tmp_path / "d"),
+                                       "--call-home-poll-s", "5"])
+    assert result.exit_code == 0, result.output
+    call_home = load_config(tmp_path / "d").call_home
+    assert (call_home.server_url, call_home.poll_s) == ("https://fleet.plant.lan:8444", 5.0)
+    # the enrollment of a push device sets up none; --call-home-server names one anyway
+    result = runner.invoke(agent_app, ["init", "--enroll", str(fleet.enrollment), "--data-dir", str(tmp_path / "p")])
+    assert result.exit_code == 0 and load_config(tmp_path / "p").call_home is None
+
+
 def test_init_refuses_bad_enrollments_in_one_line(fleet, tmp_path):
     garbage = tmp_path / "garbage.enroll"
     garbage.write_bytes(b"\x00not json")
