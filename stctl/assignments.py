@@ -9,7 +9,9 @@ Rules:
   can parse; a refused field raises AssignmentError naming it (`param`);
 - the server makes the `id`; putting the same content again keeps it (a retried request is not a
   new instruction), other content gets a new one, so a device acts on each instruction once (to
-  repeat an identical instruction, remove it first);
+  repeat an identical instruction, remove it first); a rollout names the id itself (stable per
+  rollout, device and action: `stctl.rollout_call_home`), so a resumed rollout that puts it again
+  never makes a second instruction;
 - the fleet server reads this table at every poll, so `stctl server assign` writes fleet.db
   directly through this module and needs no server process.
 """
@@ -117,8 +119,10 @@ def list_assignments(db: sqlite_utils.Database) -> list[dict]:
             for r in db["assignments"].rows_where(order_by="device")]
 
 
-def put_assignment(db: sqlite_utils.Database, device: str, fields: dict) -> Assignment:
-    """Give `device` the assignment `fields` describe (replacing its current one)."""
+def put_assignment(db: sqlite_utils.Database, device: str, fields: dict, assignment_id: str | None = None
+                   ) -> Assignment:
+    """Give `device` the assignment `fields` describe (replacing its current one); `assignment_id`:
+    the id to give it (default: the current one for the same content, else a new one)."""
     try:
         check_name(device, "device")
     except ManifestError as e:
@@ -127,8 +131,8 @@ def put_assignment(db: sqlite_utils.Database, device: str, fields: dict) -> Assi
         if not db["devices"].count_where("name = ?", [device]):
             raise UnknownDeviceError(f"no enrolled device named {device!r}", "device")
         current = get_assignment(db, device)
-        assignment = check_assignment(fields, current.id if current else uuid.uuid4().hex)
-        if current is not None and assignment != current:
+        assignment = check_assignment(fields, assignment_id or (current.id if current else uuid.uuid4().hex))
+        if assignment_id is None and current is not None and assignment != current:
             assignment = check_assignment(fields, uuid.uuid4().hex)
         if not db["releases"].count_where("model = ? AND version = ?", [assignment.model, assignment.version]):
             raise AssignmentError(f"{assignment.model} {assignment.version}: not published in this workspace "

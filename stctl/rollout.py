@@ -3,8 +3,10 @@ API, judges each wave on telemetry, and stops (and undoes) itself when a gate fa
 library API, one call per `stctl rollout` command.
 
 Who owns what: the states, their transitions and the gate verdicts are `stctl.rollout_policy`
-(pure); the records are `stctl.rollout_store` (`fleet.db`); this module does the I/O between them:
-device calls, telemetry pulls, the clock.
+(pure); the records are `stctl.rollout_store` (`fleet.db`); the way to each device is
+`stctl.rollout_transport` (its HTTPS API, or for a device that calls home, assignments and its
+reports in fleet.db: `stctl.rollout_call_home`); this module does the I/O between them: device
+calls, telemetry pulls, the clock. A rollout may mix push and call-home devices.
 
 Rules:
 - every transition is an event checked against the policy's tables and recorded by the store in
@@ -12,13 +14,15 @@ Rules:
   (one controller at a time, released by the kernel when stctl dies), and `pause`/`abort` from
   another process are requests it obeys;
 - exactly once, provable from the records: a device is written `requesting` (with the device's
-  own clock, `mark`) before `POST /v1/updates`, and `updating` with the job id after it. A
+  own clock, `mark`) before `POST /v1/updates` (call home: before its update assignment, whose
+  id is stable per rollout and device), and `updating` with the job id after it. A
   device found `requesting` (stctl died around the POST) is reconciled before any new POST: the
   device's unfinished job, else a job for this release created after `mark` (found through the
   `updates` telemetry since `mark`; `mark` is later than every update row the device had
   recorded before the POST), is adopted; only if neither exists was the POST never received, and
   it is sent. A device found `rolling_back` is rolled back only if it still runs the new release
-  (a rollback swaps active and previous, so a blind second one would undo the first);
+  (a rollback swaps active and previous, so a blind second one would undo the first), and once
+  asked, the controller waits (bounded) for the device to show the rollback before asking again;
 - a device that does not reach a final update state within the wave's `device_timeout`
   (unreachable included) is failed; the timeout counts, on the controller's monotonic clock, from
   when this controller began on the device (a resumed rollout starts it again);
@@ -30,8 +34,9 @@ Rules:
   and says one line; the first answer after it clears the record with a `reachable` event and one
   line (never one per poll); a device the timeout fails says in its `failure` since when it was
   unreachable and the last error. Any other error answer (4xx, a bad body) fails it at once;
-- gates run after the wave's soak: health check (if asked), then decode tokens/s and peak RSS
-  on the new release from the device's telemetry (pulled into `fleet.db`); the failure fraction
+- gates run after the wave's soak: health check (if asked; call home: the one the device ran in
+  its update), then decode tokens/s and peak RSS on the new release from the device's telemetry
+  (pulled into `fleet.db`, or reported there); the failure fraction
   (failed / finished devices of the rollout) is judged once `min_devices` have finished, during
   the updates and after the gates;
 - on a failed gate the wave halts: nothing new starts, updates in flight finish, then (plan:
@@ -56,7 +61,7 @@ from common.locks import FileLock
 from manifests import ManifestError
 from manifests.rollout_plan import RolloutPlan, Wave, parse_plan, select_devices
 from stctl import rollout_policy as policy
-from stctl.device_client import ClientConfig, DeviceClient, DeviceError, map_devices, release_of
+from stctl.device_client import ClientConfig, DeviceError, map_devices, release_of
 from stctl.fleetdb import open_fleet_db
 from stctl.registry import enrolled
 from stctl.rollout_policy import (
@@ -64,7 +69,7 @@ from stctl.rollout_policy import (
     PENDING, REQUESTING, ROLLING_BACK, ROLLOUT_FINAL, RUNNING, SOAKING, UPDATED, UPDATING, RolloutError,
 )
 from stctl.rollout_store import NO_OUTAGE, RolloutStore
-from stctl.telemetry_pull import pull_device
+from stctl.rollout_transport import DeviceTransport, transport_for
 from stctl.workspace import Workspace
 
 # what one step of an update does: finished the device, moved it to its next state, or found it still working
@@ -101,15 +106,16 @@ class Controller:
         self.repository_url = row["repository_url"] or None
         self.allow_downgrade = bool(row["allow_downgrade"])
         self.plan = RolloutPlan.from_json(row["plan"])
-        self.urls = {d["name"]: d["url"] for d in enrolled(workspace)}
+        self.row = row
+        self.enrolled = {d["name"]: d for d in enrolled(workspace)}
         self._outages: dict[str, dict] = {}  # device -> its row while it is recorded unreachable
         self._announced: set[str] = set()  # devices whose outage this controller has said
 
     # ---- helpers ---------------------------------------------------------------------------------
-    def _client(self, name: str) -> DeviceClient:
-        if name not in self.urls:
+    def _client(self, name: str) -> DeviceTransport:
+        if name not in self.enrolled:
             raise DeviceError(name, "no longer enrolled")
-        return DeviceClient(name, self.urls[name], self.ws.pki_dir, self.config.client)
+        return transport_for(self.ws, self.enrolled[name], self.row, self.config.client)
 
     def _device(self, name: str, event: str, **values) -> dict:
         """Record a transition (and say it); a device that moves has answered, so its outage is cleared first."""
@@ -246,7 +252,7 @@ class Controller:
         finally:
             client.close()
 
-    def _step(self, client: DeviceClient, rec: dict) -> tuple[dict, str]:
+    def _step(self, client: DeviceTransport, rec: dict) -> tuple[dict, str]:
         """One move of the update: (the device's row, DONE | MOVED | POLLED); raises DeviceError."""
         name = rec["device"]
         if rec["state"] == PENDING:
@@ -254,11 +260,11 @@ class Controller:
             active = release_of(status)
             if active == self._target():
                 return self._device(name, policy.ALREADY_ON_RELEASE, detail=f"already on {self.version}"), DONE
-            mark = self._mark(client)
+            mark = client.mark(self.config.clock_margin_s)
             return self._device(name, policy.REQUEST, mark=mark, from_model=active and active[0],
                                 from_version=active and active[1]), MOVED
         if rec["state"] == REQUESTING:
-            job_id = self._adopt_job(client, rec)
+            job_id = client.adopt_job(self.model, self.version, rec["mark"])
             if job_id is None:
                 rec = self.store.set_device(self.id, name, requests=rec["requests"] + 1)
                 job_id = client.request_update(self.model, self.version, self.repository_url, self.allow_downgrade)
@@ -305,35 +311,6 @@ class Controller:
                     f"{outage['unreachable_attempts']} failed attempts")
         self._device(rec["device"], policy.TIMED_OUT, failure=(why + ")")[:500], **NO_OUTAGE)
 
-    def _mark(self, client: DeviceClient) -> float:
-        """An instant on the device's clock after every update row it has recorded so far: the
-        newest `updates` row of the last seconds, or the device's Date minus that margin."""
-        if client.last_date is None:
-            raise DeviceError(client.name, "the device sends no Date header; its clock is needed to resume safely")
-        base = client.last_date - self.config.clock_margin_s
-        return max([base] + [float(r["ts"]) for r in client.telemetry("updates", base, 1000) if r.get("ts") is not None])
-
-    def _adopt_job(self, client: DeviceClient, rec: dict) -> str | None:
-        """The update job a previous POST for this release created on the device, if any."""
-        update = client.status().get("update") or {}
-        if update.get("model") == self.model and update.get("version") == self.version and update.get("id"):
-            return update["id"]
-        seen = set()
-        for row in client.telemetry("updates", rec["mark"], 1000):
-            job_id = row.get("job_id")
-            if row.get("model") != self.model or row.get("to_version") != self.version or not job_id or job_id in seen:
-                continue
-            seen.add(job_id)
-            try:
-                job = client.update(job_id)
-            except DeviceError as e:
-                if e.status_code == 404:  # pruned: an old job, not one created since the mark
-                    continue
-                raise
-            if float(job.get("created") or 0.0) > rec["mark"]:  # created after the mark: ours
-                return job_id
-        return None
-
     # ---- gates -----------------------------------------------------------------------------------
     def _gate_wave(self, idx: int, wave: Wave) -> None:
         names = [d["device"] for d in self.store.devices(self.id, idx) if d["state"] == UPDATED]
@@ -347,12 +324,13 @@ class Controller:
         try:
             health = None
             if wave.gates.health_check:
-                result = client.health_check()
+                since = self.store.device(self.id, name)["mark"] or 0.0
+                result = client.health_check(self.model, self.version, since)
                 health = policy.HealthResult(bool(result.get("passed")), result.get("detail", ""),
                                              bool(result.get("rolled_back")))
             values: dict = {"health": None if health is None else PASSED if health.passed else FAILED}
             if health is None or health.passed:
-                pull_device(db, client)
+                client.pull_telemetry(db)
                 values["decode_tokens_per_s"], values["peak_rss_bytes"] = self._figures(db, name)
             verdict = policy.device_verdict(wave.gates, policy.Figures(health, values.get("decode_tokens_per_s"),
                                                                        values.get("peak_rss_bytes")))
@@ -385,6 +363,7 @@ class Controller:
         before = (rec["from_model"], rec["from_version"]) if rec["from_version"] else None
         client = self._client(name)
         deadline = time.monotonic() + timeout_s
+        asked = False
         try:
             while True:
                 try:
@@ -399,8 +378,16 @@ class Controller:
                         self.store.set_device(self.id, name, detail=f"cannot roll back: previous is "
                                                                     f"{previous and previous[1]}, not {rec['from_version']}")
                         return
+                    if asked:  # a device that calls home rolls back at its next poll
+                        if time.monotonic() >= deadline:
+                            self.store.set_device(self.id, name,
+                                                  detail=f"rollback asked; not done within {timeout_s:g}s")
+                            return
+                        time.sleep(self.config.poll_s)
+                        continue
                     rec = self._device(name, policy.ROLL_BACK)
-                    client.rollback()
+                    client.rollback(self.model, self.version)
+                    asked = True
                 except DeviceError as e:
                     if not e.unreachable or time.monotonic() >= deadline:
                         self.store.set_device(self.id, name, detail=f"rollback: {e}"[:500])
