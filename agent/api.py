@@ -20,7 +20,9 @@ Rules:
   for an int, floats finite (an int is a float, as in OpenAI's API), token ids within int64 (the
   engine checks the vocabulary), text valid Unicode, names, versions and repository URLs
   checked by `manifests` (`check_name`, `parse_version`, `check_repository_url`);
-- an exception no handler takes is a 500 `internal_error` envelope and one log line.
+- an exception no handler takes is a 500 `internal_error` envelope and one log line;
+- `POST /v1/updates` takes, besides DESIGN.md's fields, the optional `hold` (stage only: the job
+  fetches and verifies, then waits at `staged`; the same request without `hold` installs it).
 """
 from __future__ import annotations
 
@@ -192,6 +194,7 @@ class UpdateBody(BaseModel):
     version: str = Field(max_length=64)
     repository_url: str | None = Field(None, max_length=2048)
     allow_downgrade: bool = False
+    hold: bool = False  # stage only: fetch and verify, then wait at staged; the same request without it installs
 
     @field_validator("model")
     @classmethod
@@ -325,7 +328,7 @@ def create_app(config: DeviceConfig, on_fatal: Callable[[], None] | None = None)
     @app.post("/v1/updates", status_code=202, dependencies=[Operator])
     async def start_update(body: UpdateBody, request: Request) -> dict:
         updater: Updater = request.app.state.updater
-        job = updater.request(body.model, body.version, body.repository_url, body.allow_downgrade)
+        job = updater.request(body.model, body.version, body.repository_url, body.allow_downgrade, hold=body.hold)
         accepted = {"id": job.id, "state": job.state}
         updater.start(job)
         return accepted

@@ -10,7 +10,8 @@ Rules:
 - a release folder named by the pointer is never changed or removed;
 - `probation` marks a release activated but not yet confirmed by a passing health check;
   `probation_boots` counts daemon starts while on probation (a crash loop rolls it back);
-- garbage collection keeps the folders and blobs of the active and previous releases, and
+- garbage collection keeps the folders and blobs of the active and previous releases (and of a
+  release the updater asks it to keep: one staged by a job that waits to install it), and
   removes everything else, packed copies of other experts included (it runs when a job has
   ended, under the update lock).
 """
@@ -156,9 +157,10 @@ class Installation:
         p = self.pointer()
         return {r for r in (p.active, p.previous) if r is not None}
 
-    def gc(self) -> dict:
-        """Remove release folders and blobs that neither the active nor the previous release uses."""
-        pinned = self._pinned()
+    def gc(self, also_keep: frozenset[ReleaseRef] = frozenset()) -> dict:
+        """Remove release folders and blobs that neither the active nor the previous release (nor
+        one in `also_keep`) uses."""
+        pinned = self._pinned() | also_keep
         removed_releases = []
         for folder in sorted(self.config.releases_dir.glob("*/*")):
             try:

@@ -5,6 +5,12 @@
     idle --already_active--> active
     any unfinished state --error--> failed;  health-checking --check_failed--> failed
     activating --gave_up--> rolled_back;  active --rolled_back--> rolled_back
+    staged --withdrawn--> failed  (a held job that a newer request replaced)
+
+A job may be held (`hold`, "stage only"): it walks the table up to `staged` and waits there,
+fetched and verified, nothing activated, until it is released (`hold` cleared and saved, then
+`check` as usual) or withdrawn. Waiting is not a state of its own (the API's state list is
+fixed): it is `staged` with `hold` set; nothing runs while a job waits, and a wait is no visit.
 
 Rules: a job moves only along `TRANSITIONS`; the job (its state, counters and detail) is saved
 at every transition with an atomic write + fsync, so after a crash it resumes from the state it
@@ -38,6 +44,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (ACTIVATING, "activated"): ACTIVE,
     (ACTIVATING, "gave_up"): ROLLED_BACK,
     (ACTIVE, "rolled_back"): ROLLED_BACK,
+    (STAGED, "withdrawn"): FAILED,
     **{(state, "error"): FAILED for state in UNFINISHED},
 }
 assert {s for pair in TRANSITIONS for s in (pair[0], TRANSITIONS[pair])} <= set(STATES), "a state outside the API's list"
@@ -68,6 +75,7 @@ class Job:
     from_version: str | None
     source: str  # a repository URL, or "bundle:<path>"
     allow_downgrade: bool = False
+    hold: bool = False  # stage only: wait at `staged` until released
     state: str = IDLE
     detail: str = ""
     visits: dict[str, int] = field(default_factory=dict)
@@ -80,14 +88,20 @@ class Job:
     updated: float = 0.0
 
     @classmethod
-    def new(cls, model: str, version: str, from_version: str | None, source: str, allow_downgrade: bool) -> Job:
+    def new(cls, model: str, version: str, from_version: str | None, source: str, allow_downgrade: bool,
+            hold: bool = False) -> Job:
         now = time.time()
-        return cls(uuid.uuid4().hex, model, version, from_version, source, allow_downgrade, created=now, updated=now,
-                   history=[IDLE])
+        return cls(uuid.uuid4().hex, model, version, from_version, source, allow_downgrade, hold,
+                   created=now, updated=now, history=[IDLE])
 
     @property
     def finished(self) -> bool:
         return self.state in FINAL
+
+    @property
+    def waits(self) -> bool:
+        """Held at `staged`: fetched and verified, waiting to be released (or withdrawn)."""
+        return self.state == STAGED and self.hold
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,8 +3,14 @@ store, the installation, the health check and (in the daemon) the serving engine
 
 Rules:
 - one update at a time per data dir, across processes (an exclusive lock on `.update.lock`,
-  held from the request to the job's end), and a new job is refused while an unfinished one
-  exists (it resumes when the daemon starts);
+  held from the request to the job's end, or until it waits at staged), and a new job is refused
+  while an unfinished one exists (it resumes when the daemon starts), unless that one waits;
+- a held job (stage only, `Job.hold`) stops at `staged` and waits there without the lock: a
+  rollback, a health check or a bundle install may run meanwhile, and garbage collection keeps
+  its staged release. A restart leaves it waiting (not counted as a visit). `release` lets it go
+  on (the cleared hold is saved before anything runs, so a crash after that installs it); a
+  `request` for the same release takes the waiting job (released, or still held if it asks for
+  that), one for another release (or a bundle) withdraws it first: it ends `failed`, "withdrawn";
 - every state's work is idempotent, so a job killed at any instant resumes from its saved state:
   fetching resumes downloads, verifying re-materializes, health-checking re-checks, activating
   re-applies the same pointer;
@@ -86,14 +92,17 @@ class Updater:
         self._engines: dict = {}  # job id -> the engine that passed its health check
         self._worker: threading.Thread | None = None
         self._worker_job: Job | None = None
+        self._parked = False  # the worker's job stopped at staged to wait (its thread is ending)
+        self._hold_guard = threading.Lock()  # between parking and a release of the worker's job
         self._stop = threading.Event()
         self._handlers = {IDLE: self._begin, FETCHING: self._fetch, VERIFYING: self._verify,
                           STAGED: lambda job: "check", HEALTH_CHECKING: self._check, ACTIVATING: self._activate}
 
     # ---- requests ------------------------------------------------------------------------------
     def request(self, model: str | None, version: str | None, repository_url: str | None = None,
-                allow_downgrade: bool = False, bundle: Path | None = None) -> Job:
-        """Create a job (the lock is taken and held until the job ends; run it with `run` or `start`)."""
+                allow_downgrade: bool = False, bundle: Path | None = None, hold: bool = False) -> Job:
+        """Create a job, or take the waiting one of the same release (the lock is taken and held
+        until the job ends or waits; run it with `run` or `start`). `hold`: stop at staged."""
         if bundle is None:
             target = ReleaseRef(model, version)
             try:
@@ -102,23 +111,79 @@ class Updater:
                 raise UpdateRefusedError(str(e)) from None
             self._check_downgrade(target, allow_downgrade)
             source = url
+        elif hold:
+            raise UpdateRefusedError("a bundle install cannot be held at staged")
         else:
             model, version, source = "", "", BUNDLE_SOURCE + str(Path(bundle).resolve())
         self._await_finishing_worker()
         if not self.lock.acquire():
             raise UpdateRefusedError("another update, rollback or bundle install is in progress on this device")
         try:
-            if (pending := self.jobs.unfinished()) is not None:
+            if (pending := self.jobs.unfinished()) is not None and pending.waits:
+                if bundle is None and (pending.model, pending.version) == (model, version):
+                    return self._take(pending, hold)
+                self._step(pending, "withdrawn", f"withdrawn: replaced by a request for "
+                                                 f"{f'{model}@{version}' if bundle is None else 'a bundle'}")
+            elif pending is not None:
                 raise UpdateRefusedError(f"update {pending.id} is unfinished ({pending.state}); it resumes when "
                                          "the agent starts")
             active = self.install.pointer().active
-            job = Job.new(model, version, active.version if active else None, source, allow_downgrade)
+            job = Job.new(model, version, active.version if active else None, source, allow_downgrade, hold)
             self.jobs.save(job)
             self._record(job)
         except BaseException:
             self.lock.release()
             raise
         return job
+
+    def _take(self, job: Job, hold: bool) -> Job:
+        """The waiting `job` asked for again (the caller holds the lock): held still, or released."""
+        if not hold:
+            job.hold = False
+            job.detail = "released to install"
+            self.jobs.save(job)
+            self._record(job)
+        return job
+
+    def waiting(self) -> Job | None:
+        """The job that waits at staged (no worker runs it), if any."""
+        if self.busy() and not self._parked:
+            return None
+        job = self.jobs.unfinished()
+        return job if job is not None and job.waits else None
+
+    def held(self) -> Job | None:
+        """The held job: the worker's (it stops at staged) or the one waiting there."""
+        worker = self._worker_job
+        if self.busy() and worker is not None and worker.hold and not self._parked:
+            return worker
+        return self.waiting()
+
+    def release(self, job_id: str) -> Job | None:
+        """Let the held job `job_id` go on to install: the worker's passes staged, a waiting one is
+        taken and started. None: no such held job."""
+        with self._hold_guard:
+            worker = self._worker_job
+            if self.busy() and worker is not None and worker.id == job_id and worker.hold and not self._parked:
+                worker.hold = False  # saved at its next transition; a crash before it: it waits, released again
+                return worker
+        waiting = self.waiting()
+        if waiting is None or waiting.id != job_id:
+            return None
+        job = self.request(waiting.model, waiting.version, waiting.source, waiting.allow_downgrade)
+        self.start(job)
+        return job
+
+    def withdraw(self, job_id: str, reason: str) -> Job | None:
+        """End the waiting job `job_id` without installing it (`failed`, "withdrawn: ..."). None: no
+        such waiting job."""
+        self._await_finishing_worker()
+        with self.lock.held(UpdateRefusedError("an update is in progress")):
+            job = self.waiting()
+            if job is None or job.id != job_id:
+                return None
+            self._step(job, "withdrawn", f"withdrawn: {reason}")
+            return job
 
     def _check_downgrade(self, target: ReleaseRef, allow: bool) -> None:
         active = self.install.pointer().active
@@ -128,14 +193,15 @@ class Updater:
             raise UpdateRefusedError(f"{target} is older than the active {active}; set allow_downgrade to install it")
 
     def _await_finishing_worker(self) -> None:
-        """A job that already reports its final state still holds the lock while it collects garbage:
-        a request seen after that state waits for the worker to end instead of being refused."""
-        if self.busy() and self._worker_job is not None and self._worker_job.finished:
+        """A job that already reports its final state (or that waits) still holds the lock while it
+        collects garbage (or ends its thread): a request seen after that state waits for the worker
+        to end instead of being refused."""
+        if self.busy() and self._worker_job is not None and (self._worker_job.finished or self._parked):
             self.join(FINISHING_WAIT_S)
 
     def start(self, job: Job) -> None:
         """Run `job` in a background thread (the daemon)."""
-        self._worker_job = job
+        self._worker_job, self._parked = job, False
         self._worker = threading.Thread(target=self.run, args=(job,), name=f"update-{job.id[:8]}", daemon=True)
         self._worker.start()
 
@@ -158,7 +224,7 @@ class Updater:
         try:
             bound = len(STATES) * (self.limits.max_state_visits + 1)
             for _ in range(bound):
-                if job.finished or self._stop.is_set():
+                if job.finished or self._stop.is_set() or self._parks(job):
                     break
                 if over_visits(job, self.limits.max_state_visits):
                     self._give_up(job)
@@ -181,6 +247,18 @@ class Updater:
             self.progress.pop(job.id, None)
             self._drop_engine(job.id)
             self.lock.release()
+
+    def _parks(self, job: Job) -> bool:
+        """Whether `job` stops here to wait at staged (saved as waiting; the lock is released)."""
+        with self._hold_guard:
+            if not job.waits:
+                return False
+            self._parked = True
+        job.detail = "staged; held until released to install"
+        self.jobs.save(job)
+        self._record(job)
+        log.info("update %s is staged and waits to be released", job.id)
+        return True
 
     def _step(self, job: Job, event: str, detail: str = "", error: BaseException | None = None) -> None:
         if next_state(job.state, event) in FINAL:  # first: frees the space a full disk needs to save the state
@@ -208,7 +286,9 @@ class Updater:
 
     def _collect_garbage(self, job: Job) -> None:
         try:
-            self.install.gc()
+            waiting = self.jobs.unfinished()
+            keep = frozenset({_ref(waiting)} if waiting is not None and waiting.waits else ())
+            self.install.gc(also_keep=keep)
             self.jobs.prune()
         except _HANDLED as e:
             log.warning("garbage collection after %s: %s", job.id, e)
@@ -331,7 +411,8 @@ class Updater:
     # ---- the daemon's start ----------------------------------------------------------------------
     def boot(self) -> Job | None:
         """Recover after a start (or a crash): count a probation boot (rolling back a crash loop),
-        load the active engine, and resume an unfinished job in the background."""
+        load the active engine, and resume an unfinished job in the background (one that waits at
+        staged keeps waiting: None)."""
         if not self.lock.acquire():
             raise UpdateRefusedError("another process holds this data dir's update lock (a bundle install?)")
         try:
@@ -350,7 +431,7 @@ class Updater:
             self.lock.release()
             raise
         job = self.jobs.unfinished()
-        if job is None:
+        if job is None or job.waits:
             self.lock.release()
             return None
         enter(job, self.jobs, "resumed after a restart")

@@ -63,7 +63,7 @@ def test_the_table_allows_only_the_lifecycle():
     state = IDLE
     for event in ("start", "fetched", "verified", "check", "passed", "activated"):
         state = next_state(state, event)
-    assert state == ACTIVE and len(chain) == 10
+    assert state == ACTIVE and len(chain) == 11
     for state in STATES:
         assert ((state, "error") in TRANSITIONS) == (state not in FINAL)
         if state not in FINAL:
@@ -172,7 +172,7 @@ def test_a_request_right_after_a_job_ends_waits_for_its_cleanup(device_dir):
     updater = open_updater(device_dir)
     cleanup_may_end = threading.Event()
     collect = updater.install.gc
-    updater.install.gc = lambda: (cleanup_may_end.wait(timeout=60), collect())
+    updater.install.gc = lambda **keep: (cleanup_may_end.wait(timeout=60), collect(**keep))
     job = updater.request("st-demo", "2.0.0")
     updater.start(job)
     deadline = time.monotonic() + 300
@@ -201,3 +201,84 @@ def test_garbage_collection_keeps_only_the_packed_experts_of_kept_releases(devic
         path.write_bytes(b"packed")
     assert updater.install.gc()["packed_removed"] == 2
     assert kept.exists() and not replaced.exists() and not other_torch.parent.exists()
+
+
+# ---- held jobs (stage only) ----------------------------------------------------------------------
+def staged_release(data_dir, version: str):
+    return data_dir / "releases" / "st-demo" / version
+
+
+@pytest.mark.slow
+def test_a_held_job_waits_at_staged_through_restarts_then_installs_when_released(device_dir):
+    updater = open_updater(device_dir)
+    job = updater.run(updater.request("st-demo", "2.0.0", hold=True))
+    assert job.state == STAGED and job.hold and job.history == HAPPY_PATH[:4], job
+    assert updater.install.pointer().active == ReleaseRef("st-demo", "1.0.0")
+    assert staged_release(device_dir, "2.0.0").is_dir()
+    assert not updater.lock.held_elsewhere()  # a waiting job does not hold the update lock
+    for _ in range(updater.limits.max_state_visits + 2):  # restarts: it keeps waiting, no visit counted
+        restarted = open_updater(device_dir)
+        assert restarted.boot() is None and not restarted.busy()
+        assert restarted.waiting().id == job.id
+    saved = open_updater(device_dir).jobs.load(job.id)
+    assert saved.state == STAGED and saved.visits[STAGED] == 1 and saved.shards_downloaded > 0
+    updater = open_updater(device_dir)
+    updater.boot()
+    assert updater.release(job.id).id == job.id
+    updater.join(timeout=300)
+    finished = updater.jobs.load(job.id)
+    assert finished.state == ACTIVE and not finished.hold and finished.history == HAPPY_PATH, finished
+    assert updater.install.pointer().active == ReleaseRef("st-demo", "2.0.0")
+    assert updater.release(job.id) is None and updater.waiting() is None
+
+
+@pytest.mark.slow
+def test_a_held_job_killed_in_each_state_resumes_to_waiting_and_after_its_release_to_active(device_dir):
+    for state in (FETCHING, VERIFYING):  # killed before it waits: the restart takes it on to staged, waiting
+        updater = crash_in(open_updater(device_dir), state)
+        job = updater.request("st-demo", "2.0.0", hold=True)
+        with pytest.raises(Crash):
+            updater.run(job)
+        waiting = restart(device_dir)
+        assert waiting["state"] == STAGED and waiting["hold"], waiting
+        assert open_updater(device_dir).install.pointer().active == ReleaseRef("st-demo", "1.0.0")
+        assert open_updater(device_dir).withdraw(job.id, "next round").state == FAILED
+    # killed right after the release was saved: the restart installs it
+    updater = open_updater(device_dir)
+    job = updater.run(updater.request("st-demo", "2.0.0", hold=True))
+    released = crash_in(open_updater(device_dir), STAGED)
+    taken = released.request("st-demo", "2.0.0")  # the same release without hold: the waiting job, released
+    assert taken.id == job.id and not taken.hold and not released.jobs.load(job.id).hold
+    with pytest.raises(Crash):
+        released.run(taken)
+    released.lock.release()  # the process died
+    finished = restart(device_dir)
+    assert finished["state"] == ACTIVE and finished["history"] == HAPPY_PATH[:4] + HAPPY_PATH[3:], finished
+    # killed while installing after its release: resumes to active like any job
+    updater = crash_in(open_updater(device_dir), HEALTH_CHECKING)
+    job = updater.run(updater.request("st-demo", "1.0.0", allow_downgrade=True, hold=True))
+    assert job.waits
+    with pytest.raises(Crash):
+        updater.run(updater.request("st-demo", "1.0.0", allow_downgrade=True))
+    assert restart(device_dir)["state"] == ACTIVE
+    assert open_updater(device_dir).install.pointer().active == ReleaseRef("st-demo", "1.0.0")
+
+
+@pytest.mark.slow
+def test_a_request_for_another_release_withdraws_the_waiting_job(device_dir):
+    updater = open_updater(device_dir)
+    job = updater.run(updater.request("st-demo", "2.0.0", hold=True))
+    again = updater.run(updater.request("st-demo", "2.0.0", hold=True))  # asked again with hold: still waits
+    assert again.id == job.id and again.waits
+    # garbage collection after another job's end keeps the waiting job's staged release
+    updater._collect_garbage(job)
+    assert staged_release(device_dir, "2.0.0").is_dir()
+    # a bundle install, or a request for another release, withdraws it (the newest request wins)
+    following = updater.run(updater.request("st-demo", "1.0.0"))
+    withdrawn = updater.jobs.load(job.id)
+    assert withdrawn.state == FAILED and withdrawn.history[-2:] == [STAGED, FAILED], withdrawn
+    assert withdrawn.detail == "withdrawn: replaced by a request for st-demo@1.0.0"
+    assert following.state == ACTIVE and following.detail == "already active"
+    assert not staged_release(device_dir, "2.0.0").exists()  # collected with the withdrawn job
+    with pytest.raises(UpdateRefusedError, match="bundle"):
+        updater.request(None, None, bundle=device_dir / "none.bundle", hold=True)
