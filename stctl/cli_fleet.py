@@ -120,20 +120,23 @@ def rollout_start(
     repository_url: Optional[str] = typer.Option(None, "--repository-url",
                                                  help="Repository devices fetch from (default: their enrolled one)."),
     allow_downgrade: bool = typer.Option(False, "--allow-downgrade", help="Allow an older version than a device runs."),
+    detach: bool = typer.Option(False, "--detach", help="Only create the rollout and return; the fleet server "
+                                                        "(stctl server serve) drives it."),
     workspace: Optional[Path] = workspace_option(),
     as_json: bool = _json_option("the final rollout status"),
 ) -> None:
     """Start a staged rollout and drive it until it completes, pauses, halts or is aborted.
 
     Bad plans, unpublished versions and empty waves are refused before any device is contacted.
-    If stctl dies, `stctl rollout resume` continues without updating any device twice.
+    If stctl dies, `stctl rollout resume` continues without updating any device twice. With
+    --detach the fleet server drives it instead (follow it with `stctl rollout status`).
 
     Example: stctl rollout start --model st-demo --version 2.0.0 --plan manifests/examples/canary-then-rest.toml
     """
     from stctl.rollout import start_rollout
 
     _report(start_rollout(open_workspace(workspace), model, version, plan, repository_url=repository_url,
-                          allow_downgrade=allow_downgrade, say=_say(as_json)), as_json)
+                          allow_downgrade=allow_downgrade, detach=detach, say=_say(as_json)), as_json)
 
 
 @rollout_app.command("status")
@@ -182,13 +185,16 @@ def rollout_pause(
         print_json(result)
     else:
         console.print(f"rollout {result['id']}: " + ("paused" if result["state"] == "paused" else
-                                                     "pause requested; the running stctl stops after the updates in flight"))
+                                                     "pause requested; its controller (stctl or the fleet server) "
+                                                     "stops after the updates in flight"))
 
 
 @rollout_app.command("resume")
 @handles_errors
 def rollout_resume(
     rollout_id: Optional[int] = typer.Argument(None, help="Rollout id (default: the unfinished one)."),
+    detach: bool = typer.Option(False, "--detach", help="Only mark a paused rollout running and return; the "
+                                                        "fleet server (stctl server serve) drives it."),
     workspace: Optional[Path] = workspace_option(),
     as_json: bool = _json_option("the final rollout status"),
 ) -> None:
@@ -198,7 +204,7 @@ def rollout_resume(
     """
     from stctl.rollout import resume_rollout
 
-    _report(resume_rollout(open_workspace(workspace), rollout_id, say=_say(as_json)), as_json)
+    _report(resume_rollout(open_workspace(workspace), rollout_id, say=_say(as_json), detach=detach), as_json)
 
 
 @rollout_app.command("abort")

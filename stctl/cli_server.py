@@ -31,18 +31,26 @@ def serve(
                                                                       "(it adds its own jitter)."),
     shutdown_grace: float = typer.Option(10.0, "--shutdown-grace", help="Seconds requests in flight get at "
                                                                         "SIGTERM/Ctrl-C."),
+    drive_rollouts: bool = typer.Option(True, "--drive-rollouts/--no-drive-rollouts",
+                                        help="Drive the workspace's rollouts (stctl rollout start --detach)."),
+    rollout_interval: float = typer.Option(2.0, "--rollout-interval", help="Seconds between looks for a "
+                                                                           "rollout to drive."),
     workspace: Optional[Path] = workspace_option(),
 ) -> None:
     """Run the fleet server over TLS until SIGTERM or Ctrl-C (then it finishes requests in flight).
 
-    On its first start it issues its certificate from the fleet CA into pki/server.crt.
+    On its first start it issues its certificate from the fleet CA into pki/server.crt. It also
+    drives the workspace's rollouts (soak, gates, halt, rollback), so they need no operator process;
+    a rollout it was driving when it stopped resumes when it starts again.
     Example: stctl server serve --listen 0.0.0.0:8444 --name fleet.example.lan --workspace ./fleet
     """
     from stctl.fleet_server import ServerConfig, serve as run
 
-    config = ServerConfig(poll_after_s=poll_interval, shutdown_grace_s=shutdown_grace)
+    config = ServerConfig(poll_after_s=poll_interval, shutdown_grace_s=shutdown_grace,
+                          rollout_interval_s=rollout_interval)
     run(open_workspace(workspace), listen, name, config,
-        announce=lambda url: console.print(f"fleet server on {url} (Ctrl-C to stop)", markup=False, highlight=False))
+        announce=lambda url: console.print(f"fleet server on {url} (Ctrl-C to stop)", markup=False, highlight=False),
+        drive_rollouts=drive_rollouts, say=lambda m: console.print(m, markup=False, highlight=False))
 
 
 def _fields(version: str, model: Optional[str], action: str, window: Optional[str], tz: Optional[str],

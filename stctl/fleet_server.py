@@ -22,7 +22,9 @@ Rules:
 - a refused report is recorded (`call_home_refusals`) whatever the reason, nothing of it stored;
 - each request opens fleet.db for itself (SQLite in WAL mode; writers wait for each other);
 - SIGTERM/SIGINT end it gracefully: no new connections, requests in flight get
-  `shutdown_grace_s`.
+  `shutdown_grace_s`;
+- `serve` also drives the workspace's rollouts (`stctl.rollout_driver`, a thread looking every
+  `rollout_interval_s`), unless told not to: a rollout needs no operator process.
 """
 from __future__ import annotations
 
@@ -65,12 +67,15 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024  # an operator's request
     max_refusals: int = 10_000  # refusals kept in fleet.db (the newest)
     shutdown_grace_s: float = 10.0
+    rollout_interval_s: float = 2.0  # how often `serve` looks for a rollout to drive
 
     def __post_init__(self) -> None:
         if not MIN_POLL_S <= self.poll_after_s <= MAX_POLL_S:
             raise ServerError(f"poll interval {self.poll_after_s:g} s: expected {MIN_POLL_S:g} .. {MAX_POLL_S:g}")
         if not 0 <= self.shutdown_grace_s <= 3600:
             raise ServerError(f"shutdown grace {self.shutdown_grace_s:g} s: expected 0 .. 3600")
+        if not 0.1 <= self.rollout_interval_s <= 3600:
+            raise ServerError(f"rollout interval {self.rollout_interval_s:g} s: expected 0.1 .. 3600")
 
 
 @dataclass(frozen=True)
@@ -293,14 +298,23 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(workspace: Workspace, listen: str, names: list[str] = (), config: ServerConfig = ServerConfig(),
-          announce: Callable[[str], None] = lambda url: None) -> None:
-    """Run the fleet server until SIGTERM/SIGINT; `announce(url)` once it listens."""
+          announce: Callable[[str], None] = lambda url: None, drive_rollouts: bool = True,
+          say: Callable[[str], None] = lambda _m: None) -> None:
+    """Run the fleet server until SIGTERM/SIGINT; `announce(url)` once it listens. With
+    `drive_rollouts` it drives the workspace's rollouts meanwhile (`say`: their progress)."""
+    from stctl.rollout_driver import RolloutDriver
+
     host, port = parse_listen(listen)
     server = build_server(workspace, host, names, config)
     sock = bind(host, port)
+    driver = RolloutDriver(workspace, interval_s=config.rollout_interval_s, say=say) if drive_rollouts else None
     try:
         announce(f"https://{listen}")
+        if driver is not None:
+            driver.start()
         server.run(sockets=[sock])
     finally:
+        if driver is not None:
+            driver.stop()
         sock.close()
 

@@ -467,28 +467,45 @@ def create_rollout(workspace: Workspace, model: str, version: str, plan_file: st
         store.close()
 
 
+def _busy() -> RolloutError:
+    return RolloutError("another stctl process (or the fleet server) is driving a rollout in this workspace; "
+                        "use `stctl rollout status`, `pause` or `abort`")
+
+
+def _drive(workspace: Workspace, rollout_id: int, config: RolloutConfig, say: Callable[[str], None]) -> None:
+    """Be the rollout's controller until it pauses or ends (the caller holds the rollout lock)."""
+    store = RolloutStore(workspace.fleet_db)
+    try:
+        if store.rollout(rollout_id)["state"] in ROLLOUT_FINAL:
+            raise RolloutError(f"rollout {rollout_id} is {store.rollout(rollout_id)['state']}; start a new one")
+        Controller(workspace, store, rollout_id, config, say).run()
+    finally:
+        store.close()
+
+
 def run_rollout(workspace: Workspace, rollout_id: int, config: RolloutConfig = RolloutConfig(),
                 say: Callable[[str], None] = lambda _m: None) -> dict:
     """Drive the rollout (this process becomes its controller) until it pauses or ends."""
-    busy = RolloutError("another stctl process is driving a rollout in this workspace; "
-                        "use `stctl rollout status`, `pause` or `abort`")
-    with ControllerLock(workspace).held(busy):
-        store = RolloutStore(workspace.fleet_db)
-        try:
-            if store.rollout(rollout_id)["state"] in ROLLOUT_FINAL:
-                raise RolloutError(f"rollout {rollout_id} is {store.rollout(rollout_id)['state']}; start a new one")
-            Controller(workspace, store, rollout_id, config, say).run()
-        finally:
-            store.close()
+    with ControllerLock(workspace).held(_busy()):
+        _drive(workspace, rollout_id, config, say)
     return rollout_status(workspace, rollout_id)
 
 
 def start_rollout(workspace: Workspace, model: str, version: str, plan_file: str | Path, *,
-                  repository_url: str | None = None, allow_downgrade: bool = False,
+                  repository_url: str | None = None, allow_downgrade: bool = False, detach: bool = False,
                   config: RolloutConfig = RolloutConfig(), say: Callable[[str], None] = lambda _m: None) -> dict:
-    rollout_id = create_rollout(workspace, model, version, plan_file, repository_url, allow_downgrade)
-    say(f"rollout {rollout_id}: {model} {version}")
-    return run_rollout(workspace, rollout_id, config, say)
+    """Create the rollout and drive it here; `detach`: only create it, for the fleet server
+    (`stctl server serve`) to drive. The lock is taken before the rollout exists, so the server
+    never starts on a rollout this process is about to drive."""
+    if detach:
+        rollout_id = create_rollout(workspace, model, version, plan_file, repository_url, allow_downgrade)
+        say(f"rollout {rollout_id}: {model} {version}; left to the fleet server")
+        return rollout_status(workspace, rollout_id)
+    with ControllerLock(workspace).held(_busy()):
+        rollout_id = create_rollout(workspace, model, version, plan_file, repository_url, allow_downgrade)
+        say(f"rollout {rollout_id}: {model} {version}")
+        _drive(workspace, rollout_id, config, say)
+    return rollout_status(workspace, rollout_id)
 
 
 def _pick(store: RolloutStore, rollout_id: int | None, unfinished: bool = True) -> dict:
@@ -501,14 +518,21 @@ def _pick(store: RolloutStore, rollout_id: int | None, unfinished: bool = True) 
 
 
 def resume_rollout(workspace: Workspace, rollout_id: int | None = None, config: RolloutConfig = RolloutConfig(),
-                   say: Callable[[str], None] = lambda _m: None) -> dict:
+                   say: Callable[[str], None] = lambda _m: None, detach: bool = False) -> dict:
+    """Drive the rollout here from where it stands; `detach`: only mark a paused rollout running,
+    for the fleet server to drive."""
     store = RolloutStore(workspace.fleet_db)
     try:
         row = _pick(store, rollout_id)
+        if row["state"] in ROLLOUT_FINAL:
+            raise RolloutError(f"rollout {row['id']} is {row['state']}; start a new one")
+        if detach:
+            if row["state"] == PAUSED:
+                store.move_rollout(row["id"], policy.RESUME, requested="", detail="resumed; left to the fleet server")
+            say(f"rollout {row['id']}: left to the fleet server")
+            return rollout_status(workspace, row["id"])
     finally:
         store.close()
-    if row["state"] in ROLLOUT_FINAL:
-        raise RolloutError(f"rollout {row['id']} is {row['state']}; start a new one")
     say(f"rollout {row['id']}: resuming ({row['state']}, wave {row['wave'] + 1})")
     return run_rollout(workspace, row["id"], config, say)
 
@@ -536,8 +560,9 @@ def pause_rollout(workspace: Workspace, rollout_id: int | None = None) -> dict:
 
 def abort_rollout(workspace: Workspace, rollout_id: int | None = None, config: RolloutConfig = RolloutConfig(),
                   say: Callable[[str], None] = lambda _m: None) -> dict:
-    """Abort: roll back every device the rollout updated. Done here if no controller runs;
-    otherwise asks the controller and waits (bounded) until it has aborted."""
+    """Abort: roll back every device the rollout updated. Done here if no controller runs (or
+    once the one running lets go of the lock); otherwise asks the controller and waits (bounded)
+    until it has aborted."""
     store = RolloutStore(workspace.fleet_db)
     try:
         row = _pick(store, rollout_id)
@@ -545,18 +570,21 @@ def abort_rollout(workspace: Workspace, rollout_id: int | None = None, config: R
             raise RolloutError(f"rollout {row['id']} is {row['state']}; nothing to abort")
         store.set_rollout(row["id"], requested=ABORT)
         lock = ControllerLock(workspace)
-        if lock.acquire():
-            try:
-                Controller(workspace, store, row["id"], config, say).run()
-            finally:
-                lock.release()
-        else:
-            deadline = time.monotonic() + config.abort_wait_s
-            while store.rollout(row["id"])["state"] != ABORTED:
-                if time.monotonic() >= deadline or not lock.held_elsewhere():
-                    raise RolloutError(f"rollout {row['id']}: the controller did not finish the abort; "
-                                       "run `stctl rollout abort` again")
-                time.sleep(config.poll_s)
+        deadline = time.monotonic() + config.abort_wait_s
+        while True:  # whoever holds the lock aborts; once it is free (never taken, or let go) this process does
+            if lock.acquire():
+                try:
+                    if store.rollout(row["id"])["state"] != ABORTED:
+                        Controller(workspace, store, row["id"], config, say).run()
+                finally:
+                    lock.release()
+                break
+            if store.rollout(row["id"])["state"] == ABORTED:
+                break
+            if time.monotonic() >= deadline:
+                raise RolloutError(f"rollout {row['id']}: the controller did not finish the abort within "
+                                   f"{config.abort_wait_s:g}s; run `stctl rollout abort` again")
+            time.sleep(config.poll_s)
     finally:
         store.close()
     return rollout_status(workspace, row["id"])

@@ -211,11 +211,13 @@ class Agent:
 
 
 def enrolled_agent(workspace: Workspace, name: str, tags: list[str], repository_url: str, v1_template: Path,
-                   root: Path) -> Agent:
+                   root: Path, server_url: str | None = None) -> Agent:
     """Enroll `name` in `workspace` and give it a data dir with st-demo 1.0.0 installed (a copy of
-    `v1_template` with this device's own identity and one thread); the Agent is not started yet."""
+    `v1_template` with this device's own identity and one thread); with `server_url` the device
+    calls home to that fleet server (its agent.json has the call_home section). The Agent is not
+    started yet."""
     enrollment = root / f"{name}.enroll"
-    enroll_device(workspace, name, "https://127.0.0.1:1", enrollment, repository_url, tags)
+    enroll_device(workspace, name, "https://127.0.0.1:1", enrollment, repository_url, tags, server_url=server_url)
     fresh = init_data_dir(enrollment, root / f"{name}-fresh")
     data_dir = root / name
     shutil.copytree(v1_template, data_dir)
