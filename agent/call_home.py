@@ -20,9 +20,14 @@ Rules:
   through the `Updater` unless the device already runs that release or a job is under way (then
   the next poll tries again); `rollback` rolls back when the active release is the one named.
   The release is still fetched and verified by TUF from the repository.
-- not done here: "download now, install in the window" (the updater has no stage-only mode: with
-  a closed window nothing is downloaded before it opens) and `max_bytes_per_s` (the fetcher has
-  no rate cap); both are ignored.
+- "download now, install in the window": an `update` with `download_now` seen while its window
+  is closed starts a held job at once (`Job.hold`: fetched and verified, it waits at staged);
+  the first answered poll that carries the same assignment inside its window releases it. A
+  held job whose assignment the server no longer gives (another one, or none) is withdrawn
+  once it waits; a new `update` assignment of the same release takes the waiting job over
+  (nothing is downloaded again), one of another release withdraws it through its request. An
+  outage that spans the whole window leaves it waiting for the next window.
+- not done here: `max_bytes_per_s` (the fetcher has no rate cap); it is ignored.
 """
 from __future__ import annotations
 
@@ -205,9 +210,25 @@ class CallHome:
     # ---- the assignment ------------------------------------------------------------------------
     def follow(self, assignment: Assignment | None) -> str:
         """Act on `assignment` if it is due; returns what happened (for the log and the tests)."""
-        if assignment is None or self.state.acted_on(assignment.id):
+        held = self.updater.held()
+        held_for = held and self.state.assignment_of(held.id)
+        same_release = assignment is not None and assignment.action == "update" and held is not None and \
+            (assignment.model, assignment.version) == (held.model, held.version)  # its request takes the job
+        if held_for and held_for != (assignment and assignment.id) and held.waits and not same_release and \
+                self.updater.withdraw(held.id, f"its assignment {held_for} was replaced by the fleet server"):
+            log.info("assignment %s: its held update %s withdrawn", held_for, held.id)
+        if assignment is None:
             return "nothing"
-        if not window_open(assignment.window, self.clock()):
+        in_window = window_open(assignment.window, self.clock())
+        if self.state.acted_on(assignment.id):
+            if held_for != assignment.id:
+                return "nothing"
+            if not in_window:
+                return "window closed"
+            self.updater.release(held.id)
+            log.info("assignment %s: window open, update %s released to install", assignment.id, held.id)
+            return "released"
+        if not in_window and not (assignment.action == "update" and assignment.download_now):
             return "window closed"
         active = self.updater.install.pointer().active
         on_it = active is not None and (active.model, active.version) == (assignment.model, assignment.version)
@@ -220,16 +241,17 @@ class CallHome:
             return "rolled back"
         if on_it:
             return "already on that release"
-        if self.updater.busy() or self.updater.jobs.unfinished() is not None:
+        if self.updater.busy() or (self.updater.jobs.unfinished() is not None and self.updater.waiting() is None):
             return "busy"
         job = self.updater.request(assignment.model, assignment.version, assignment.repository_url,
-                                   assignment.allow_downgrade)
+                                   assignment.allow_downgrade, hold=not in_window)
         try:
             self.state.act(assignment.id, job.id)
         finally:
             self.updater.start(job)
-        log.info("assignment %s: update %s to %s@%s started", assignment.id, job.id, job.model, job.version)
-        return "update started"
+        started = "started" if in_window else "started to download now and wait for the window"
+        log.info("assignment %s: update %s to %s@%s %s", assignment.id, job.id, job.model, job.version, started)
+        return "update started" if in_window else "staged only"
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:

@@ -129,19 +129,25 @@ def test_device_calls_home_updates_itself_and_survives_a_server_outage(call_home
              "cpc1's status in fleet.db")
     wait_for(lambda: all_rows_arrived_once(ws, "cpc1", agent.data_dir), "cpc1's telemetry in fleet.db")
 
-    # a window that opens two hours from now (UTC) is closed: the device waits
+    # a window that opens two hours from now (UTC) is closed: the device downloads now (the
+    # default) and waits at staged, the old release active
     now = datetime.now(timezone.utc)
     start = (now.hour * 60 + now.minute + 120) % 1440
     later = assign(ws, "cpc1", {"model": "st-demo", "version": "2.0.0",
                                 "window": {"start_minute": start, "end_minute": (start + 60) % 1440, "tz": "UTC"}})
+    wait_for(lambda: rows(ws, "SELECT state FROM device_jobs WHERE device = 'cpc1' AND assignment_id = ?",
+                          [later["id"]]) == [("staged",)], "cpc1's held job to be reported staged", JOB_TIMEOUT_S)
     polls(ws, "cpc1", 3)
-    assert agent.status()["active"]["version"] == "1.0.0" and agent.status()["update"] is None
-    assert rows(ws, "SELECT COUNT(*) FROM device_jobs WHERE assignment_id = ?", [later["id"]]) == [(0,)]
+    status = agent.status()
+    assert status["active"]["version"] == "1.0.0" and status["update"]["state"] == "staged", status
+    assert status["update"]["hold"], status
 
-    # at once: the device updates itself, and its reports show the job and the new release
+    # at once: the device updates itself (the held job of that release goes on), and its reports
+    # show the job and the new release
     now_assignment = assign(ws, "cpc1", {"model": "st-demo", "version": "2.0.0"})
     wait_for(lambda: rows(ws, "SELECT state FROM device_jobs WHERE device = 'cpc1' AND assignment_id = ?",
                           [now_assignment["id"]]) == [("active",)], "cpc1's job to be reported active", JOB_TIMEOUT_S)
+    assert rows(ws, "SELECT id FROM device_jobs WHERE device = 'cpc1'") == [(status["update"]["id"],)]
     wait_for(lambda: rows(ws, "SELECT version FROM device_status WHERE name = 'cpc1'") == [("2.0.0",)],
              "cpc1 reported on 2.0.0")
     assert agent.status()["active"]["version"] == "2.0.0"
