@@ -22,7 +22,8 @@ Rules:
   checked by `manifests` (`check_name`, `parse_version`, `check_repository_url`);
 - an exception no handler takes is a 500 `internal_error` envelope and one log line;
 - `POST /v1/updates` takes, besides DESIGN.md's fields, the optional `hold` (stage only: the job
-  fetches and verifies, then waits at `staged`; the same request without `hold` installs it).
+  fetches and verifies, then waits at `staged`; the same request without `hold` installs it)
+  and `max_bytes_per_s` (the download's bandwidth cap, at least 1024).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from agent.config import DeviceConfig
 from agent.errors import (
     AgentError, BadRequestError, InstallError, QueueFullError, UnauthorizedError, UpdateError, UpdateRefusedError,
 )
+from agent.rate_limit import MIN_BYTES_PER_S
 from agent.request_bodies import STRICT
 from common.http import ApiError, error, peer_chain
 from agent.lifecycle import JobStore
@@ -195,6 +197,7 @@ class UpdateBody(BaseModel):
     repository_url: str | None = Field(None, max_length=2048)
     allow_downgrade: bool = False
     hold: bool = False  # stage only: fetch and verify, then wait at staged; the same request without it installs
+    max_bytes_per_s: int | None = Field(None, ge=MIN_BYTES_PER_S)  # the download's bandwidth cap
 
     @field_validator("model")
     @classmethod
@@ -328,7 +331,8 @@ def create_app(config: DeviceConfig, on_fatal: Callable[[], None] | None = None)
     @app.post("/v1/updates", status_code=202, dependencies=[Operator])
     async def start_update(body: UpdateBody, request: Request) -> dict:
         updater: Updater = request.app.state.updater
-        job = updater.request(body.model, body.version, body.repository_url, body.allow_downgrade, hold=body.hold)
+        job = updater.request(body.model, body.version, body.repository_url, body.allow_downgrade, hold=body.hold,
+                              max_bytes_per_s=body.max_bytes_per_s)
         accepted = {"id": job.id, "state": job.state}
         updater.start(job)
         return accepted

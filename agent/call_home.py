@@ -27,7 +27,7 @@ Rules:
   once it waits; a new `update` assignment of the same release takes the waiting job over
   (nothing is downloaded again), one of another release withdraws it through its request. An
   outage that spans the whole window leaves it waiting for the next window.
-- not done here: `max_bytes_per_s` (the fetcher has no rate cap); it is ignored.
+- the assignment's `max_bytes_per_s` is the job's bandwidth cap (`agent.rate_limit`).
 """
 from __future__ import annotations
 
@@ -244,7 +244,8 @@ class CallHome:
         if self.updater.busy() or (self.updater.jobs.unfinished() is not None and self.updater.waiting() is None):
             return "busy"
         job = self.updater.request(assignment.model, assignment.version, assignment.repository_url,
-                                   assignment.allow_downgrade, hold=not in_window)
+                                   assignment.allow_downgrade, hold=not in_window,
+                                   max_bytes_per_s=assignment.max_bytes_per_s)
         try:
             self.state.act(assignment.id, job.id)
         finally:

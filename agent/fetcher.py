@@ -18,7 +18,10 @@ Rules (python-tuf's FetcherInterface contract):
 - metadata downloads are small and mutable, so a retry starts them over;
 - a set `stop` event ends a backoff wait or a target transfer at once with `UpdateStoppedError`
   (the partial file stays);
-- `TransferStats` counts every body byte received, and `progress(bytes)` is called per chunk.
+- `TransferStats` counts every body byte received, and `progress(bytes)` is called per chunk;
+- with `FetcherConfig.max_bytes_per_s` every body chunk (metadata and targets, first tries,
+  retries and resumes alike) is charged to one token bucket per fetcher (`agent.rate_limit`),
+  reads are no larger than its burst, and a resumed download sends only what it lacks.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ from tuf.api import exceptions
 from tuf.ngclient.fetcher import FetcherInterface
 
 from agent.errors import UpdateStoppedError
+from agent.rate_limit import TokenBucket
 
 log = logging.getLogger("st-agent.fetcher")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -65,6 +69,7 @@ class FetcherConfig:
     retry_window_s: float = 300.0  # how long one download keeps retrying without progress (0: never retry)
     retry_first_delay_s: float = 1.0  # the first backoff ceiling; it doubles per retry...
     retry_max_delay_s: float = 30.0  # ...up to this (each wait is uniform in [0, ceiling]: full jitter)
+    max_bytes_per_s: int | None = None  # the bandwidth cap of every body byte (None: none)
 
 
 class TransientDownloadError(exceptions.DownloadError):
@@ -150,6 +155,8 @@ class HttpFetcher(_CountingFetcher):
         self.partial_dir = partial_dir
         self.config = config
         self.stop = stop or threading.Event()
+        self.cap = TokenBucket(config.max_bytes_per_s, self.stop) if config.max_bytes_per_s else None
+        self._read_size = self.cap.read_size(config.chunk_size) if self.cap else config.chunk_size
         self._pool = urllib3.PoolManager(  # no urllib3 retries: `_retrying` is the one retry policy
             timeout=urllib3.Timeout(connect=config.socket_timeout, read=config.socket_timeout),
             retries=urllib3.Retry(total=0, redirect=0, raise_on_status=False),
@@ -170,7 +177,9 @@ class HttpFetcher(_CountingFetcher):
     def _chunks(self, url: str, response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
         try:
             # read1 hands over every byte that arrived, so a cut transfer keeps its bytes for resume
-            while chunk := response.read1(self.config.chunk_size):
+            while chunk := response.read1(self._read_size):
+                if self.cap is not None:
+                    self.cap.take(len(chunk))
                 self._count(url, len(chunk))
                 yield chunk
         except urllib3.exceptions.HTTPError as e:

@@ -76,6 +76,7 @@ class Job:
     source: str  # a repository URL, or "bundle:<path>"
     allow_downgrade: bool = False
     hold: bool = False  # stage only: wait at `staged` until released
+    max_bytes_per_s: int | None = None  # the bandwidth cap of its downloads (None: none)
     state: str = IDLE
     detail: str = ""
     visits: dict[str, int] = field(default_factory=dict)
@@ -89,9 +90,9 @@ class Job:
 
     @classmethod
     def new(cls, model: str, version: str, from_version: str | None, source: str, allow_downgrade: bool,
-            hold: bool = False) -> Job:
+            hold: bool = False, max_bytes_per_s: int | None = None) -> Job:
         now = time.time()
-        return cls(uuid.uuid4().hex, model, version, from_version, source, allow_downgrade, hold,
+        return cls(uuid.uuid4().hex, model, version, from_version, source, allow_downgrade, hold, max_bytes_per_s,
                    created=now, updated=now, history=[IDLE])
 
     @property

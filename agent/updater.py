@@ -27,6 +27,8 @@ Rules:
   state (nothing lost) and resumes when the daemon starts again;
 - a release that fails its first health check after activation, or whose daemon keeps dying
   before that check (`max_probation_boots`), is rolled back automatically;
+- a job's `max_bytes_per_s` caps the rate of its downloads (`agent.rate_limit`); a waiting job
+  taken by a new request keeps its own;
 - every fetch also brings the fleet CA's CRL when the repository (or bundle) has one; it is
   taken before the release is fetched (`agent.revocation`: a refused CRL is logged, the job goes on);
 - every transition writes one `updates` row.
@@ -100,7 +102,8 @@ class Updater:
 
     # ---- requests ------------------------------------------------------------------------------
     def request(self, model: str | None, version: str | None, repository_url: str | None = None,
-                allow_downgrade: bool = False, bundle: Path | None = None, hold: bool = False) -> Job:
+                allow_downgrade: bool = False, bundle: Path | None = None, hold: bool = False,
+                max_bytes_per_s: int | None = None) -> Job:
         """Create a job, or take the waiting one of the same release (the lock is taken and held
         until the job ends or waits; run it with `run` or `start`). `hold`: stop at staged."""
         if bundle is None:
@@ -128,7 +131,8 @@ class Updater:
                 raise UpdateRefusedError(f"update {pending.id} is unfinished ({pending.state}); it resumes when "
                                          "the agent starts")
             active = self.install.pointer().active
-            job = Job.new(model, version, active.version if active else None, source, allow_downgrade, hold)
+            job = Job.new(model, version, active.version if active else None, source, allow_downgrade, hold,
+                          max_bytes_per_s)
             self.jobs.save(job)
             self._record(job)
         except BaseException:
@@ -170,7 +174,8 @@ class Updater:
         waiting = self.waiting()
         if waiting is None or waiting.id != job_id:
             return None
-        job = self.request(waiting.model, waiting.version, waiting.source, waiting.allow_downgrade)
+        job = self.request(waiting.model, waiting.version, waiting.source, waiting.allow_downgrade,
+                           max_bytes_per_s=waiting.max_bytes_per_s)
         self.start(job)
         return job
 
@@ -313,7 +318,7 @@ class Updater:
             progress.done, progress.total, progress.label = done, total, label
 
         trusted_root = self.config.trusted_root.read_bytes()
-        config = client_config(self.limits)
+        config = client_config(self.limits, job.max_bytes_per_s)
         try:
             if job.source.startswith(BUNDLE_SOURCE):
                 release = verify_bundle(job.source[len(BUNDLE_SOURCE):], trusted_root, self.config.bundle_tuf_dir,
@@ -458,11 +463,12 @@ class Updater:
                 "serving": "@".join(serving) if serving else None, "kernel": describe_kernels() if serving else None}
 
 
-def client_config(limits: Limits) -> ClientConfig:
-    """The release client's limits from the device's."""
+def client_config(limits: Limits, max_bytes_per_s: int | None = None) -> ClientConfig:
+    """The release client's limits from the device's (and a job's bandwidth cap)."""
     return ClientConfig(disk_margin_bytes=limits.download_disk_margin_bytes, fetcher=FetcherConfig(
         socket_timeout=limits.download_socket_timeout_s, retry_window_s=limits.download_retry_window_s,
-        retry_first_delay_s=limits.download_retry_first_delay_s, retry_max_delay_s=limits.download_retry_max_delay_s))
+        retry_first_delay_s=limits.download_retry_first_delay_s, retry_max_delay_s=limits.download_retry_max_delay_s,
+        max_bytes_per_s=max_bytes_per_s))
 
 
 def _ref(job: Job) -> ReleaseRef | None:
