@@ -44,7 +44,6 @@ from agent.config import DeviceConfig
 from agent.errors import (
     AgentError, BadRequestError, InstallError, QueueFullError, UnauthorizedError, UpdateError, UpdateRefusedError,
 )
-from agent.rate_limit import MIN_BYTES_PER_S
 from agent.request_bodies import STRICT
 from common.http import ApiError, error, peer_chain
 from agent.lifecycle import JobStore
@@ -53,6 +52,7 @@ from agent.serving import NoModelError, Serving
 from agent.telemetry import Telemetry
 from agent.updater import Updater, job_view
 from manifests import ManifestError
+from manifests.call_home import MIN_BYTES_PER_S
 from manifests.enrollment import ROLE_OPERATOR, certificate_role, check_repository_url
 from manifests.model_manifest import parse_version
 from manifests.names import check_name

@@ -15,8 +15,7 @@ import threading
 import time
 
 from agent.errors import UpdateStoppedError
-
-MIN_BYTES_PER_S = 1024  # the smallest cap a job takes (as the call-home assignment's)
+from manifests.call_home import MIN_BYTES_PER_S  # the smallest cap a job takes: one number for both sides
 
 
 class TokenBucket:

@@ -32,6 +32,7 @@ from manifests.telemetry import TELEMETRY_TABLES, telemetry_row
 
 ACTIONS = ("update", "rollback")
 MAX_ROWS_PER_REPORT = 2000
+MIN_BYTES_PER_S = 1024  # the smallest download cap a job takes
 MAX_REPORT_BYTES = 4 * 2**20
 MIN_POLL_S, MAX_POLL_S = 1.0, 86400.0
 MINUTES_PER_DAY = 24 * 60
@@ -195,8 +196,8 @@ class Assignment:
         if action not in ACTIONS:
             raise ManifestError(f"{where}.action: expected one of {', '.join(ACTIONS)}")
         cap = _typed(d.get("max_bytes_per_s"), int, f"{where}.max_bytes_per_s", optional=True)
-        if cap is not None and cap < 1024:
-            raise ManifestError(f"{where}.max_bytes_per_s: at least 1024")
+        if cap is not None and cap < MIN_BYTES_PER_S:
+            raise ManifestError(f"{where}.max_bytes_per_s: at least {MIN_BYTES_PER_S}")
         return cls(id=_typed(d["id"], str, f"{where}.id")[:64], action=action,
                    model=check_name(_typed(d["model"], str, f"{where}.model"), f"{where}.model"),
                    version=_typed(d["version"], str, f"{where}.version")[:64],
