@@ -8,6 +8,8 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,6 +210,37 @@ class Agent:
             finish = chunk["choices"][0]["finish_reason"] or finish
         assert done and finish in ("length", "stop")
         return "".join(text), fingerprint, finish
+
+
+@contextmanager
+def running_agents(published_template: Path, v1_template: Path, root: Path, devices: dict[str, list[str]]
+                   ) -> Iterator[tuple[Workspace, str, dict[str, Agent]]]:
+    """(workspace, repository url, agents): a private copy of the published workspace with its
+    repository served, each of `devices` (name -> tags) enrolled and running as a real agent with
+    st-demo 1.0.0 active and its address recorded in fleet.db; every agent killed at the end."""
+    from release_helpers import serve
+    from stctl.fleetdb import open_fleet_db
+    from stctl.workspace import open_workspace
+
+    shutil.copytree(published_template, root / "ws")
+    ws = open_workspace(root / "ws")
+    agents: dict[str, Agent] = {}
+    with serve(ws.repository) as url:
+        try:
+            for name, tags in devices.items():
+                agents[name] = enrolled_agent(ws, name, tags, url, v1_template, root).start(wait=False)
+            db = open_fleet_db(ws.fleet_db)
+            try:
+                for name, agent in agents.items():
+                    agent.wait_ready()
+                    db["devices"].update(name, {"url": agent.url("").rstrip("/")})
+            finally:
+                db.close()
+            yield ws, url, agents
+        finally:
+            for agent in agents.values():
+                if agent.process is not None and agent.process.poll() is None:
+                    agent.kill()
 
 
 def enrolled_agent(workspace: Workspace, name: str, tags: list[str], repository_url: str, v1_template: Path,

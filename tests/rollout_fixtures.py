@@ -7,39 +7,21 @@ Test modules load this file as a plugin (`pytest_plugins = ["release_fixtures", 
 """
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from agent_helpers import Agent, enrolled_agent
-from release_helpers import serve
+from agent_helpers import running_agents
 from rollout_helpers import DEVICES, V1, V2, Fleet3, latest_unfinished
 from stctl.rollout import abort_rollout
-from stctl.workspace import open_workspace
 
 
 @pytest.fixture(scope="module")
 def fleet3(published_template, v1_template, tmp_path_factory) -> Iterator[Fleet3]:
     """Workspace with d1 (ring=canary), d2, d3 enrolled; each a real agent with st-demo 1.0.0 active."""
-    root = tmp_path_factory.mktemp("fleet3")
-    shutil.copytree(published_template, root / "ws")
-    ws = open_workspace(root / "ws")
-    agents: dict[str, Agent] = {}
-    with serve(ws.repository) as url:
-        try:
-            for name, tags in DEVICES.items():
-                agents[name] = enrolled_agent(ws, name, tags, url, v1_template, root).start(wait=False)
-            fleet = Fleet3(ws, agents)
-            for name, agent in agents.items():
-                agent.wait_ready()
-                fleet.set_url(name, agent.url("").rstrip("/"))
-            yield fleet
-        finally:
-            for agent in agents.values():
-                if agent.process is not None and agent.process.poll() is None:
-                    agent.kill()
+    with running_agents(published_template, v1_template, tmp_path_factory.mktemp("fleet3"), DEVICES) as (ws, _, agents):
+        yield Fleet3(ws, agents)
 
 
 @pytest.fixture

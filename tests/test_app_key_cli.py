@@ -8,21 +8,18 @@ line on stderr with exit 1 and changes nothing on any device or in fleet.db."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from typer.testing import CliRunner
 
-from agent_helpers import PROMPT, Agent, enrolled_agent
+from agent_helpers import PROMPT, Agent, running_agents
 from cli_helpers import assert_one_error_line
 from manifests.app_keys import is_key, key_digest
-from release_helpers import serve
 from stctl.cli import app
 from stctl.device_client import DeviceClient, DeviceError
 from stctl.enroll import enroll_device
 from stctl.fleetdb import open_fleet_db
 from stctl.registry import enrolled
-from stctl.workspace import open_workspace
 
 pytest_plugins = ["release_fixtures", "agent_fixtures"]
 
@@ -64,24 +61,9 @@ class KeyedFleet:
 def keyed(published_template, v1_template, tmp_path_factory):
     """d1 and d2 (line=4) as real agents with st-demo 1.0.0 active; `gone` (line=9) enrolled only."""
     root = tmp_path_factory.mktemp("app-key-fleet")
-    shutil.copytree(published_template, root / "ws")
-    ws = open_workspace(root / "ws")
-    agents: dict[str, Agent] = {}
-    with serve(ws.repository) as url:
-        try:
-            for name, tags in DEVICES.items():
-                agents[name] = enrolled_agent(ws, name, tags, url, v1_template, root).start(wait=False)
-            enroll_device(ws, UNREACHABLE, "https://127.0.0.1:9", root / "gone.enroll", url, ["line=9"])
-            db = open_fleet_db(ws.fleet_db)
-            for name, agent in agents.items():
-                agent.wait_ready()
-                db["devices"].update(name, {"url": agent.url("").rstrip("/")})
-            db.close()
-            yield KeyedFleet(ws, agents)
-        finally:
-            for agent in agents.values():
-                if agent.process is not None and agent.process.poll() is None:
-                    agent.kill()
+    with running_agents(published_template, v1_template, root, DEVICES) as (ws, url, agents):
+        enroll_device(ws, UNREACHABLE, "https://127.0.0.1:9", root / "gone.enroll", url, ["line=9"])
+        yield KeyedFleet(ws, agents)
 
 
 def create(keyed: KeyedFleet, *args: str) -> str:
